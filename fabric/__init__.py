@@ -1,0 +1,1 @@
+"""UMCEF fabric: event model, codecs, pipeline, ingress servers, SDK, config and CLI."""

@@ -1,0 +1,1 @@
+"""Protocol bindings: how an event maps onto a transport's message."""

@@ -1,0 +1,145 @@
+"""The CloudEvents HTTP binding: binary, structured and batch modes."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping
+from enum import Enum
+from typing import Any
+from urllib.parse import quote, unquote
+
+from umcef.fabric.accel import validate_attributes
+from umcef.fabric.errors import EventError, InvalidAttribute, UnsupportedMediaType
+from umcef.fabric.event import Event
+from umcef.fabric.formats import json_format
+from umcef.fabric.limits import NO_LIMITS, Limits
+
+CE_PREFIX = "ce-"
+# Printable ASCII except space, '"' and '%' passes unencoded (HTTP binding §3.1.3.2).
+_HEADER_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in ' "%')
+
+
+class Mode(Enum):
+    BINARY = "binary"
+    STRUCTURED = "structured"
+    BATCH = "batch"
+    PROTOBUF = "protobuf"
+    PROTOBUF_BATCH = "protobuf-batch"
+
+
+def detect_mode(headers: Mapping[str, str]) -> Mode:
+    """Structured/batch by media type; binary when any `ce-` header is present."""
+    content_type = (headers.get("content-type") or "").strip()
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media.startswith("application/cloudevents"):
+        if media == json_format.CONTENT_TYPE:
+            return Mode.STRUCTURED
+        if media == json_format.BATCH_CONTENT_TYPE:
+            return Mode.BATCH
+        if media == "application/cloudevents+protobuf":
+            return Mode.PROTOBUF
+        if media == "application/cloudevents-batch+protobuf":
+            return Mode.PROTOBUF_BATCH
+        raise UnsupportedMediaType(
+            f"unsupported event format {media!r}; use application/cloudevents+json, "
+            "application/cloudevents-batch+json or application/cloudevents+protobuf"
+        )
+    if any(name[:3].lower() == CE_PREFIX for name in headers):
+        return Mode.BINARY
+    raise UnsupportedMediaType(
+        f"not a CloudEvent: content type {content_type or '(none)'!r} is no CloudEvents format and "
+        "there are no ce- headers for the binary mode"
+    )
+
+
+def decode_binary(headers: Mapping[str, str], body: bytes, limits: Limits = NO_LIMITS) -> Event:
+    """Binary mode: attributes from `ce-` headers, `Content-Type` is `datacontenttype`, body is data."""
+    attrs: dict[str, Any] = {}
+    for raw_name, value in headers.items():
+        name = raw_name.lower()
+        if name.startswith(CE_PREFIX):
+            attr = name[3:]
+            if "%" in value:
+                value = _percent_decode(attr, value)
+            elif not value.isascii():
+                raise InvalidAttribute("header values must be ASCII; percent-encode UTF-8", attr)
+            if attr in attrs:
+                raise InvalidAttribute("appears in more than one header", attr)
+            attrs[attr] = value
+        elif name == "content-type":
+            attrs["datacontenttype"] = value
+    validate_attributes(attrs, limits.max_attributes, limits.max_attribute_bytes)
+    return Event(attrs, body if body else None)
+
+
+def encode_binary(event: Event) -> tuple[dict[str, str], bytes]:
+    """Headers and body for the binary mode."""
+    headers: dict[str, str] = {}
+    for name, value in event.attributes.items():
+        if name == "datacontenttype":
+            headers["content-type"] = value
+        else:
+            headers[CE_PREFIX + name] = quote(attribute_to_string(value), safe=_HEADER_SAFE)
+    return headers, data_to_bytes(event)
+
+
+def encode_structured(event: Event) -> tuple[dict[str, str], bytes]:
+    return {"content-type": json_format.CONTENT_TYPE}, json_format.encode(event)
+
+
+def encode_batch(events: list[Event]) -> tuple[dict[str, str], bytes]:
+    return {"content-type": json_format.BATCH_CONTENT_TYPE}, json_format.encode_batch(events)
+
+
+def decode_request(headers: Mapping[str, str], body: bytes, limits: Limits = NO_LIMITS) -> list[Event]:
+    """Any accepted mode to a list of validated events (one for binary/structured)."""
+    mode = detect_mode(headers)
+    if mode is Mode.BINARY:
+        return [decode_binary(headers, body, limits)]
+    if mode is Mode.STRUCTURED:
+        return [json_format.decode(body, limits.max_attributes, limits.max_attribute_bytes)]
+    if mode is Mode.BATCH:
+        return json_format.decode_batch(
+            body, limits.max_batch, limits.max_attributes, limits.max_attribute_bytes
+        )
+    from umcef.fabric.formats import protobuf_format  # grpc/protobuf is an optional extra
+
+    if mode is Mode.PROTOBUF:
+        return [protobuf_format.decode(body, limits.max_attributes, limits.max_attribute_bytes)]
+    return protobuf_format.decode_batch(
+        body, limits.max_batch, limits.max_attributes, limits.max_attribute_bytes
+    )
+
+
+def attribute_to_string(value: Any) -> str:
+    """The canonical string encoding of an attribute value (CloudEvents type system)."""
+    kind = type(value)
+    if kind is str:
+        return value  # type: ignore[no-any-return]
+    if kind is bool:
+        return "true" if value else "false"
+    if kind is bytes:
+        return base64.b64encode(value).decode("ascii")
+    return str(value)
+
+
+def data_to_bytes(event: Event) -> bytes:
+    """The data as a message body: bytes as-is, text as UTF-8, JSON values serialized."""
+    data = event.data
+    if data is None:
+        return b""
+    if type(data) is bytes:
+        return data
+    if type(data) is str:
+        return data.encode("utf-8")
+    return json_format.orjson.dumps(data)
+
+
+def _percent_decode(attr: str, value: str) -> str:
+    try:
+        return unquote(value, errors="strict")
+    except UnicodeDecodeError:
+        raise InvalidAttribute("percent-encoded value is not valid UTF-8", attr) from None
+
+
+__all__ = ["EventError", "Limits", "Mode", "decode_binary", "decode_request", "detect_mode"]

@@ -1,0 +1,81 @@
+"""The internal event: a flat attribute dict plus data, lean enough for the hot path.
+
+Attribute values keep their CloudEvents type as a Python type: String/URI/URI-reference/Timestamp
+are `str` (time stays an RFC 3339 string: parsing it on every hop costs more than it buys), Integer
+is `int`, Boolean is `bool`, Binary is `bytes`.
+
+`data` is `None`, `bytes` (an opaque body, e.g. from the HTTP binary mode), `str`, or a JSON value
+decoded from a structured JSON event.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+AttrValue = str | int | bool | bytes
+
+SPECVERSION = "1.0"
+REQUIRED = ("id", "source", "specversion", "type")
+OPTIONAL = ("datacontenttype", "dataschema", "subject", "time")
+CORE = frozenset(REQUIRED + OPTIONAL)
+
+
+class Event:
+    """One CloudEvent. Equality compares attributes and data."""
+
+    __slots__ = ("attributes", "data")
+
+    def __init__(self, attributes: dict[str, Any], data: Any = None) -> None:
+        self.attributes = attributes
+        self.data = data
+
+    @property
+    def id(self) -> str:
+        return self.attributes["id"]  # type: ignore[no-any-return]
+
+    @property
+    def source(self) -> str:
+        return self.attributes["source"]  # type: ignore[no-any-return]
+
+    @property
+    def type(self) -> str:
+        return self.attributes["type"]  # type: ignore[no-any-return]
+
+    @property
+    def datacontenttype(self) -> str | None:
+        return self.attributes.get("datacontenttype")
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.attributes.get(name, default)
+
+    def extensions(self) -> dict[str, Any]:
+        return {k: v for k, v in self.attributes.items() if k not in CORE}
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Event):
+            return NotImplemented
+        return self.attributes == other.attributes and self.data == other.data
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Event({self.attributes!r}, data={self.data!r})"
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def fill_defaults(attributes: dict[str, Any]) -> dict[str, Any]:
+    """What a publisher may leave out: `id`, `time` and `specversion` are filled in when missing."""
+    attributes.setdefault("specversion", SPECVERSION)
+    if not attributes.get("id"):
+        attributes["id"] = new_id()
+    attributes.setdefault("time", now_rfc3339())
+    return attributes

@@ -1,0 +1,1 @@
+"""Event formats: JSON (with batches) and protobuf."""

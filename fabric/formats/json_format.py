@@ -1,0 +1,127 @@
+"""The CloudEvents JSON format (structured mode and batches), on orjson."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from typing import Any
+
+import orjson
+from umcef.fabric.accel import validate_attributes
+from umcef.fabric.errors import EventError, InvalidAttribute, InvalidData, LimitExceeded, MalformedBody
+from umcef.fabric.event import Event
+
+CONTENT_TYPE = "application/cloudevents+json"
+BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
+
+_JSON_MEDIA = re.compile(r"(application|text)/([A-Za-z0-9.\-]+\+)?json\s*(;.*)?\Z", re.I | re.S)
+_JSON_CACHE: dict[str, bool] = {}
+
+
+def is_json_media_type(content_type: str | None) -> bool:
+    """True for `application/json`, `text/json`, `*/*+json` (or no type: JSON is the default)."""
+    if content_type is None:
+        return True
+    hit = _JSON_CACHE.get(content_type)
+    if hit is None:
+        hit = _JSON_MEDIA.match(content_type) is not None
+        if len(_JSON_CACHE) < 1024:
+            _JSON_CACHE[content_type] = hit
+    return hit
+
+
+def event_from_dict(obj: Any, max_attributes: int = 0, max_value_bytes: int = 0) -> Event:
+    """Build and validate an event from a decoded structured-mode JSON object."""
+    if type(obj) is not dict:
+        raise InvalidAttribute(f"a structured event must be a JSON object, got {_json_kind(obj)}")
+    attrs = obj
+    data: Any = None
+    if "data" in attrs:
+        data = attrs.pop("data")
+        if "data_base64" in attrs:
+            raise InvalidData("an event carries either 'data' or 'data_base64', not both", "data_base64")
+    elif "data_base64" in attrs:
+        encoded = attrs.pop("data_base64")
+        if type(encoded) is not str:
+            raise InvalidData("must be a base64 string", "data_base64")
+        try:
+            data = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidData("is not valid base64", "data_base64") from None
+    validate_attributes(attrs, max_attributes, max_value_bytes)
+    return Event(attrs, data)
+
+
+def event_to_dict(event: Event) -> dict[str, Any]:
+    """The structured-mode JSON object for an event, ready for `orjson.dumps`.
+
+    Binary attributes become base64 strings; JSON bytes are embedded as an `orjson.Fragment`.
+    """
+    out: dict[str, Any] = {}
+    for name, value in event.attributes.items():
+        out[name] = base64.b64encode(value).decode("ascii") if type(value) is bytes else value
+    data = event.data
+    if data is None:
+        return out
+    if type(data) is bytes or type(data) is bytearray:
+        # Opaque bytes that are JSON text under a JSON content type embed as JSON, unparsed.
+        if data and is_json_media_type(event.attributes.get("datacontenttype")) and _is_json(data):
+            out["data"] = orjson.Fragment(data)
+        else:
+            out["data_base64"] = base64.b64encode(data).decode("ascii")
+    else:
+        out["data"] = data
+    return out
+
+
+def _is_json(raw: bytes) -> bool:
+    try:
+        orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return False
+    return True
+
+
+def decode(body: bytes | str, max_attributes: int = 0, max_value_bytes: int = 0) -> Event:
+    """One structured-mode event."""
+    return event_from_dict(_loads(body), max_attributes, max_value_bytes)
+
+
+def decode_batch(
+    body: bytes | str, max_batch: int = 0, max_attributes: int = 0, max_value_bytes: int = 0
+) -> list[Event]:
+    """A JSON batch: an array of structured events. Errors name the index of the bad event."""
+    items = _loads(body)
+    if type(items) is not list:
+        raise InvalidAttribute(f"a batch must be a JSON array, got {_json_kind(items)}")
+    if max_batch and len(items) > max_batch:
+        raise LimitExceeded(f"batch of {len(items)} events exceeds the limit of {max_batch}")
+    events = []
+    for index, item in enumerate(items):
+        try:
+            events.append(event_from_dict(item, max_attributes, max_value_bytes))
+        except EventError as exc:
+            raise exc.at(index) from None
+    return events
+
+
+def encode(event: Event) -> bytes:
+    return orjson.dumps(event_to_dict(event))
+
+
+def encode_batch(events: list[Event]) -> bytes:
+    return orjson.dumps([event_to_dict(e) for e in events])
+
+
+def _loads(body: bytes | str) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedBody(f"body is not valid JSON: {exc}") from None
+
+
+def _json_kind(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number"
+    )
