@@ -28,8 +28,10 @@ _URI_REF = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]*\Z")
 _BAD_PCT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
 _MEDIA_TYPE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z\-]+/[!#$%&'*+.^_`|~0-9A-Za-z\-]+[ \t]*(;.*)?\Z", re.S)
+# ASCII digits only: `\d` would also match other scripts' digits ("٢٠٢٤"), which `int()` then accepts.
 _RFC3339 = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d+)?([Zz]|([+-])(\d{2}):(\d{2}))\Z"
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt]([0-9]{2}):([0-9]{2}):([0-9]{2})(\.[0-9]+)?"
+    r"([Zz]|([+-])([0-9]{2}):([0-9]{2}))\Z"
 )
 _DAYS = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
 
@@ -65,7 +67,7 @@ def check_uri(name: str, value: Any) -> str:
 
 
 def check_timestamp(name: str, value: Any) -> str:
-    check_string(name, value)
+    value = check_string(name, value)
     m = _RFC3339.match(value)
     if m is None:
         raise InvalidAttribute(f"must be an RFC 3339 timestamp, got {value!r}", name)
@@ -90,9 +92,11 @@ def check_media_type(name: str, value: Any) -> str:
     return value  # type: ignore[no-any-return]
 
 
-def check_extension(name: str, value: Any) -> None:
-    if not _NAME.match(name):
-        raise InvalidAttribute("extension names must be lower-case ASCII letters and digits", name)
+def check_extension(name: Any, value: Any) -> None:
+    # A dict built in code (not decoded from a wire format) may carry non-str keys: reject them
+    # as bad names instead of letting `re.match` raise TypeError.
+    if type(name) is not str or not _NAME.match(name):
+        raise InvalidAttribute("extension names must be lower-case ASCII letters and digits", str(name))
     if name == "data":
         raise InvalidAttribute("'data' is reserved and cannot be an attribute name", name)
     kind = type(value)

@@ -1,1 +1,1 @@
-"""router"""
+"""The router: route, destination and policy model; filters; decisions."""

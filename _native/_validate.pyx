@@ -1,0 +1,363 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Compiled twin of `umcef.fabric.validation.validate_attributes` (the pure-Python reference).
+
+Behaviour is identical by construction and by test (tests/test_native_twin.py, hypothesis): same
+result, or the same `InvalidAttribute` with the same reason and attribute. The regexes of the
+reference become single typed passes over the string's code points (PEP 393 storage read in place,
+no copies), which is where the time goes: an event is ~10 short strings checked several ways each.
+
+Anything outside the hot path's contract (a dict subclass, non-int limits, a key that is not an
+exact `str`) is handed to the pure reference, so even odd inputs behave exactly alike.
+"""
+
+from cpython.unicode cimport PyUnicode_DATA, PyUnicode_GET_LENGTH, PyUnicode_KIND, PyUnicode_READ
+
+from umcef.fabric import validation as _pure
+from umcef.fabric.errors import InvalidAttribute
+
+
+cdef extern from "Python.h":
+    bint PyUnicode_IS_ASCII(object o)
+
+
+cdef object _INT_MIN = _pure.INT_MIN
+cdef object _INT_MAX = _pure.INT_MAX
+cdef object _pure_validate = _pure.validate_attributes
+
+# The reasons, word for word as in the reference (the twin test compares them).
+cdef str _FORBIDDEN = ("contains a character CloudEvents forbids in strings (control, "
+                       "surrogate or noncharacter)")
+cdef str _NONEMPTY = "must be a non-empty string"
+cdef str _REQUIRED = "is required"
+cdef str _BAD_NAME = "extension names must be lower-case ASCII letters and digits"
+cdef str _RESERVED = "'data' is reserved and cannot be an attribute name"
+cdef str _INT_RANGE = "integers must fit in 32 bits (CloudEvents Integer)"
+
+# Character classes of the reference's regexes, as ASCII lookup tables (index < 128 only).
+cdef unsigned char _URI_OK[128]     # RFC 3986 reserved + unreserved + '%'
+cdef unsigned char _TCHAR[128]      # RFC 7230 token characters (media type and subtype)
+cdef unsigned char _SCHEME[128]     # scheme characters after the first letter
+cdef unsigned char _HEX[128]
+cdef unsigned char _NAME[128]       # extension names: a-z 0-9
+cdef int _DAYS[12]
+
+
+cdef void _fill(unsigned char *table, bytes members):
+    cdef Py_ssize_t i
+    for i in range(128):
+        table[i] = 0
+    for i in range(len(members)):
+        table[members[i]] = 1
+
+
+_ALNUM = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+_fill(_URI_OK, _ALNUM + b"-._~:/?#[]@!$&'()*+,;=%")
+_fill(_TCHAR, _ALNUM + b"!#$%&'*+.^_`|~-")
+_fill(_SCHEME, _ALNUM + b"+.-")
+_fill(_HEX, b"0123456789ABCDEFabcdef")
+_fill(_NAME, b"abcdefghijklmnopqrstuvwxyz0123456789")
+for _i, _d in enumerate(_pure._DAYS):
+    _DAYS[_i] = _d
+
+
+cdef inline bint _forbidden(Py_UCS4 c) noexcept:
+    """C0/C1 controls, DEL, surrogates, U+FDD0..U+FDEF and every U+xxFFFE/U+xxFFFF."""
+    if c < 0x20:
+        return True
+    if c < 0x7F:
+        return False
+    if c < 0xA0:
+        return True
+    if c < 0xD800:
+        return False
+    if c < 0xE000:
+        return True
+    if c < 0xFDD0:
+        return False
+    if c <= 0xFDEF:
+        return True
+    return (c & 0xFFFE) == 0xFFFE
+
+
+cdef inline bint _in(const unsigned char *table, Py_UCS4 c) noexcept:
+    return c < 128 and table[c] != 0
+
+
+cdef inline bint _digit(Py_UCS4 c) noexcept:
+    return 0x30 <= c <= 0x39
+
+
+cdef str _kind(object value):
+    return "null" if value is None else type(value).__name__
+
+
+cdef int _check_string(str name, object value) except -1:
+    """`check_string`: type, then no forbidden code point anywhere."""
+    if type(value) is not str:
+        raise InvalidAttribute(f"must be a string, got {_kind(value)}", name)
+    cdef Py_ssize_t i, n = PyUnicode_GET_LENGTH(value)
+    cdef int kind = PyUnicode_KIND(value)
+    cdef void *data = PyUnicode_DATA(value)
+    cdef const unsigned char *ascii
+    if PyUnicode_IS_ASCII(value):
+        # The common case: one byte per character, only controls and DEL can be forbidden.
+        ascii = <const unsigned char *>data
+        for i in range(n):
+            if ascii[i] < 0x20 or ascii[i] == 0x7F:
+                raise InvalidAttribute(_FORBIDDEN, name)
+        return 0
+    for i in range(n):
+        if _forbidden(PyUnicode_READ(kind, data, i)):
+            raise InvalidAttribute(_FORBIDDEN, name)
+    return 0
+
+
+cdef int _check_nonempty(str name, object value) except -1:
+    _check_string(name, value)
+    if PyUnicode_GET_LENGTH(value) == 0:
+        raise InvalidAttribute(_NONEMPTY, name)
+    return 0
+
+
+cdef int _check_uri_reference(str name, object value) except -1:
+    """`check_uri_reference` in one pass. A forbidden character anywhere outranks a non-URI one
+    (the reference runs `check_nonempty` first), so a non-URI character only sets a flag."""
+    if type(value) is not str:
+        raise InvalidAttribute(f"must be a string, got {_kind(value)}", name)
+    cdef Py_ssize_t i, n = PyUnicode_GET_LENGTH(value)
+    cdef int kind = PyUnicode_KIND(value)
+    cdef void *data = PyUnicode_DATA(value)
+    cdef Py_UCS4 c
+    cdef bint bad = False
+    for i in range(n):
+        c = PyUnicode_READ(kind, data, i)
+        if _forbidden(c):
+            raise InvalidAttribute(_FORBIDDEN, name)
+        if bad:
+            continue
+        if not _in(_URI_OK, c):
+            bad = True
+        elif c == 0x25:  # '%' must start a %HH triplet
+            if i + 2 >= n or not (
+                _in(_HEX, PyUnicode_READ(kind, data, i + 1)) and _in(_HEX, PyUnicode_READ(kind, data, i + 2))
+            ):
+                bad = True
+    if n == 0:
+        raise InvalidAttribute(_NONEMPTY, name)
+    if bad:
+        raise InvalidAttribute(f"must be a URI-reference (RFC 3986), got {value!r}", name)
+    return 0
+
+
+cdef int _check_uri(str name, object value) except -1:
+    _check_uri_reference(name, value)
+    cdef Py_ssize_t i = 1, n = PyUnicode_GET_LENGTH(value)
+    cdef int kind = PyUnicode_KIND(value)
+    cdef void *data = PyUnicode_DATA(value)
+    cdef Py_UCS4 c = PyUnicode_READ(kind, data, 0)
+    cdef bint ok = (0x41 <= c <= 0x5A) or (0x61 <= c <= 0x7A)
+    if ok:
+        while i < n and _in(_SCHEME, PyUnicode_READ(kind, data, i)):
+            i += 1
+        ok = i < n and PyUnicode_READ(kind, data, i) == 0x3A  # ':'
+    if not ok:
+        raise InvalidAttribute(f"must be an absolute URI with a scheme, got {value!r}", name)
+    return 0
+
+
+cdef inline int _two(int kind, void *data, Py_ssize_t i) noexcept:
+    return (PyUnicode_READ(kind, data, i) - 0x30) * 10 + (PyUnicode_READ(kind, data, i + 1) - 0x30)
+
+
+cdef int _check_timestamp(str name, object value) except -1:
+    """`check_timestamp`: the RFC 3339 grammar by position, then the same range checks in order."""
+    _check_string(name, value)
+    cdef Py_ssize_t i, start, n = PyUnicode_GET_LENGTH(value)
+    cdef int kind = PyUnicode_KIND(value)
+    cdef void *data = PyUnicode_DATA(value)
+    cdef Py_UCS4 c
+    cdef bint ok = n >= 20
+    cdef bint offset = False
+    # Fixed part "YYYY-MM-DDTHH:MM:SS" (19 characters).
+    if ok:
+        for i in range(19):
+            c = PyUnicode_READ(kind, data, i)
+            if i == 4 or i == 7:
+                ok = c == 0x2D  # '-'
+            elif i == 10:
+                ok = c == 0x54 or c == 0x74  # 'T' 't'
+            elif i == 13 or i == 16:
+                ok = c == 0x3A  # ':'
+            else:
+                ok = _digit(c)
+            if not ok:
+                break
+    i = 19
+    if ok and PyUnicode_READ(kind, data, i) == 0x2E:  # '.' then at least one digit
+        i += 1
+        start = i
+        while i < n and _digit(PyUnicode_READ(kind, data, i)):
+            i += 1
+        ok = i > start
+    if ok:
+        ok = i < n
+    if ok:
+        c = PyUnicode_READ(kind, data, i)
+        if c == 0x5A or c == 0x7A:  # 'Z' 'z'
+            ok = i + 1 == n
+        elif c == 0x2B or c == 0x2D:  # '+' '-' then HH:MM
+            offset = True
+            ok = (
+                i + 6 == n
+                and _digit(PyUnicode_READ(kind, data, i + 1))
+                and _digit(PyUnicode_READ(kind, data, i + 2))
+                and PyUnicode_READ(kind, data, i + 3) == 0x3A
+                and _digit(PyUnicode_READ(kind, data, i + 4))
+                and _digit(PyUnicode_READ(kind, data, i + 5))
+            )
+        else:
+            ok = False
+    if not ok:
+        raise InvalidAttribute(f"must be an RFC 3339 timestamp, got {value!r}", name)
+    cdef int year = _two(kind, data, 0) * 100 + _two(kind, data, 2)
+    cdef int month = _two(kind, data, 5)
+    cdef int day = _two(kind, data, 8)
+    if not 1 <= month <= 12:
+        raise InvalidAttribute(f"month out of range in {value!r}", name)
+    cdef bint leap = year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
+    if not 1 <= day <= (_DAYS[month - 1] if month != 2 or leap else 28):
+        raise InvalidAttribute(f"day out of range in {value!r}", name)
+    if _two(kind, data, 11) > 23 or _two(kind, data, 14) > 59 or _two(kind, data, 17) > 60:
+        raise InvalidAttribute(f"time of day out of range in {value!r}", name)
+    if offset and (_two(kind, data, n - 5) > 23 or _two(kind, data, n - 2) > 59):
+        raise InvalidAttribute(f"UTC offset out of range in {value!r}", name)
+    return 0
+
+
+cdef int _check_media_type(str name, object value) except -1:
+    """`check_media_type`: token '/' token, optional blanks, then the end or ';' and anything."""
+    _check_nonempty(name, value)
+    cdef Py_ssize_t i = 0, start, n = PyUnicode_GET_LENGTH(value)
+    cdef int kind = PyUnicode_KIND(value)
+    cdef void *data = PyUnicode_DATA(value)
+    cdef Py_UCS4 c
+    cdef bint ok
+    while i < n and _in(_TCHAR, PyUnicode_READ(kind, data, i)):
+        i += 1
+    ok = 0 < i < n and PyUnicode_READ(kind, data, i) == 0x2F  # '/'
+    if ok:
+        i += 1
+        start = i
+        while i < n and _in(_TCHAR, PyUnicode_READ(kind, data, i)):
+            i += 1
+        ok = i > start
+    if ok:
+        while i < n:
+            c = PyUnicode_READ(kind, data, i)
+            if c != 0x20 and c != 0x09:
+                break
+            i += 1
+        ok = i == n or PyUnicode_READ(kind, data, i) == 0x3B  # ';'
+    if not ok:
+        raise InvalidAttribute(f"must be a media type like 'application/json', got {value!r}", name)
+    return 0
+
+
+cdef int _check_extension(str name, object value) except -1:
+    cdef Py_ssize_t i, n = PyUnicode_GET_LENGTH(name)
+    cdef int kind = PyUnicode_KIND(name)
+    cdef void *data = PyUnicode_DATA(name)
+    cdef bint ok = n > 0
+    for i in range(n):
+        if not _in(_NAME, PyUnicode_READ(kind, data, i)):
+            ok = False
+            break
+    if not ok:
+        raise InvalidAttribute(_BAD_NAME, name)
+    if name == "data":
+        raise InvalidAttribute(_RESERVED, name)
+    cdef type t = type(value)
+    if t is str:
+        _check_string(name, value)
+    elif t is bool or t is bytes:
+        pass
+    elif t is int:
+        if not _INT_MIN <= value <= _INT_MAX:
+            raise InvalidAttribute(_INT_RANGE, name)
+    else:
+        raise InvalidAttribute(f"must be a string, integer, boolean or binary, got {_kind(value)}", name)
+    return 0
+
+
+cdef Py_ssize_t _size(object value):
+    """`_size`: UTF-8 length of a string (surrogates count 3, as with 'surrogatepass'), bytes length."""
+    cdef Py_ssize_t i, n, total
+    cdef int kind
+    cdef void *data
+    cdef Py_UCS4 c
+    if type(value) is str:
+        n = PyUnicode_GET_LENGTH(value)
+        if PyUnicode_IS_ASCII(value):
+            return n
+        kind = PyUnicode_KIND(value)
+        data = PyUnicode_DATA(value)
+        total = 0
+        for i in range(n):
+            c = PyUnicode_READ(kind, data, i)
+            total += 1 if c < 0x80 else 2 if c < 0x800 else 3 if c < 0x10000 else 4
+        return total
+    if type(value) is bytes:
+        return len(<bytes>value)
+    return 0
+
+
+def validate_attributes(attrs, max_attributes=0, max_value_bytes=0):
+    """Raise `InvalidAttribute` naming the first offending attribute; return None when valid.
+
+    Same contract as `umcef.fabric.validation.validate_attributes`.
+    """
+    cdef Py_ssize_t limit_bytes
+    if type(attrs) is not dict or type(max_attributes) is not int or type(max_value_bytes) is not int:
+        return _pure_validate(attrs, max_attributes, max_value_bytes)
+    try:
+        limit_bytes = max_value_bytes
+    except OverflowError:
+        return _pure_validate(attrs, max_attributes, max_value_bytes)
+    cdef dict d = <dict>attrs
+    spec = d.get("specversion")
+    if spec is None:
+        raise InvalidAttribute(_REQUIRED, "specversion")
+    if spec != "1.0":
+        raise InvalidAttribute(f"unsupported version {spec!r}; this gateway accepts '1.0'", "specversion")
+    if "id" not in d:
+        raise InvalidAttribute(_REQUIRED, "id")
+    _check_nonempty("id", d["id"])
+    if "source" not in d:
+        raise InvalidAttribute(_REQUIRED, "source")
+    _check_uri_reference("source", d["source"])
+    if "type" not in d:
+        raise InvalidAttribute(_REQUIRED, "type")
+    _check_nonempty("type", d["type"])
+    if max_attributes and len(d) > max_attributes:
+        raise InvalidAttribute(f"too many attributes: {len(d)} > limit {max_attributes}")
+    cdef str key
+    for name, value in d.items():
+        if type(name) is not str:
+            # Not reachable from any wire format; the reference decides (same order, same result).
+            return _pure_validate(attrs, max_attributes, max_value_bytes)
+        key = <str>name
+        if key == "id" or key == "source" or key == "type" or key == "specversion":
+            pass
+        elif key == "time":
+            _check_timestamp(key, value)
+        elif key == "datacontenttype":
+            _check_media_type(key, value)
+        elif key == "subject":
+            _check_nonempty(key, value)
+        elif key == "dataschema":
+            _check_uri(key, value)
+        else:
+            _check_extension(key, value)
+        if limit_bytes and _size(value) > limit_bytes:
+            raise InvalidAttribute(f"value exceeds the limit of {max_value_bytes} bytes", key)
+    return None

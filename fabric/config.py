@@ -1,0 +1,292 @@
+"""Gateway configuration: one YAML file plus `UMCEF_*` environment overrides, validated with exact messages.
+
+Environment overrides use `__` for nesting: `UMCEF_SERVER__PORT=9000`, `UMCEF_DATA_DIR=/var/lib/umcef`.
+Values are parsed as YAML scalars, so `UMCEF_STORE__SYNC=normal` and `UMCEF_LIMITS__MAX_BATCH=50` work.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from umcef.fabric.limits import DEFAULT_LIMITS, Limits
+
+ENV_PREFIX = "UMCEF_"
+DEFAULT_TOPIC = "default"
+# Destination schemes whose adapters exist today; the adapters issue adds the others.
+SUPPORTED_SCHEMES = ("local",)
+KNOWN_SCHEMES = ("local", "kafka", "sqs", "pubsub", "servicebus")
+
+
+class ConfigError(ValueError):
+    """A configuration mistake: where it is (file and key path) and what was expected."""
+
+    def __init__(self, source: str, path: str, reason: str) -> None:
+        self.source = source
+        self.path = path
+        self.reason = reason
+        super().__init__(f"{source}: {path}: {reason}" if path else f"{source}: {reason}")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    grpc_port: int | None = 8081  # None disables gRPC ingress
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    sync: str = "full"
+    max_age_seconds: float | None = 7 * 24 * 3600
+    max_events_per_topic: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DedupConfig:
+    window_seconds: float = 600.0
+    max_entries: int = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationConfig:
+    name: str
+    url: str
+    scheme: str
+    target: str  # the topic for local://, the broker-specific rest otherwise
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    name: str
+    filter: Any
+    to: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    source: str = "(defaults)"
+    data_dir: Path = Path("umcef-data")
+    server: ServerConfig = ServerConfig()
+    limits: Limits = DEFAULT_LIMITS
+    store: StoreConfig = StoreConfig()
+    dedup: DedupConfig = DedupConfig()
+    destinations: dict[str, DestinationConfig] = field(default_factory=dict)
+    routes: tuple[RouteConfig, ...] = ()
+    default_destination: str = "default"
+
+
+def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Read the YAML file (if any), apply environment overrides, validate everything."""
+    env = os.environ if env is None else env
+    source = str(path) if path is not None else "(defaults)"
+    raw: Any = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(source, "", f"cannot read the file: {exc.strerror or exc}") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+            raise ConfigError(source, "", f"{where}not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(source, "", f"expected a mapping at the top level, got {_kind(raw)}")
+    _apply_env(raw, env)
+    return from_mapping(raw, source)
+
+
+def from_mapping(raw: dict[str, Any], source: str = "(inline)") -> Config:
+    """Validate an already-parsed configuration mapping (the demo and tests build theirs in code)."""
+    return _Parser(source).config(raw)
+
+
+def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
+    for key, value in env.items():
+        if not key.startswith(ENV_PREFIX) or key in ("UMCEF_PURE", "UMCEF_NO_NATIVE", "UMCEF_CONFIG"):
+            continue
+        parts = [p.lower() for p in key[len(ENV_PREFIX):].split("__") if p]
+        node = raw
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"environment {key}", ".".join(parts), "overrides a key that is not a mapping")
+            node = child
+        try:
+            node[parts[-1]] = yaml.safe_load(value) if value else value
+        except yaml.YAMLError:
+            node[parts[-1]] = value
+
+
+class _Parser:
+    """Walks the raw mapping; every mistake names the file, key path and what was expected."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, path: str, reason: str) -> ConfigError:
+        return ConfigError(self.source, path, reason)
+
+    def section(self, raw: Mapping[str, Any], key: str, allowed: tuple[str, ...], path: str = "") -> dict[str, Any]:
+        where = f"{path}.{key}" if path else key
+        value = raw.get(key, {})
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(where, f"expected a mapping, got {_kind(value)}")
+        for name in value:
+            if name not in allowed:
+                raise self.fail(f"{where}.{name}", f"unknown key; expected one of {', '.join(allowed)}")
+        return value
+
+    def integer(self, raw: Mapping[str, Any], key: str, path: str, default: int | None,
+                low: int = 0, high: int | None = None, nullable: bool = False) -> Any:
+        value = raw.get(key, default)
+        if value is None and (nullable or default is None):
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(f"{path}.{key}", f"expected an integer, got {_kind(value)} {value!r}")
+        if value < low or (high is not None and value > high):
+            bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise self.fail(f"{path}.{key}", f"expected an integer {bound}, got {value}")
+        return value
+
+    def number(self, raw: Mapping[str, Any], key: str, path: str, default: float | None) -> float | None:
+        value = raw.get(key, default)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise self.fail(f"{path}.{key}", f"expected a positive number of seconds, got {value!r}")
+        return float(value)
+
+    def string(self, raw: Mapping[str, Any], key: str, path: str, default: str,
+               choices: tuple[str, ...] = ()) -> str:
+        value = raw.get(key, default)
+        if not isinstance(value, str) or not value:
+            raise self.fail(f"{path}.{key}", f"expected a non-empty string, got {_kind(value)}")
+        if choices and value not in choices:
+            raise self.fail(f"{path}.{key}", f"expected one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def config(self, raw: dict[str, Any]) -> Config:
+        top = ("data_dir", "server", "limits", "store", "dedup", "destinations", "routes", "default")
+        for key in raw:
+            if key not in top:
+                raise self.fail(str(key), f"unknown key; expected one of {', '.join(top)}")
+        data_dir = Path(self.string(raw, "data_dir", "", "umcef-data").strip())
+        s = self.section(raw, "server", ("host", "port", "grpc_port"))
+        server = ServerConfig(
+            host=self.string(s, "host", "server", "127.0.0.1"),
+            port=self.integer(s, "port", "server", 8080, 0, 65535),
+            grpc_port=self.integer(s, "grpc_port", "server", 8081, 0, 65535, nullable=True),
+        )
+        lim = self.section(raw, "limits", ("max_body_bytes", "max_batch", "max_attributes", "max_attribute_bytes"))
+        limits = Limits(
+            max_body_bytes=self.integer(lim, "max_body_bytes", "limits", DEFAULT_LIMITS.max_body_bytes, 1),
+            max_batch=self.integer(lim, "max_batch", "limits", DEFAULT_LIMITS.max_batch, 1),
+            max_attributes=self.integer(lim, "max_attributes", "limits", DEFAULT_LIMITS.max_attributes, 4),
+            max_attribute_bytes=self.integer(
+                lim, "max_attribute_bytes", "limits", DEFAULT_LIMITS.max_attribute_bytes, 1),
+        )
+        st = self.section(raw, "store", ("sync", "max_age_seconds", "max_events_per_topic"))
+        store = StoreConfig(
+            sync=self.string(st, "sync", "store", "full", ("full", "normal")),
+            max_age_seconds=self.number(st, "max_age_seconds", "store", 7 * 24 * 3600.0),
+            max_events_per_topic=self.integer(st, "max_events_per_topic", "store", None, 1, nullable=True),
+        )
+        d = self.section(raw, "dedup", ("window_seconds", "max_entries"))
+        dedup = DedupConfig(
+            window_seconds=self.number(d, "window_seconds", "dedup", 600.0) or 600.0,
+            max_entries=self.integer(d, "max_entries", "dedup", 1_000_000, 1),
+        )
+        destinations = self.destinations(raw.get("destinations") or {})
+        default = self.string(raw, "default", "", "local://" + DEFAULT_TOPIC)
+        default_name = self.default_destination(default, destinations)
+        routes = self.routes(raw.get("routes") or [], destinations)
+        return Config(self.source, data_dir, server, limits, store, dedup, destinations, routes, default_name)
+
+    def destinations(self, raw: Any) -> dict[str, DestinationConfig]:
+        if not isinstance(raw, dict):
+            raise self.fail("destinations", f"expected a mapping of name to destination, got {_kind(raw)}")
+        out = {}
+        for name, spec in raw.items():
+            path = f"destinations.{name}"
+            url = spec if isinstance(spec, str) else spec.get("url") if isinstance(spec, dict) else None
+            if not isinstance(url, str):
+                raise self.fail(path, "expected a URL string or a mapping with a 'url' key")
+            out[str(name)] = self.destination(str(name), url, path + (".url" if isinstance(spec, dict) else ""))
+        return out
+
+    def destination(self, name: str, url: str, path: str) -> DestinationConfig:
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in KNOWN_SCHEMES:
+            raise self.fail(path, f"unknown scheme in {url!r}; expected one of "
+                                  + ", ".join(s + "://" for s in KNOWN_SCHEMES))
+        if scheme not in SUPPORTED_SCHEMES:
+            raise self.fail(path, f"{scheme}:// destinations are not available in this build yet "
+                                  "(only local://TOPIC)")
+        topic = (parts.netloc + parts.path).strip("/")
+        if not topic or "/" in topic:
+            raise self.fail(path, f"expected local://TOPIC with a single topic name, got {url!r}")
+        return DestinationConfig(name, url, scheme, topic)
+
+    def default_destination(self, default: str, destinations: dict[str, DestinationConfig]) -> str:
+        if default in destinations:
+            return default
+        for name, dest in destinations.items():
+            if dest.url == default:
+                return name
+        dest = self.destination("default", default, "default")
+        destinations.setdefault("default", dest)
+        return "default"
+
+    def routes(self, raw: Any, destinations: dict[str, DestinationConfig]) -> tuple[RouteConfig, ...]:
+        from umcef.router.static import FilterError, compile_filter
+
+        if not isinstance(raw, list):
+            raise self.fail("routes", f"expected a list of routes, got {_kind(raw)}")
+        out: list[RouteConfig] = []
+        seen: set[str] = set()
+        for i, item in enumerate(raw):
+            path = f"routes[{i}]"
+            if not isinstance(item, dict):
+                raise self.fail(path, f"expected a mapping with name, filter and to, got {_kind(item)}")
+            name = item.get("name", f"route{i}")
+            if not isinstance(name, str) or not name:
+                raise self.fail(f"{path}.name", "expected a non-empty string")
+            if name in seen:
+                raise self.fail(f"{path}.name", f"duplicate route name {name!r}")
+            seen.add(name)
+            spec = item.get("filter")
+            if spec is not None:
+                try:
+                    compile_filter(spec, f"{path}.filter")
+                except FilterError as exc:
+                    raise self.fail(exc.path, exc.reason) from None
+            to = item.get("to")
+            if isinstance(to, str):
+                to = [to]
+            if not isinstance(to, list) or not to:
+                raise self.fail(f"{path}.to", "expected a non-empty list of destination names")
+            for j, dest in enumerate(to):
+                if dest not in destinations:
+                    known = ", ".join(sorted(destinations)) or "none defined"
+                    raise self.fail(f"{path}.to[{j}]", f"unknown destination {dest!r} (known: {known})")
+            out.append(RouteConfig(name, spec, tuple(to)))
+        return tuple(out)
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean",
+            int: "an integer", float: "a number"}.get(type(value), type(value).__name__)

@@ -1,0 +1,1 @@
+"""Protobuf schemas (the official CloudEvents format and the gateway service) and their generated code."""

@@ -1,0 +1,1 @@
+"""Ingress servers: HTTP and gRPC."""

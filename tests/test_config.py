@@ -1,0 +1,67 @@
+"""Configuration: YAML + environment overrides; every mistake names file, key path and expectation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from umcef.fabric.config import ConfigError, load
+
+GOOD = """
+data_dir: /tmp/x
+server: {host: 0.0.0.0, port: 9000, grpc_port: 9001}
+limits: {max_batch: 50}
+destinations:
+  orders: {url: "local://orders"}
+  audit: "local://audit"
+routes:
+  - name: orders
+    filter: {prefix: {type: "com.example.order."}}
+    to: [orders, audit]
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "umcef.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_good_file_and_env_overrides(tmp_path: Path) -> None:
+    cfg = load(write(tmp_path, GOOD), env={"UMCEF_SERVER__PORT": "9100", "UMCEF_LIMITS__MAX_BATCH": "7"})
+    assert cfg.server.host == "0.0.0.0" and cfg.server.port == 9100 and cfg.server.grpc_port == 9001
+    assert cfg.limits.max_batch == 7
+    assert cfg.destinations["audit"].target == "audit"
+    assert cfg.routes[0].to == ("orders", "audit")
+    assert cfg.default_destination == "default" and cfg.destinations["default"].target == "default"
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "message"),
+    [
+        ("server: {port: abc}", {}, "umcef.yaml: server.port: expected an integer, got a string 'abc'"),
+        ("server: {port: 70000}", {}, "server.port: expected an integer between 0 and 65535, got 70000"),
+        ("server: {prot: 1}", {}, "server.prot: unknown key; expected one of host, port, grpc_port"),
+        ("routez: []", {}, "routez: unknown key"),
+        ("store: {sync: sometimes}", {}, "store.sync: expected one of full, normal, got 'sometimes'"),
+        ("destinations: {a: 'kafka://h:9092/t'}", {}, "destinations.a: kafka:// destinations are not available"),
+        ("destinations: {a: 'ftp://x'}", {}, "destinations.a: unknown scheme in 'ftp://x'"),
+        ("destinations: {a: {url: 'local://'}}", {}, "destinations.a.url: expected local://TOPIC"),
+        ("routes: [{name: r, to: [nope]}]", {}, "routes[0].to[0]: unknown destination 'nope'"),
+        ("routes: [{name: r, filter: {regex: {type: x}}, to: [default]}]", {}, "routes[0].filter: unknown filter"),
+        ("routes: [{name: r, filter: {all: [{exact: {}}]}, to: [default]}]", {}, "routes[0].filter.all[0].exact"),
+        ("a: [", {}, "umcef.yaml: line 1, column 5: not valid YAML"),
+        ("- 1", {}, "expected a mapping at the top level, got a list"),
+        ("{}", {"UMCEF_SERVER__PORT": "x"}, "server.port: expected an integer"),
+    ],
+)
+def test_mistakes_are_reported_exactly(tmp_path: Path, text: str, env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(write(tmp_path, text), env=env)
+    assert message in str(info.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read the file"):
+        load(tmp_path / "absent.yaml", env={})
