@@ -76,7 +76,7 @@ cdef inline bint _forbidden(Py_UCS4 c) noexcept:
         return False
     if c <= 0xFDEF:
         return True
-    return (c & 0xFFFE) == 0xFFFE
+    return (<unsigned int>c & 0xFFFE) == 0xFFFE  # cast: keeps the test in C
 
 
 cdef inline bint _in(const unsigned char *table, Py_UCS4 c) noexcept:
@@ -166,7 +166,8 @@ cdef int _check_uri(str name, object value) except -1:
 
 
 cdef inline int _two(int kind, void *data, Py_ssize_t i) noexcept:
-    return (PyUnicode_READ(kind, data, i) - 0x30) * 10 + (PyUnicode_READ(kind, data, i + 1) - 0x30)
+    # Cast first: arithmetic on a Py_UCS4 would make Cython build a 1-character str.
+    return (<int>PyUnicode_READ(kind, data, i) - 0x30) * 10 + (<int>PyUnicode_READ(kind, data, i + 1) - 0x30)
 
 
 cdef int _check_timestamp(str name, object value) except -1:

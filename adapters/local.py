@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -165,7 +165,12 @@ class LocalStore:
                 raise NotADirectoryError(errno.ENOTDIR, "local store path is not a directory", str(self.path))
             self.path.mkdir(parents=True, exist_ok=True)
             self._wconn = self._connect(read_only=False)
-        self._rconn = self._connect(read_only=True)
+        try:
+            self._rconn = self._connect(read_only=True)
+        except BaseException:
+            if not read_only:
+                self._wconn.close()
+            raise
         self._rlock = threading.Lock()  # sqlite3 connections are not safe to use from two threads at once
         if not read_only:
             self._writer = threading.Thread(
@@ -227,18 +232,20 @@ class LocalStore:
             conn.execute("PRAGMA checkpoint_fullfsync = ON")
         # Checkpointing would otherwise leave the WAL at its high-water mark forever.
         conn.execute("PRAGMA journal_size_limit = 67108864")
-        if self._check_header(conn, db) == 0:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+        # Check and create under the write lock: two processes opening a new store at once must not see
+        # each other's half-made schema.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if self._check_header(conn, db) == 0:
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
                 conn.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
                 conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
 
     # -- writing ---------------------------------------------------------------------------------------------
 
@@ -511,6 +518,8 @@ class LocalStore:
 
     def read(self, topic: str | None, after: int = 0, limit: int = 1000) -> list[StoredEvent]:
         """Events with seq > after, ascending; topic None means all topics."""
+        if limit <= 0:  # SQLite reads a negative LIMIT as "no limit"
+            return []
         with self._reader() as conn:
             if topic is None:
                 rows = conn.execute(
@@ -525,6 +534,15 @@ class LocalStore:
                     (topic, after, limit),
                 ).fetchall()
         return [StoredEvent(*row) for row in rows]
+
+    def last_seq(self, topic: str | None = None) -> int:
+        """Highest seq currently stored (in that topic), 0 if none: where a "from now on" follower starts."""
+        with self._reader() as conn:
+            if topic is None:
+                row = conn.execute("SELECT max(seq) FROM events").fetchone()
+            else:
+                row = conn.execute("SELECT max(seq) FROM events WHERE topic = ?", (topic,)).fetchone()
+        return int(row[0] or 0)
 
     def topics(self) -> dict[str, int]:
         """Topic -> number of stored events (topics emptied by retention are absent)."""
@@ -541,8 +559,10 @@ class LocalStore:
 
     async def follow(
         self, topic: str | None, after: int = 0, poll_interval: float = 0.1, *, batch: int = 1000
-    ) -> AsyncIterator[StoredEvent]:
+    ) -> AsyncGenerator[StoredEvent, None]:
         """Yields events with seq > after as they arrive; ends when the store is closed.
+
+        An AsyncIterator[StoredEvent]; typed as a generator so callers can ``aclose()`` it deterministically.
 
         Appends through this LocalStore wake followers at once; appends by other processes are seen by
         polling every ``poll_interval`` seconds.

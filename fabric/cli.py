@@ -11,19 +11,25 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
+import click
 import orjson
-import typer
 from rich.console import Console
 
 from umcef.fabric import config as config_mod
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="UMCEF: a CloudEvents gateway for Kafka, SQS, Pub/Sub and Service Bus.")
-config_app = typer.Typer(no_args_is_help=True, help="Inspect configuration files.")
-app.add_typer(config_app, name="config")
 err = Console(stderr=True)
+
+
+@click.group(help="UMCEF: a CloudEvents gateway for Kafka, SQS, Pub/Sub and Service Bus.")
+def app() -> None:
+    pass
+
+
+@app.group("config", help="Inspect configuration files.")
+def config_app() -> None:
+    pass
 
 
 class CliError(Exception):
@@ -39,13 +45,13 @@ def _load_config(path: Path | None, **overrides: Any) -> config_mod.Config:
 
 
 @app.command()
-def serve(
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML configuration file")] = None,
-    host: Annotated[str | None, typer.Option(help="HTTP/gRPC bind address")] = None,
-    port: Annotated[int | None, typer.Option(help="HTTP port")] = None,
-    grpc_port: Annotated[int | None, typer.Option("--grpc-port", help="gRPC port")] = None,
-    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="embedded store directory")] = None,
-) -> None:
+@click.option("--config", "-c", "config", type=click.Path(path_type=Path), help="YAML configuration file")
+@click.option("--host", help="HTTP/gRPC bind address")
+@click.option("--port", type=int, help="HTTP port")
+@click.option("--grpc-port", "grpc_port", type=int, help="gRPC port")
+@click.option("--data-dir", "data_dir", type=click.Path(path_type=Path), help="embedded store directory")
+def serve(config: Path | None, host: str | None, port: int | None, grpc_port: int | None,
+          data_dir: Path | None) -> None:
     """Run the gateway (the embedded local store when no destinations are configured)."""
     from umcef.fabric.gateway import Gateway
 
@@ -65,29 +71,31 @@ def serve(
 
 
 @app.command()
-def publish(
-    event_type: Annotated[str | None, typer.Option("--type", help="event type")] = None,
-    source: Annotated[str | None, typer.Option(help="event source (URI-reference)")] = None,
-    event_id: Annotated[str | None, typer.Option("--id", help="event id (default: a UUID)")] = None,
-    subject: Annotated[str | None, typer.Option(help="event subject")] = None,
-    data: Annotated[str | None, typer.Option(help="event data: JSON text, or @FILE")] = None,
-    content_type: Annotated[str | None, typer.Option("--datacontenttype", help="data media type")] = None,
-    ext: Annotated[list[str] | None, typer.Option("--ext", help="extension NAME=VALUE (repeatable)")] = None,
-    file: Annotated[Path | None, typer.Option("--file", "-f", help="events from a JSON array or JSONL file")] = None,
-    url: Annotated[str, typer.Option(help="gateway URL (grpc://host:port for gRPC)")] = "http://127.0.0.1:8080",
-    timeout: Annotated[float, typer.Option(help="seconds per attempt")] = 10.0,
-) -> None:
+@click.option("--type", "event_type", help="event type")
+@click.option("--source", help="event source (URI-reference)")
+@click.option("--id", "event_id", help="event id (default: a UUID)")
+@click.option("--subject", help="event subject")
+@click.option("--data", help="event data: JSON text, or @FILE")
+@click.option("--datacontenttype", "content_type", help="data media type")
+@click.option("--ext", multiple=True, help="extension NAME=VALUE (repeatable)")
+@click.option("--file", "-f", "file", type=click.Path(path_type=Path), help="events from a JSON array or JSONL file")
+@click.option("--url", default="http://127.0.0.1:8080", show_default=True,
+              help="gateway URL (grpc://host:port for gRPC)")
+@click.option("--timeout", default=10.0, show_default=True, help="seconds per attempt")
+def publish(event_type: str | None, source: str | None, event_id: str | None, subject: str | None,
+            data: str | None, content_type: str | None, ext: tuple[str, ...], file: Path | None, url: str,
+            timeout: float) -> None:
     """Publish one event from flags, or every event of a file, and print the accepted ids."""
     from umcef.fabric.sdk import Publisher
 
     events = list(_events_from_file(file)) if file else [_event_from_flags(
-        event_type, source, event_id, subject, data, content_type, ext or [])]
+        event_type, source, event_id, subject, data, content_type, list(ext))]
     transport = "grpc" if url.startswith("grpc://") else "http"
     target = url.removeprefix("grpc://") if transport == "grpc" else url
     with Publisher(url=target, transport=transport, timeout=timeout) as publisher:
         ids = publisher.publish_batch(events) if len(events) > 1 else [publisher.publish(events[0])]
     for event_id_ in ids:
-        typer.echo(event_id_)
+        click.echo(event_id_)
 
 
 def _event_from_flags(event_type: str | None, source: str | None, event_id: str | None, subject: str | None,
@@ -134,22 +142,22 @@ def _events_from_file(path: Path) -> Iterator[dict[str, Any]]:
 
 
 @app.command()
-def tail(
-    data_dir: Annotated[Path, typer.Option("--data-dir", help="embedded store directory")] = Path("umcef-data"),
-    topic: Annotated[str | None, typer.Option(help="only this topic (default: all)")] = None,
-    from_beginning: Annotated[bool, typer.Option("--from-beginning", help="start at the oldest event")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="one structured-mode JSON event per line")] = False,
-    follow: Annotated[bool, typer.Option("--follow/--no-follow", help="keep waiting for new events")] = True,
-) -> None:
+@click.option("--data-dir", "data_dir", type=click.Path(path_type=Path), default=Path("umcef-data"),
+              show_default=True, help="embedded store directory")
+@click.option("--topic", help="only this topic (default: all)")
+@click.option("--from-beginning", "from_beginning", is_flag=True, help="start at the oldest event")
+@click.option("--json", "as_json", is_flag=True, help="one structured-mode JSON event per line")
+@click.option("--follow/--no-follow", default=True, show_default=True, help="keep waiting for new events")
+def tail(data_dir: Path, topic: str | None, from_beginning: bool, as_json: bool, follow: bool) -> None:
     """Print events from the embedded store, oldest first, then follow new ones."""
-    from umcef.adapters.local import LocalStore
+    from umcef.adapters.local import DB_FILENAME, LocalStore
 
-    if not (data_dir / "events.db").exists() and not any(data_dir.glob("*.db")):
+    if not (data_dir / DB_FILENAME).exists():
         raise CliError(f"no UMCEF store in {data_dir} (start the gateway with --data-dir {data_dir})")
-    store = LocalStore(data_dir)
+    store = LocalStore(data_dir, read_only=True)  # read-only: never runs retention or writes
     out = Console(highlight=False)
     try:
-        after = 0 if from_beginning else max((e.seq for e in store.read(topic, 0, 1_000_000_000)), default=0)
+        after = 0 if from_beginning else store.last_seq(topic)
         while True:
             batch = store.read(topic, after, 1000)
             for stored in batch:
@@ -173,10 +181,9 @@ def tail(
 
 
 @app.command()
-def demo(
-    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="store directory (default: a new temp dir)")] = None,
-    customers: Annotated[int, typer.Option(help="customers to simulate")] = 200,
-) -> None:
+@click.option("--data-dir", "data_dir", type=click.Path(path_type=Path), help="store directory (default: a temp dir)")
+@click.option("--customers", default=200, show_default=True, help="customers to simulate")
+def demo(data_dir: Path | None, customers: int) -> None:
     """Start a gateway on the embedded store, publish an order/customer workload, show where it landed."""
     from umcef.fabric.demo import main as demo_main
 
@@ -185,10 +192,11 @@ def demo(
 
 
 @config_app.command("check")
-def config_check(path: Annotated[Path, typer.Argument(help="YAML configuration file")]) -> None:
+@click.argument("path", type=click.Path(path_type=Path))
+def config_check(path: Path) -> None:
     """Validate a configuration file and summarise it."""
     cfg = config_mod.load(path)
-    typer.echo(f"{path}: ok — {len(cfg.destinations)} destinations, {len(cfg.routes)} routes, "
+    click.echo(f"{path}: ok — {len(cfg.destinations)} destinations, {len(cfg.routes)} routes, "
                f"default {cfg.default_destination}")
 
 
@@ -201,13 +209,11 @@ def _use_uvloop() -> None:
 
 
 def main() -> None:
-    import click
-
     from umcef.fabric.errors import EventError
     from umcef.fabric.sdk import PublishError
 
     try:
-        code = app(standalone_mode=False)
+        code = app(standalone_mode=False, prog_name="umcef")
     except click.ClickException as exc:  # usage errors: click's own one-line message
         exc.show()
         sys.exit(exc.exit_code)

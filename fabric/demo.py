@@ -101,9 +101,9 @@ async def run_demo(data_dir: Path, customers: int, batch_size: int, console: Con
         console.print(f"published {len(events)} events in {elapsed:.2f} s "
                       f"({len(events) / elapsed:,.0f} events/s, each durable before its 202)")
         await _show_guarantees(url, events[0], console)
+        _show_landing(gateway, console)
     finally:
         await gateway.stop()
-    _show_landing(gateway, console)
 
 
 async def _show_guarantees(url: str, first: dict[str, Any], console: Console) -> None:

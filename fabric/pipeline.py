@@ -82,7 +82,8 @@ class Pipeline:
     async def publish(self, events: list[Event]) -> PublishResult:
         if self.closing:
             raise ShuttingDown("the gateway is shutting down")
-        if self.in_flight + len(events) > self.max_in_flight:
+        # An idle pipeline takes any batch, so a batch above the limit cannot be refused forever.
+        if self.in_flight and self.in_flight + len(events) > self.max_in_flight:
             raise Overloaded(f"{self.in_flight} events in flight, limit {self.max_in_flight}")
         self.in_flight += len(events)
         try:

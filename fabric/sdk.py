@@ -44,15 +44,18 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal, NamedTuple, Protocol
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
 
 import httpx
 import orjson
-
 from umcef.fabric.accel import validate_attributes
 from umcef.fabric.bindings import http as http_binding
 from umcef.fabric.errors import EventError
 from umcef.fabric.event import Event, fill_defaults
+
+if TYPE_CHECKING:  # grpc is an optional extra: imported only when transport="grpc" is chosen
+    from umcef.fabric.grpc_client import GrpcPublishError
 
 __all__ = [
     "AsyncPublisher",
@@ -93,8 +96,9 @@ class InvalidEventError(PublishError):
     """
 
     def __init__(self, detail: str, *, status: int | str | None = None, attribute: str | None = None,
-                 index: int | None = None, problem: Mapping[str, Any] | None = None, attempts: int = 0) -> None:
-        where = f"event[{index}]: " if index is not None else ""
+                 index: int | None = None, problem: Mapping[str, Any] | None = None,
+                 attempts: int = 0) -> None:
+        where = f"event[{index}]: " if index is not None and f"event[{index}]" not in detail else ""
         what = f"attribute '{attribute}': " if attribute and f"'{attribute}'" not in detail else ""
         code = f" (status {status})" if status is not None else ""
         super().__init__(f"{where}{what}{detail}{code}", status=status, attempts=attempts)
@@ -269,9 +273,12 @@ class _Policy:
             message = f"deadline of {self.deadline:g}s exceeded after {attempts} attempt(s); last: {why}"
         else:
             message = f"gave up after {attempts} attempt(s): {note or why}"
-        cls = PublishTimeout if deadline or (last is not None and last.timed_out and not note) else GatewayUnavailable
-        return cls(message, status=last.status if last else None, cause=last.cause if last else None,
-                   retry_after=last.retry_after if last else None, attempts=attempts)
+        timed_out = deadline or (last is not None and last.timed_out and not note)
+        cls = PublishTimeout if timed_out else GatewayUnavailable
+        error = cls(message, status=last.status if last else None, cause=last.cause if last else None,
+                    retry_after=last.retry_after if last else None, attempts=attempts)
+        error.__cause__ = error.cause
+        return error
 
 
 def _run_sync(policy: _Policy, send: Callable[[float], list[str]]) -> list[str]:
@@ -287,7 +294,7 @@ def _run_sync(policy: _Policy, send: Callable[[float], list[str]]) -> list[str]:
             raise
         if attempt < policy.max_attempts:
             time.sleep(policy.delay(attempt - 1, last, attempt, deadline_at))
-    raise _exhausted(policy, last)
+    raise policy.gave_up(last, policy.max_attempts)
 
 
 async def _run_async(policy: _Policy, send: Callable[[float], Awaitable[list[str]]]) -> list[str]:
@@ -303,13 +310,7 @@ async def _run_async(policy: _Policy, send: Callable[[float], Awaitable[list[str
             raise
         if attempt < policy.max_attempts:
             await asyncio.sleep(policy.delay(attempt - 1, last, attempt, deadline_at))
-    raise _exhausted(policy, last)
-
-
-def _exhausted(policy: _Policy, last: _Retry | None) -> GatewayUnavailable:
-    error = policy.gave_up(last, policy.max_attempts)
-    error.__cause__ = last.cause if last is not None else None
-    return error
+    raise policy.gave_up(last, policy.max_attempts)
 
 
 # ------------------------------------------------------------------------------------- transports
@@ -344,19 +345,23 @@ def _http_endpoint(url: str) -> str:
 
 
 def _encode_http(events: list[Event], single: bool, mode: Mode) -> tuple[dict[str, str], bytes]:
+    headers: dict[str, str]
+    body: bytes
     try:
         if not single:
-            return http_binding.encode_batch(events)
-        if mode == "structured":
-            return http_binding.encode_structured(events[0])
-        event = events[0]
-        if event.data is not None and not isinstance(event.data, bytes | str) and \
-                "datacontenttype" not in event.attributes:
-            # A JSON value travels as a JSON body: say so, or the gateway would store opaque bytes.
-            event = Event({**event.attributes, "datacontenttype": "application/json"}, event.data)
-        return http_binding.encode_binary(event)
+            headers, body = http_binding.encode_batch(events)
+        elif mode == "structured":
+            headers, body = http_binding.encode_structured(events[0])
+        else:
+            event = events[0]
+            if event.data is not None and not isinstance(event.data, bytes | str) and \
+                    "datacontenttype" not in event.attributes:
+                # A JSON value travels as a JSON body: say so, or the gateway would store opaque bytes.
+                event = Event({**event.attributes, "datacontenttype": "application/json"}, event.data)
+            headers, body = http_binding.encode_binary(event)
     except orjson.JSONEncodeError as exc:
         raise InvalidEventError(f"data is not JSON-serializable: {exc}", attribute="data") from None
+    return headers, body
 
 
 def _http_outcome(request: _Request, status: int, headers: httpx.Headers, body: bytes) -> list[str]:
@@ -371,10 +376,11 @@ def _http_outcome(request: _Request, status: int, headers: httpx.Headers, body: 
     if 400 <= status < 500:
         attribute = problem.get("attribute") if problem else None
         index = problem.get("index") if problem else None
-        raise InvalidEventError(detail, status=status,
-                                attribute=attribute if isinstance(attribute, str) else None,
-                                index=index if isinstance(index, int) and not isinstance(index, bool) else None,
-                                problem=problem)
+        if not isinstance(index, int) or isinstance(index, bool):
+            index = None
+        if not isinstance(attribute, str):
+            attribute = None
+        raise InvalidEventError(detail, status=status, attribute=attribute, index=index, problem=problem)
     raise PublishError(f"gateway answered HTTP {status}: {detail}", status=status)
 
 
@@ -447,6 +453,101 @@ class _AsyncHttp:
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+def _grpc_client_module() -> ModuleType:
+    try:
+        from umcef.fabric import grpc_client
+    except ImportError as exc:
+        raise ImportError(f"transport='grpc' needs the grpc extra (pip install 'umcef[grpc]'): {exc}") \
+            from exc
+    return grpc_client
+
+
+def _grpc_target(url: str) -> tuple[str, bool]:
+    """`host:port` and whether to use TLS, from `host:port`, `grpc://`, `grpcs://`, `http://` or `https://`."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "grpc", url
+    scheme = scheme.lower()
+    if scheme not in ("grpc", "grpcs", "http", "https"):
+        raise ValueError(f"expected host:port or grpc://host:port for transport='grpc', got {url!r}")
+    target = rest.rstrip("/")
+    if not target or "/" in target:
+        raise ValueError(f"expected host:port for transport='grpc', got {url!r}")
+    return target, scheme in ("grpcs", "https")
+
+
+def _grpc_channel_kwargs(url: str, headers: Mapping[str, str] | None) -> tuple[str, dict[str, Any]]:
+    if headers:
+        raise ValueError("headers are not supported with transport='grpc' (the gRPC client sends no "
+                         "metadata yet)")
+    target, tls = _grpc_target(url)
+    kwargs: dict[str, Any] = {}
+    if tls:
+        import grpc
+
+        kwargs["credentials"] = grpc.ssl_channel_credentials()
+    return target, kwargs
+
+
+def _grpc_failure(exc: GrpcPublishError) -> BaseException:
+    """A `GrpcPublishError` from the client as a retry, an `InvalidEventError` or a final `PublishError`."""
+    from umcef.fabric import grpc_client
+
+    code = str(getattr(exc.code, "name", exc.code))
+    if exc.retryable:
+        return _Retry(f"gRPC {code}: {exc.message}", status=code, retry_after=exc.retry_after, cause=exc,
+                      timed_out=isinstance(exc, grpc_client.GrpcDeadlineExceeded))
+    if isinstance(exc, grpc_client.GrpcInvalidEvent | grpc_client.GrpcLimitExceeded):
+        return InvalidEventError(exc.message, status=code, attribute=exc.attribute, index=exc.index)
+    error = PublishError(f"gRPC {code}: {exc.message}", status=code)
+    error.__cause__ = exc
+    return error
+
+
+def _grpc_encode_failure(exc: Exception) -> InvalidEventError:
+    if isinstance(exc, EventError):
+        return InvalidEventError(exc.reason, attribute=exc.attribute, index=exc.index)
+    return InvalidEventError(f"data is not JSON-serializable: {exc}", attribute="data")
+
+
+class _SyncGrpc:
+    def __init__(self, url: str, headers: Mapping[str, str] | None) -> None:
+        self.module = _grpc_client_module()
+        target, kwargs = _grpc_channel_kwargs(url, headers)
+        self.client = self.module.GrpcGatewayClient(target, **kwargs)
+
+    def send(self, request: _Request, timeout: float) -> list[str]:
+        try:
+            self.client.publish(request.events, timeout=timeout)
+        except self.module.GrpcPublishError as exc:
+            raise _grpc_failure(exc) from exc
+        except (EventError, orjson.JSONEncodeError) as exc:
+            raise _grpc_encode_failure(exc) from None
+        return request.ids
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class _AsyncGrpc:
+    def __init__(self, url: str, headers: Mapping[str, str] | None) -> None:
+        self.module = _grpc_client_module()
+        target, kwargs = _grpc_channel_kwargs(url, headers)
+        self.client = self.module.AsyncGrpcGatewayClient(target, **kwargs)
+
+    async def send(self, request: _Request, timeout: float) -> list[str]:
+        try:
+            await self.client.publish(request.events, timeout=timeout)
+        except self.module.GrpcPublishError as exc:
+            raise _grpc_failure(exc) from exc
+        except (EventError, orjson.JSONEncodeError) as exc:
+            raise _grpc_encode_failure(exc) from None
+        return request.ids
+
+    async def close(self) -> None:
+        await self.client.close()
 
 
 # ------------------------------------------------------------------------------------- publishers

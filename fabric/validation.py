@@ -67,22 +67,22 @@ def check_uri(name: str, value: Any) -> str:
 
 
 def check_timestamp(name: str, value: Any) -> str:
-    value = check_string(name, value)
-    m = _RFC3339.match(value)
+    text = check_string(name, value)
+    m = _RFC3339.match(text)
     if m is None:
-        raise InvalidAttribute(f"must be an RFC 3339 timestamp, got {value!r}", name)
+        raise InvalidAttribute(f"must be an RFC 3339 timestamp, got {text!r}", name)
     year, month, day = int(m[1]), int(m[2]), int(m[3])
     hour, minute, second = int(m[4]), int(m[5]), int(m[6])
     if not 1 <= month <= 12:
-        raise InvalidAttribute(f"month out of range in {value!r}", name)
+        raise InvalidAttribute(f"month out of range in {text!r}", name)
     leap = year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
     if not 1 <= day <= (_DAYS[month - 1] if month != 2 or leap else 28):
-        raise InvalidAttribute(f"day out of range in {value!r}", name)
+        raise InvalidAttribute(f"day out of range in {text!r}", name)
     if hour > 23 or minute > 59 or second > 60:
-        raise InvalidAttribute(f"time of day out of range in {value!r}", name)
+        raise InvalidAttribute(f"time of day out of range in {text!r}", name)
     if m[9] is not None and (int(m[10]) > 23 or int(m[11]) > 59):
-        raise InvalidAttribute(f"UTC offset out of range in {value!r}", name)
-    return value
+        raise InvalidAttribute(f"UTC offset out of range in {text!r}", name)
+    return text
 
 
 def check_media_type(name: str, value: Any) -> str:

@@ -29,7 +29,8 @@ JSON_VALUES = st.recursive(
 )
 ATTR_VALUES = st.one_of(st.just("1.0"), st.just("2024-01-01T00:00:00Z"), st.just("/src"), JSON_VALUES)
 EVENTS = st.dictionaries(ATTR_NAMES, ATTR_VALUES, max_size=8)
-HEADER_TEXT = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=30)
+# httpx refuses header values with surrounding whitespace, so generate them already stripped.
+HEADER_TEXT = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=30).map(str.strip)
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +77,13 @@ def test_random_binary_mode_headers(gateway: GatewayProcess, headers: dict[str, 
     check(httpx.post(gateway.url + "/v1/events", content=body, headers=headers, timeout=10))
 
 
+# HTTP allows visible ASCII and obs-text (0x80-0xFF) in field values; controls are refused by the HTTP
+# parser itself before any CloudEvents handling, so they are left out here.
+FIELD_BYTES = st.lists(st.sampled_from([*range(0x21, 0x7F), *range(0x80, 0x100)]), min_size=1, max_size=12)
+
+
 @FUZZ
-@given(raw=st.lists(st.tuples(st.sampled_from(["ce-id", "ce-source", "ce-x"]),
-                              st.binary(min_size=1, max_size=12).filter(lambda b: b"\r" not in b and b"\n" not in b
-                                                                        and b"\x00" not in b)), max_size=4))
+@given(raw=st.lists(st.tuples(st.sampled_from(["ce-id", "ce-source", "ce-x"]), FIELD_BYTES.map(bytes)), max_size=4))
 def test_non_ascii_header_bytes(gateway: GatewayProcess, raw: list[tuple[str, bytes]]) -> None:
-    headers = [(b"ce-specversion", b"1.0"), (b"ce-type", b"t"), *((n.encode(), v.strip() or b"v") for n, v in raw)]
+    headers = [(b"ce-specversion", b"1.0"), (b"ce-type", b"t"), *((n.encode(), v) for n, v in raw)]
     check(httpx.post(gateway.url + "/v1/events", content=b"{}", headers=headers, timeout=10))

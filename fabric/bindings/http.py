@@ -29,7 +29,7 @@ class Mode(Enum):
 
 def detect_mode(headers: Mapping[str, str]) -> Mode:
     """Structured/batch by media type; binary when any `ce-` header is present."""
-    content_type = (headers.get("content-type") or "").strip()
+    content_type = (_content_type(headers) or "").strip()
     media = content_type.split(";", 1)[0].strip().lower()
     if media.startswith("application/cloudevents"):
         if media == json_format.CONTENT_TYPE:
@@ -59,10 +59,11 @@ def decode_binary(headers: Mapping[str, str], body: bytes, limits: Limits = NO_L
         name = raw_name.lower()
         if name.startswith(CE_PREFIX):
             attr = name[3:]
+            # ASCII first, also when there is a '%': unquote() passes raw non-ASCII through untouched.
+            if not value.isascii():
+                raise InvalidAttribute("header values must be ASCII; percent-encode UTF-8", attr)
             if "%" in value:
                 value = _percent_decode(attr, value)
-            elif not value.isascii():
-                raise InvalidAttribute("header values must be ASCII; percent-encode UTF-8", attr)
             if attr in attrs:
                 raise InvalidAttribute("appears in more than one header", attr)
             attrs[attr] = value
@@ -124,15 +125,32 @@ def attribute_to_string(value: Any) -> str:
 
 
 def data_to_bytes(event: Event) -> bytes:
-    """The data as a message body: bytes as-is, text as UTF-8, JSON values serialized."""
+    """The data as a message body: bytes as-is, text as UTF-8, JSON values serialized.
+
+    A `str` is text only under a non-JSON `datacontenttype`. Under a JSON one (or none: JSON is the
+    default) it is a JSON string value, as the JSON format decodes `"data": "..."`, so the body is
+    its JSON text (quoted); sending the bare characters would make the body invalid JSON and turn
+    the value into opaque bytes (`data_base64`) when the event is re-encoded in structured mode.
+    """
     data = event.data
     if data is None:
         return b""
     if type(data) is bytes:
         return data
-    if type(data) is str:
+    if type(data) is str and not json_format.is_json_media_type(event.attributes.get("datacontenttype")):
         return data.encode("utf-8")
-    return json_format.orjson.dumps(data)
+    return json_format.dumps(data)
+
+
+def _content_type(headers: Mapping[str, str]) -> str | None:
+    """`Content-Type` from any mapping: HTTP servers' header maps are case-insensitive, a plain dict
+    (tests, the SDK's `HTTPMessage`, other bindings reusing this one) is not."""
+    value = headers.get("content-type")
+    if value is None:
+        for name, candidate in headers.items():
+            if name.lower() == "content-type":
+                return candidate
+    return value
 
 
 def _percent_decode(attr: str, value: str) -> str:

@@ -1,4 +1,5 @@
 # ruff: noqa
+# mypy: ignore-errors
 from umcef.fabric.formats.proto import cloudevents_pb2 as _cloudevents_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor

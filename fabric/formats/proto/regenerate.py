@@ -14,11 +14,12 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from grpc_tools import protoc
+from grpc_tools import protoc  # type: ignore[import-untyped, unused-ignore]
 
 HERE = Path(__file__).resolve().parent
 PACKAGE = "umcef.fabric.formats.proto"
 PROTOS = ("cloudevents.proto", "gateway.proto")
+_STUB_HEADER = "# ruff: noqa\n# mypy: ignore-errors\n"
 
 
 def main() -> int:
@@ -33,8 +34,8 @@ def main() -> int:
         text = path.read_text()
         for module in modules:
             text = re.sub(rf"^import {module} as ", f"from {PACKAGE} import {module} as ", text, flags=re.M)
-        if path.suffix == ".pyi" and not text.startswith("# ruff: noqa"):
-            text = "# ruff: noqa\n" + text  # generated stubs are not held to the project's lint rules
+        if path.suffix == ".pyi" and not text.startswith(_STUB_HEADER):
+            text = _STUB_HEADER + text  # generated stubs are not held to the project's lint/type rules
         path.write_text(text)
     grpc_stub = HERE / "cloudevents_pb2_grpc.py"
     if grpc_stub.exists() and "def " not in grpc_stub.read_text():

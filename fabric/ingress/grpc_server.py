@@ -1,0 +1,158 @@
+"""gRPC ingress (grpc.aio): the `umcef.v1.Gateway` service of `fabric/formats/proto/gateway.proto`.
+
+A response is sent only after every event of the request is durable (the pipeline returns then).
+Status codes: INVALID_ARGUMENT for an unacceptable request (the message names the attribute and, in a
+batch, the index); RESOURCE_EXHAUSTED for a size/count limit and for backpressure (told apart by the
+`umcef-reason` trailing metadata); UNAVAILABLE while the gateway drains; INTERNAL only for a bug.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, NoReturn, Protocol
+from urllib.parse import quote
+
+import grpc
+import grpc.aio
+from umcef.fabric.errors import EventError, LimitExceeded, MalformedBody
+from umcef.fabric.event import Event
+from umcef.fabric.formats import proto
+from umcef.fabric.formats.proto.gateway_pb2 import PublishResponse
+from umcef.fabric.formats.protobuf_format import decode, decode_batch, unwrap
+from umcef.fabric.limits import Limits
+from umcef.fabric.pipeline import Overloaded, PublishResult, ShuttingDown
+
+log = logging.getLogger("umcef.grpc")
+
+# Status details travel in an HTTP/2 trailer; clients refuse metadata beyond ~8 KiB by default, and an
+# error quoting a huge bad value must still reach them as that error.
+_MAX_DETAILS = 1024
+
+
+class Publisher(Protocol):
+    """What the ingress needs of `umcef.fabric.pipeline.Pipeline`."""
+
+    async def publish(self, events: list[Event]) -> PublishResult: ...
+
+
+class GatewayService:
+    """The two RPCs. Requests arrive as raw bytes: a malformed message is then our INVALID_ARGUMENT, not
+    grpc's INTERNAL "Exception deserializing request", and the events go through the fast decoder."""
+
+    def __init__(self, pipeline: Publisher, limits: Limits) -> None:
+        self.pipeline = pipeline
+        self.limits = limits
+
+    async def publish(self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        limits = self.limits
+        try:
+            body = unwrap(request, "umcef.v1.PublishRequest")
+            if not body:
+                raise MalformedBody("PublishRequest.event is missing")
+            events = [decode(body, limits.max_attributes, limits.max_attribute_bytes)]
+        except EventError as exc:
+            await _abort_for_event_error(context, exc)
+        return await self._publish(events, context)
+
+    async def publish_batch(self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        limits = self.limits
+        try:
+            body = unwrap(request, "umcef.v1.PublishBatchRequest")
+            events = decode_batch(body, limits.max_batch, limits.max_attributes, limits.max_attribute_bytes)
+        except EventError as exc:
+            await _abort_for_event_error(context, exc)
+        if not events:
+            return _EMPTY_RESPONSE
+        return await self._publish(events, context)
+
+    async def _publish(self, events: list[Event], context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        try:
+            result = await self.pipeline.publish(events)
+        except EventError as exc:
+            await _abort_for_event_error(context, exc)
+        except Overloaded as exc:
+            retry_ms = max(0, round(exc.retry_after * 1000))
+            await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), proto.REASON_OVERLOADED,
+                         ((proto.RETRY_AFTER_KEY, str(retry_ms)),))
+        except ShuttingDown as exc:
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, str(exc), proto.REASON_SHUTTING_DOWN)
+        except Exception:
+            # A bug, not bad input: keep the traceback in our log, not in the client's face.
+            log.exception("gRPC publish of %d event(s) failed", len(events))
+            await _abort(context, grpc.StatusCode.INTERNAL, "internal error; see the gateway log")
+        out: bytes = PublishResponse(ids=result.ids, duplicates=len(result.duplicates)).SerializeToString()
+        return out
+
+
+_EMPTY_RESPONSE: bytes = PublishResponse().SerializeToString()
+
+
+async def _abort_for_event_error(
+    context: grpc.aio.ServicerContext[bytes, bytes], exc: EventError
+) -> NoReturn:
+    metadata: list[tuple[str, str]] = []
+    if exc.attribute:
+        metadata.append((proto.ATTRIBUTE_KEY, quote(exc.attribute, safe="")))
+    if exc.index is not None:
+        metadata.append((proto.INDEX_KEY, str(exc.index)))
+    if isinstance(exc, LimitExceeded):
+        code, reason = grpc.StatusCode.RESOURCE_EXHAUSTED, proto.REASON_LIMIT
+    else:
+        code, reason = grpc.StatusCode.INVALID_ARGUMENT, proto.REASON_INVALID
+    await _abort(context, code, exc.describe(), reason, metadata)
+
+
+async def _abort(
+    context: grpc.aio.ServicerContext[bytes, bytes],
+    code: grpc.StatusCode,
+    details: str,
+    reason: str | None = None,
+    metadata: Any = (),
+) -> NoReturn:
+    if len(details) > _MAX_DETAILS:
+        details = details[: _MAX_DETAILS - 3] + "..."
+    trailing = ((proto.REASON_KEY, reason), *metadata) if reason else tuple(metadata)
+    await context.abort(code, details, trailing)
+    raise AssertionError("unreachable: ServicerContext.abort raises")  # for type checkers
+
+
+def generic_handler(service: GatewayService) -> Any:
+    """The service's handlers for `grpc.aio.Server.add_generic_rpc_handlers` (bytes in, bytes out)."""
+    return grpc.method_handlers_generic_handler(proto.SERVICE, {
+        "Publish": grpc.unary_unary_rpc_method_handler(service.publish),
+        "PublishBatch": grpc.unary_unary_rpc_method_handler(service.publish_batch),
+    })
+
+
+async def start_grpc_server(
+    pipeline: Publisher,
+    host: str,
+    port: int,
+    limits: Limits,
+    credentials: grpc.ServerCredentials | None = None,
+) -> tuple[grpc.aio.Server, int]:
+    """Start serving on `host:port` (port 0 picks a free one); return the server and the bound port.
+
+    Stop it with `await server.stop(grace)`: new calls are refused while in-flight ones finish.
+    """
+    options = [
+        # Bigger messages are refused by grpc itself with RESOURCE_EXHAUSTED before any decoding.
+        ("grpc.max_receive_message_length", limits.max_body_bytes or -1),
+        # Without this Linux lets a second server bind the same port and silently share the traffic.
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.aio.server(options=options)
+    server.add_generic_rpc_handlers((generic_handler(GatewayService(pipeline, limits)),))
+    address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+    try:
+        if credentials is None:
+            bound: int = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, credentials)
+    except RuntimeError as exc:  # grpc reports a failed bind this way
+        raise OSError(f"gRPC ingress cannot listen on {address}: {exc}") from None
+    if bound == 0:  # older grpc versions return 0 instead of raising
+        raise OSError(f"gRPC ingress cannot listen on {address}")
+    await server.start()
+    log.info("gRPC ingress listening on %s", f"{host}:{bound}")
+    return server, bound
