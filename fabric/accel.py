@@ -5,18 +5,24 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+from types import ModuleType
 
 from umcef.fabric import validation as _pure_validation
 
 PURE_REQUESTED = os.environ.get("UMCEF_PURE", "") == "1"
 
-validate_attributes = _pure_validation.validate_attributes
-NATIVE = False
-if not PURE_REQUESTED:
-    try:
-        from umcef._native._validate import validate_attributes  # type: ignore[no-redef]
 
-        NATIVE = True
+def _native(name: str) -> ModuleType | None:
+    if PURE_REQUESTED:
+        return None
+    try:
+        return importlib.import_module(f"umcef._native.{name}")
     except ImportError:  # not built on this machine: the pure twin is complete
-        pass
+        return None
+
+
+_validate = _native("_validate")
+NATIVE = _validate is not None
+validate_attributes = _validate.validate_attributes if _validate is not None else _pure_validation.validate_attributes

@@ -6,6 +6,7 @@ Bad input prints one clear line on stderr and exits non-zero; never a traceback.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import tempfile
 import time
@@ -16,7 +17,6 @@ from typing import Any
 import click
 import orjson
 from rich.console import Console
-
 from umcef.fabric import config as config_mod
 
 err = Console(stderr=True)
@@ -37,7 +37,7 @@ class CliError(Exception):
 
 
 def _load_config(path: Path | None, **overrides: Any) -> config_mod.Config:
-    env = dict(config_mod.os.environ)
+    env = dict(os.environ)
     for key, value in overrides.items():
         if value is not None:
             env["UMCEF_" + key.upper()] = str(value)
@@ -90,9 +90,8 @@ def publish(event_type: str | None, source: str | None, event_id: str | None, su
 
     events = list(_events_from_file(file)) if file else [_event_from_flags(
         event_type, source, event_id, subject, data, content_type, list(ext))]
-    transport = "grpc" if url.startswith("grpc://") else "http"
-    target = url.removeprefix("grpc://") if transport == "grpc" else url
-    with Publisher(url=target, transport=transport, timeout=timeout) as publisher:
+    grpc = url.startswith("grpc://")
+    with Publisher(url=url, transport="grpc" if grpc else "http", timeout=timeout) as publisher:
         ids = publisher.publish_batch(events) if len(events) > 1 else [publisher.publish(events[0])]
     for event_id_ in ids:
         click.echo(event_id_)

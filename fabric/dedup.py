@@ -25,7 +25,7 @@ class DedupWindow:
         seen = self._seen
         horizon = now - self.window
         while seen:
-            key, at = next(iter(seen.items()))
+            _key, at = next(iter(seen.items()))
             if at > horizon and len(seen) <= self.max_entries:
                 break
             seen.popitem(last=False)

@@ -14,7 +14,6 @@ import httpx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-
 from umcef.fabric import config as config_mod
 from umcef.fabric.gateway import Gateway
 from umcef.fabric.sdk import AsyncPublisher
@@ -59,9 +58,10 @@ def workload(customers: int, rng: random.Random) -> Iterator[dict[str, Any]]:
             yield _event("customer.updated", cid, {**profile, "email": f"c{c}.new@example.com"}, f"customers/{cid}")
         for o in range(rng.randint(1, 3)):
             oid = f"ord-{c:05d}-{o}"
-            lines = [{"sku": s, "name": n, "qty": rng.randint(1, 3), "unitPrice": p}
-                     for s, n, p in rng.sample(PRODUCTS, rng.randint(1, 3))]
-            total = round(sum(line["qty"] * line["unitPrice"] for line in lines), 2)  # type: ignore[misc]
+            picked = [(sku, name, rng.randint(1, 3), price)
+                      for sku, name, price in rng.sample(PRODUCTS, rng.randint(1, 3))]
+            lines = [{"sku": sku, "name": name, "qty": qty, "unitPrice": price} for sku, name, qty, price in picked]
+            total = round(sum(qty * price for _, _, qty, price in picked), 2)
             order = {"orderId": oid, "customerId": cid, "lines": lines, "total": total, "currency": "EUR"}
             yield _event("order.placed", oid, order, f"orders/{oid}")
             if rng.random() < 0.15:

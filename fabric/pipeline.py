@@ -56,7 +56,7 @@ class LocalSpool:
         self.topics = dict(topics)  # destination name -> topic
 
     async def write(self, events: Sequence[Event], destinations: Sequence[tuple[str, ...]]) -> None:
-        records = []
+        records: list[Record] = []
         for event, names in zip(events, destinations, strict=True):
             payload = json_format.encode(event)
             key = event.attributes.get("partitionkey") or event.id

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-
 from umcef.fabric import config as config_mod
 from umcef.fabric.gateway import Gateway
-
-import os
 
 GRPC_PORT: int | None = None if os.environ.get("UMCEF_TEST_NO_GRPC") else 0
 GatewayFactory = Callable[..., Awaitable[Gateway]]

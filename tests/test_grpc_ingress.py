@@ -239,24 +239,33 @@ async def test_port_zero_picks_a_free_port_and_a_taken_port_fails(served: Served
         assert probe.connect_ex(("127.0.0.1", served.port)) == 0
 
 
+async def wait_in_flight(pipeline: Pipeline, count: int) -> None:
+    for _ in range(500):  # poll with a deadline
+        if pipeline.in_flight == count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{pipeline.in_flight} events in flight, expected {count}")
+
+
 async def test_backpressure_is_retryable_resource_exhausted(served: Served) -> None:
+    served.spool.gate = asyncio.Event()
     async with AsyncGrpcGatewayClient(served.target, timeout=TIMEOUT) as client:
+        held = asyncio.create_task(client.publish([order(0)]))
+        await wait_in_flight(served.pipeline, 1)
         with pytest.raises(GrpcOverloaded) as err:
-            await client.publish([order(i) for i in range(5)])  # more than max_in_flight at once
+            await client.publish([order(i) for i in range(1, 5)])  # 1 + 4 > max_in_flight
+        served.spool.gate.set()
+        assert await held == ["o-0"]
     assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert err.value.retryable and err.value.retry_after == 1.0
-    assert served.spool.events == []
+    assert [e.id for e in served.spool.events] == ["o-0"]
 
 
 async def test_concurrent_publishes_beyond_capacity_shed_load(served: Served) -> None:
     served.spool.gate = asyncio.Event()
     async with AsyncGrpcGatewayClient(served.target, timeout=TIMEOUT) as client:
         held = [asyncio.create_task(client.publish([order(i)])) for i in range(4)]
-        for _ in range(200):  # poll with a deadline until all four are inside the pipeline
-            if served.pipeline.in_flight == 4:
-                break
-            await asyncio.sleep(0.01)
-        assert served.pipeline.in_flight == 4
+        await wait_in_flight(served.pipeline, 4)
         with pytest.raises(GrpcOverloaded):
             await client.publish([order(9)])
         served.spool.gate.set()

@@ -10,7 +10,6 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-
 from umcef.fabric.bindings.http import Mode, detect_mode
 from umcef.fabric.errors import EventError
 from umcef.fabric.pipeline import Overloaded, Pipeline, ShuttingDown
@@ -99,6 +98,6 @@ async def start_http_server(pipeline: Pipeline, host: str, port: int) -> tuple[w
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024)
     await site.start()
-    server = site._server
-    bound = server.sockets[0].getsockname()[1] if server is not None and server.sockets else port
+    # With port 0 the OS picked the port; the runner knows the bound addresses.
+    bound = runner.addresses[0][1] if port == 0 and runner.addresses else port
     return runner, int(bound)
