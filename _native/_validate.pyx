@@ -10,10 +10,17 @@ Anything outside the hot path's contract (a dict subclass, non-int limits, a key
 exact `str`) is handed to the pure reference, so even odd inputs behave exactly alike.
 """
 
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.dict cimport PyDict_GetItem
+from cpython.object cimport PyObject
 from cpython.unicode cimport PyUnicode_DATA, PyUnicode_GET_LENGTH, PyUnicode_KIND, PyUnicode_READ
 
+import base64 as _base64
+import binascii as _binascii
+
 from umcef.fabric import validation as _pure
-from umcef.fabric.errors import InvalidAttribute
+from umcef.fabric.errors import EventError, InvalidAttribute, InvalidData
+from umcef.fabric.event import Event
 
 
 cdef extern from "Python.h":
@@ -317,48 +324,151 @@ def validate_attributes(attrs, max_attributes=0, max_value_bytes=0):
 
     Same contract as `umcef.fabric.validation.validate_attributes`.
     """
+    _validate(attrs, max_attributes, max_value_bytes)
+    return None
+
+
+cdef int _validate(object attrs, object max_attributes, object max_value_bytes) except -1:
     cdef Py_ssize_t limit_bytes
     if type(attrs) is not dict or type(max_attributes) is not int or type(max_value_bytes) is not int:
-        return _pure_validate(attrs, max_attributes, max_value_bytes)
+        _pure_validate(attrs, max_attributes, max_value_bytes)
+        return 0
     try:
         limit_bytes = max_value_bytes
     except OverflowError:
-        return _pure_validate(attrs, max_attributes, max_value_bytes)
+        _pure_validate(attrs, max_attributes, max_value_bytes)
+        return 0
     cdef dict d = <dict>attrs
-    spec = d.get("specversion")
-    if spec is None:
+    # Borrowed lookups (NULL = missing): one hash probe per required attribute instead of two.
+    cdef PyObject *found = PyDict_GetItem(d, "specversion")
+    if found is NULL or <object>found is None:
         raise InvalidAttribute(_REQUIRED, "specversion")
-    if spec != "1.0":
+    spec = <object>found
+    if not (type(spec) is str and <str>spec == "1.0") and spec != "1.0":
         raise InvalidAttribute(f"unsupported version {spec!r}; this gateway accepts '1.0'", "specversion")
-    if "id" not in d:
+    found = PyDict_GetItem(d, "id")
+    if found is NULL:
         raise InvalidAttribute(_REQUIRED, "id")
-    _check_nonempty("id", d["id"])
-    if "source" not in d:
+    _check_nonempty("id", <object>found)
+    found = PyDict_GetItem(d, "source")
+    if found is NULL:
         raise InvalidAttribute(_REQUIRED, "source")
-    _check_uri_reference("source", d["source"])
-    if "type" not in d:
+    _check_uri_reference("source", <object>found)
+    found = PyDict_GetItem(d, "type")
+    if found is NULL:
         raise InvalidAttribute(_REQUIRED, "type")
-    _check_nonempty("type", d["type"])
+    _check_nonempty("type", <object>found)
     if max_attributes and len(d) > max_attributes:
         raise InvalidAttribute(f"too many attributes: {len(d)} > limit {max_attributes}")
     cdef str key
+    cdef Py_ssize_t n
     for name, value in d.items():
         if type(name) is not str:
             # Not reachable from any wire format; the reference decides (same order, same result).
-            return _pure_validate(attrs, max_attributes, max_value_bytes)
+            _pure_validate(attrs, max_attributes, max_value_bytes)
+            return 0
         key = <str>name
-        if key == "id" or key == "source" or key == "type" or key == "specversion":
+        # Dispatch on the length first: most names are extensions and then match none of the eight.
+        n = PyUnicode_GET_LENGTH(key)
+        if (n == 2 and key == "id") or (n == 6 and key == "source") or (n == 11 and key == "specversion"):
             pass
-        elif key == "time":
+        elif n == 4 and key == "type":
+            pass
+        elif n == 4 and key == "time":
             _check_timestamp(key, value)
-        elif key == "datacontenttype":
+        elif n == 15 and key == "datacontenttype":
             _check_media_type(key, value)
-        elif key == "subject":
+        elif n == 7 and key == "subject":
             _check_nonempty(key, value)
-        elif key == "dataschema":
+        elif n == 10 and key == "dataschema":
             _check_uri(key, value)
         else:
             _check_extension(key, value)
         if limit_bytes and _size(value) > limit_bytes:
             raise InvalidAttribute(f"value exceeds the limit of {max_value_bytes} bytes", key)
-    return None
+    return 0
+
+
+# --- structured-mode JSON objects to events (twins of json_format's pure functions) ----------------
+
+
+cdef str _json_kind(object value):
+    cdef type t = type(value)
+    if t is dict:
+        return "object"
+    if t is list:
+        return "array"
+    if t is str:
+        return "string"
+    if t is bool:
+        return "boolean"
+    if value is None:
+        return "null"
+    return "number"
+
+
+cdef object _event_from_dict(object obj, object max_attributes, object max_value_bytes):
+    if type(obj) is not dict:
+        raise InvalidAttribute(f"a structured event must be a JSON object, got {_json_kind(obj)}")
+    cdef dict attrs = <dict>obj
+    data = None
+    if "data" in attrs:
+        data = attrs.pop("data")
+        if "data_base64" in attrs:
+            raise InvalidData("an event carries either 'data' or 'data_base64', not both", "data_base64")
+    elif "data_base64" in attrs:
+        encoded = attrs.pop("data_base64")
+        if type(encoded) is not str:
+            raise InvalidData("must be a base64 string", "data_base64")
+        try:
+            data = _base64.b64decode(encoded, validate=True)
+        except (_binascii.Error, ValueError):
+            raise InvalidData("is not valid base64", "data_base64") from None
+    # JSON format: a null attribute value is the attribute being absent. An identity test per value
+    # in C (the pure twin's `None in attrs.values()` compares each value with == instead).
+    for value in attrs.values():
+        if value is None:
+            attrs = {k: v for k, v in attrs.items() if v is not None}
+            break
+    _validate(attrs, max_attributes, max_value_bytes)
+    return Event(attrs, data)
+
+
+def event_from_dict(obj, max_attributes=0, max_value_bytes=0):
+    """Twin of `umcef.fabric.formats.json_format._event_from_dict`."""
+    return _event_from_dict(obj, max_attributes, max_value_bytes)
+
+
+def events_from_list(items, max_attributes=0, max_value_bytes=0):
+    """Twin of `umcef.fabric.formats.json_format._events_from_list`: errors carry the item's index."""
+    cdef list events = []
+    for index, item in enumerate(items):  # Cython turns this into an indexed loop for a list
+        try:
+            events.append(_event_from_dict(item, max_attributes, max_value_bytes))
+        except EventError as exc:
+            raise exc.at(index) from None
+    return events
+
+
+def has_long_digit_run(body):
+    """Whether `body` holds 20 or more consecutive ASCII digits (a JSON integer orjson cannot keep).
+
+    Twin of `umcef.fabric.formats.json_format._has_long_digit_run`. A run of K digits ending at i
+    needs body[i] to be a digit, so probe every K-th byte and skip K ahead on a non-digit; on a digit,
+    look back for the nearest non-digit and skip to K past it (Horspool's idea, ~n/K probes on JSON).
+    """
+    if type(body) is not bytes:
+        body = bytes(body)  # bytearray, memoryview: copy (rare); a plain pointer keeps the common case fast
+    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(body)
+    cdef Py_ssize_t K = 20, n = PyBytes_GET_SIZE(body), i = K - 1, j
+    while i < n:
+        if not (0x30 <= p[i] <= 0x39):
+            i += K
+            continue
+        j = i - 1
+        while j > i - K and 0x30 <= p[j] <= 0x39:
+            j -= 1
+        if j == i - K:
+            return True
+        i = j + K
+    return False

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -11,12 +10,13 @@ import pytest
 from umcef.fabric import config as config_mod
 from umcef.fabric.gateway import Gateway
 
-GRPC_PORT: int | None = None if os.environ.get("UMCEF_TEST_NO_GRPC") else 0
+from tests.conftest_brokers import *  # noqa: F403  (real brokers: Tansu, moto, Pub/Sub emulator, Redis, PostgreSQL)
+
 GatewayFactory = Callable[..., Awaitable[Gateway]]
 
 
 def gateway_config(data_dir: Path, **extra: Any) -> config_mod.Config:
-    raw: dict[str, Any] = {"data_dir": str(data_dir), "server": {"port": 0, "grpc_port": GRPC_PORT}}
+    raw: dict[str, Any] = {"data_dir": str(data_dir), "server": {"port": 0, "grpc_port": 0}}
     raw.update(extra)
     return config_mod.from_mapping(raw, "test")
 

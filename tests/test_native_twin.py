@@ -10,23 +10,28 @@ A missing extension is a failure in CI (CI=true): a skip there would hide a brok
 
 from __future__ import annotations
 
+import base64
+import copy
 import importlib
 import os
 from collections.abc import Callable
 from typing import Any
+from unittest.mock import patch
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from umcef.fabric import accel, validation
-from umcef.fabric.errors import InvalidAttribute
+from umcef.fabric.errors import EventError, InvalidAttribute
+from umcef.fabric.event import Event
+from umcef.fabric.formats import json_format
 
 Validate = Callable[[dict[Any, Any], Any, Any], object]
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-def load_native() -> Validate:
-    """The compiled validator; fails the test in CI and skips it (with the reason) elsewhere."""
+def load_native(name: str = "validate_attributes") -> Any:
+    """A function of the compiled module; fails the test in CI and skips it (with the reason) elsewhere."""
     try:
         module = importlib.import_module("umcef._native._validate")
     except ImportError as exc:
@@ -37,13 +42,18 @@ def load_native() -> Validate:
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)
-    fn: Validate = module.validate_attributes
-    return fn
+    if not hasattr(module, name):
+        message = f"umcef._native._validate has no {name}: the extension is stale, rebuild it"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return getattr(module, name)
 
 
 @pytest.fixture(scope="module")
 def native() -> Validate:
-    return load_native()
+    fn: Validate = load_native()
+    return fn
 
 
 def outcome(
@@ -344,3 +354,88 @@ def test_odd_containers_defer_to_reference(native: Validate, attrs: list[tuple[s
         assert outcome(native, dict(VALID), limit, limit) == outcome(
             validation.validate_attributes, dict(VALID), limit, limit
         )
+
+
+# ---------------------------------------------------------------------------------------------------
+# The other compiled helpers of the JSON decode path, against their pure twins in json_format.
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    body=st.one_of(
+        st.binary(max_size=80),
+        st.lists(st.sampled_from([b"1", b"1" * 7, b"9" * 19, b"0" * 20, b"5" * 21, b"a", b".", b'"', b"-"]),
+                 max_size=12).map(b"".join),
+    ),
+    as_bytearray=st.booleans(),
+)  # fmt: skip
+def test_long_digit_run_same_outcome(body: bytes, as_bytearray: bool) -> None:
+    native = load_native("has_long_digit_run")
+    raw: bytes | bytearray = bytearray(body) if as_bytearray else body
+    assert native(raw) == json_format._has_long_digit_run(raw)
+
+
+@pytest.mark.parametrize("run", [19, 20, 21, 39, 40])
+@pytest.mark.parametrize("where", ["start", "middle", "end", "alone"])
+def test_long_digit_run_edges(run: int, where: str) -> None:
+    native = load_native("has_long_digit_run")
+    digits = b"7" * run
+    body = {"start": digits + b"x" * 30, "middle": b"x" * 17 + digits + b"x" * 13,
+            "end": b"x" * 30 + digits, "alone": digits}[where]  # fmt: skip
+    assert native(body) == json_format._has_long_digit_run(body) == (run >= 20)
+
+
+def event_outcome(fn: Callable[..., Any], *args: Any) -> tuple[Any, ...]:
+    try:
+        result = fn(*args)
+    except EventError as exc:
+        return ("raised", type(exc), exc.attribute, exc.reason, exc.index)
+    if isinstance(result, Event):
+        return ("event", result.attributes, result.data)
+    return ("events", [(e.attributes, e.data) for e in result])
+
+
+data_members = st.fixed_dictionaries(
+    {},
+    optional={
+        "data": st.one_of(st.none(), st.text(max_size=5), st.integers(), st.dictionaries(st.text(max_size=3),
+                                                                                       st.integers())),
+        "data_base64": st.one_of(st.none(), st.just(""), st.just("AAEC"), st.just("not base64!"), st.just("AAA"),
+                                 st.binary(max_size=6).map(lambda b: base64.b64encode(b).decode()),
+                                 st.integers()),
+    },
+)  # fmt: skip
+structured_items = st.one_of(
+    st.builds(lambda a, d, nulls: {**a, **d, **dict.fromkeys(nulls)}, attribute_dicts(), data_members,
+              st.lists(st.sampled_from(["subject", "time", "id", "specversion", "ext"]), max_size=2)),
+    st.sampled_from([None, [], "x", 1, 1.5, True]),
+)  # fmt: skip
+
+
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(item=structured_items, max_attributes=limits, max_value_bytes=byte_limits)
+def test_event_from_dict_same_outcome(item: Any, max_attributes: Any, max_value_bytes: Any) -> None:
+    native = load_native("event_from_dict")
+    mine, theirs = copy.deepcopy(item), copy.deepcopy(item)
+    with patch.object(json_format, "validate_attributes", validation.validate_attributes):
+        expected = event_outcome(json_format._event_from_dict, theirs, max_attributes, max_value_bytes)
+    assert event_outcome(native, mine, max_attributes, max_value_bytes) == expected
+    assert mine == theirs  # the same side effect on the input (the data members are popped)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(items=st.one_of(st.lists(structured_items, max_size=5), st.lists(structured_items, max_size=3).map(tuple)))
+def test_events_from_list_same_outcome(items: Any) -> None:
+    native = load_native("events_from_list")
+    with patch.object(json_format, "validate_attributes", validation.validate_attributes):
+        expected = event_outcome(json_format._events_from_list, copy.deepcopy(items))
+    assert event_outcome(native, copy.deepcopy(items)) == expected
+
+
+def test_json_format_uses_the_native_twins_unless_pure() -> None:
+    if accel.PURE_REQUESTED:
+        assert json_format.event_from_dict is json_format._event_from_dict
+        return
+    assert json_format.event_from_dict is load_native("event_from_dict")
+    assert json_format.events_from_list is load_native("events_from_list")
+    assert json_format.has_long_digit_run is load_native("has_long_digit_run")

@@ -38,11 +38,22 @@ def _native() -> Validate:
 
 @pytest.fixture(params=["pure", "native"])
 def impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Validate]:
-    """One validator; the codecs are patched to use it too (they bind the name at import)."""
-    fn = validation.validate_attributes if request.param == "pure" else _native()
+    """One validator; the codecs are patched to use it and its sibling twins (bound at import)."""
+    if request.param == "pure":
+        fn = validation.validate_attributes
+        twins = {name: getattr(json_format, "_" + name) for name in NATIVE_JSON_TWINS}
+    else:
+        fn = _native()
+        module = importlib.import_module("umcef._native._validate")
+        twins = {name: getattr(module, name) for name in NATIVE_JSON_TWINS}
     monkeypatch.setattr(json_format, "validate_attributes", fn)
     monkeypatch.setattr(http, "validate_attributes", fn)
+    for name, twin in twins.items():
+        monkeypatch.setattr(json_format, name, twin)
     yield fn
+
+
+NATIVE_JSON_TWINS = ("event_from_dict", "events_from_list", "has_long_digit_run")
 
 
 BASE: dict[str, Any] = {
@@ -367,7 +378,7 @@ def test_first_offending_attribute_is_named(impl: Validate) -> None:
 
 
 def structured(**members: Any) -> bytes:
-    return orjson.dumps({**BASE, **members})
+    return json_format.dumps({**BASE, **members})  # orjson.dumps refuses integers beyond 64 bits
 
 
 @pytest.mark.usefixtures("impl")
@@ -395,6 +406,21 @@ class TestData:
     @pytest.mark.parametrize("data", [{"a": [1, 2.5, None]}, [1, "x"], "text", 42, -1.25, True, False])
     def test_data_keeps_its_json_type(self, data: Any) -> None:
         assert json_format.decode(structured(data=data)).data == data
+
+    def test_integers_beyond_64_bits_stay_exact(self) -> None:
+        # orjson alone would read these as floats (and refuse to write them back).
+        data = {"n": 123456789012345678901234567890, "m": [-(2**70), 2**64, 2**63 - 1], "s": "1" * 25}
+        decoded = json_format.decode(structured(data=data, datacontenttype="application/json"))
+        assert decoded.data == data
+        assert orjson.loads(json_format.encode(decoded))["data"]["s"] == "1" * 25
+        assert json_format.decode(json_format.encode(decoded)).data == data
+        assert json_format.decode_batch(json_format.encode_batch([decoded, decoded]))[1].data == data
+        assert http.decode_binary(*http.encode_binary(decoded)).data == json_format.dumps(data)
+
+    def test_long_digit_fallback_is_as_strict_as_orjson(self) -> None:
+        for body in (b'{"a": NaN, "b": 123456789012345678901234}', b'{"a": "\\ud800", "b": 1' + b"0" * 25 + b"}"):
+            with pytest.raises(MalformedBody):
+                json_format.decode(body)
 
     def test_data_null_is_no_data(self) -> None:
         decoded = json_format.decode(structured(data=None))

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 
 import orjson
+from umcef.fabric import accel
 from umcef.fabric.accel import validate_attributes
 from umcef.fabric.errors import EventError, InvalidAttribute, InvalidData, LimitExceeded, MalformedBody
 from umcef.fabric.event import Event
@@ -20,11 +23,23 @@ _JSON_MEDIA = re.compile(r"(application|text)/([A-Za-z0-9.\-]+\+)?json\s*(;.*)?\
 _JSON_CACHE: dict[str, bool] = {}
 # orjson reads an integer beyond 64 bits as a float (precision silently lost) and refuses to write one.
 # RFC 8259 allows any size and the gateway must pass payloads through unchanged (the SDK, on the stdlib
-# parser, keeps them exact), so a body holding such a number -- it has a run of 20+ digits, which one
-# C-speed translate + substring search finds (~0.6 µs per KB) -- is re-read with the stdlib parser
-# after orjson has vetted its syntax, and `dumps` falls back to the stdlib writer for such values.
+# parser, keeps them exact), so a body holding such a number -- it has a run of 20+ digits, found by a
+# compiled skip-scan in ~50 ns per KB (pure twin: translate + substring search, ~0.6 µs per KB) -- is
+# re-read with the stdlib parser after orjson has vetted its syntax; `dumps` falls back to the stdlib
+# writer for such values.
 _DIGITS_ONLY = bytes(0x30 if 0x30 <= b <= 0x39 else 0x2E for b in range(256))
 _LONG_RUN = b"0" * 20
+
+
+def _has_long_digit_run(raw: bytes | bytearray) -> bool:
+    """20+ consecutive ASCII digits? Pure twin of `umcef._native._validate.has_long_digit_run`."""
+    return _LONG_RUN in raw.translate(_DIGITS_ONLY)
+
+
+has_long_digit_run: Callable[[bytes | bytearray], bool] = _has_long_digit_run
+if accel.NATIVE:  # the compiled scan probes ~1 byte in 20 instead of copying the body
+    with contextlib.suppress(ImportError):  # an extension built before this function existed
+        from umcef._native._validate import has_long_digit_run
 
 
 def is_json_media_type(content_type: str | None) -> bool:
@@ -39,8 +54,10 @@ def is_json_media_type(content_type: str | None) -> bool:
     return hit
 
 
-def event_from_dict(obj: Any, max_attributes: int = 0, max_value_bytes: int = 0) -> Event:
-    """Build and validate an event from a decoded structured-mode JSON object."""
+def _event_from_dict(obj: Any, max_attributes: int = 0, max_value_bytes: int = 0) -> Event:
+    """Build and validate an event from a decoded structured-mode JSON object.
+
+    Pure twin of `umcef._native._validate.event_from_dict`; use `event_from_dict`."""
     if type(obj) is not dict:
         raise InvalidAttribute(f"a structured event must be a JSON object, got {_json_kind(obj)}")
     attrs = obj
@@ -62,6 +79,27 @@ def event_from_dict(obj: Any, max_attributes: int = 0, max_value_bytes: int = 0)
         attrs = {k: v for k, v in attrs.items() if v is not None}
     validate_attributes(attrs, max_attributes, max_value_bytes)
     return Event(attrs, data)
+
+
+def _events_from_list(items: list[Any], max_attributes: int = 0, max_value_bytes: int = 0) -> list[Event]:
+    """`event_from_dict` for each item; an error names the item's index. Pure twin of
+    `umcef._native._validate.events_from_list`; use `events_from_list`."""
+    events = []
+    for index, item in enumerate(items):
+        try:
+            events.append(_event_from_dict(item, max_attributes, max_value_bytes))
+        except EventError as exc:
+            raise exc.at(index) from None
+    return events
+
+
+# The compiled twins when built: they build the event without a Python frame per call and test for
+# null attribute values by identity, which is a quarter of structured decoding.
+event_from_dict = _event_from_dict
+events_from_list = _events_from_list
+if accel.NATIVE:
+    with contextlib.suppress(ImportError):  # an extension built before these functions existed
+        from umcef._native._validate import event_from_dict, events_from_list
 
 
 def event_to_dict(event: Event) -> dict[str, Any]:
@@ -108,13 +146,7 @@ def decode_batch(
         raise InvalidAttribute(f"a batch must be a JSON array, got {_json_kind(items)}")
     if max_batch and len(items) > max_batch:
         raise LimitExceeded(f"batch of {len(items)} events exceeds the limit of {max_batch}")
-    events = []
-    for index, item in enumerate(items):
-        try:
-            events.append(event_from_dict(item, max_attributes, max_value_bytes))
-        except EventError as exc:
-            raise exc.at(index) from None
-    return events
+    return events_from_list(items, max_attributes, max_value_bytes)
 
 
 def encode(event: Event) -> bytes:
@@ -146,8 +178,8 @@ def loads(body: bytes | str) -> Any:
         value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise MalformedBody(f"body is not valid JSON: {exc}") from None
-    raw = body.encode("utf-8") if type(body) is str else body
-    if _LONG_RUN in raw.translate(_DIGITS_ONLY):
+    raw = body.encode("utf-8") if isinstance(body, str) else body
+    if has_long_digit_run(raw):
         value = json.loads(raw)
     return value
 
