@@ -97,6 +97,10 @@ class Adapter(Protocol):
     url: str
     capabilities: Capabilities
 
+    def encoded_size(self, event: Event) -> int:
+        """The size `capabilities.max_event_bytes` is checked against, as this broker counts it."""
+        ...
+
     async def publish(self, batch: Sequence[Event]) -> list[PublishOutcome]: ...
 
     async def consume(self, handler: Handler, *, max_in_flight: int = 64) -> None: ...
