@@ -1,4 +1,4 @@
-# Type stub for the compiled twin of umcef.fabric.validation.validate_attributes.
+# Type stub for the compiled twins (_validate.pyx) of validation.py and json_format.py functions.
 from typing import Any
 
 from umcef.fabric.event import Event

@@ -1,8 +1,13 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""Compiled twin of `umcef.fabric.validation.validate_attributes` (the pure-Python reference).
+"""Compiled twins of the CloudEvents decode hot path; each has a pure-Python reference:
+
+- `validate_attributes`  <- `umcef.fabric.validation.validate_attributes`
+- `event_from_dict`, `events_from_list`, `has_long_digit_run`
+                         <- `_event_from_dict`, `_events_from_list`, `_has_long_digit_run` in
+                            `umcef.fabric.formats.json_format` (which selects these when built)
 
 Behaviour is identical by construction and by test (tests/test_native_twin.py, hypothesis): same
-result, or the same `InvalidAttribute` with the same reason and attribute. The regexes of the
+result, or the same exception with the same reason, attribute and index. The regexes of the
 reference become single typed passes over the string's code points (PEP 393 storage read in place,
 no copies), which is where the time goes: an event is ~10 short strings checked several ways each.
 

@@ -62,7 +62,7 @@ def _bar_chart(
 
     count = max(len(series), 1)
     width = 0.8 / count
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(groups) * max(count, 2) / 2 + 2), 4.8))
+    fig, ax = plt.subplots(figsize=(min(14.0, max(6.0, 0.9 * len(groups) + 2)), 5.2))
     for index, (label, values) in enumerate(series.items()):
         xs = [g + (index - (count - 1) / 2) * width for g in range(len(groups)) if values[g] is not None]
         ys = [float(v) for v in values if v is not None]

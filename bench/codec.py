@@ -44,6 +44,7 @@ from cloudevents.core.bindings import http as sdk_http
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent as SdkEvent
 from dateutil.parser import isoparse  # type: ignore[import-untyped, unused-ignore]  # the SDK's parser
+
 from umcef.fabric import accel
 from umcef.fabric.bindings import http
 from umcef.fabric.event import Event
@@ -129,7 +130,9 @@ def operations(ours_only: bool) -> dict[str, tuple[Callable[[], object], int, Ca
         return None if ours_only else fn
 
     ops["binary decode"] = (
-        lambda: http.decode_binary(headers, body), 1, sdk(lambda: sdk_http.from_binary(message, SDK_JSON, SdkEvent))
+        lambda: http.decode_binary(headers, body),
+        1,
+        sdk(lambda: sdk_http.from_binary(message, SDK_JSON, SdkEvent)),
     )
     ops["binary decode + parse body"] = (
         lambda: orjson.loads(http.decode_binary(headers, body).data), 1,
@@ -141,7 +144,9 @@ def operations(ours_only: bool) -> dict[str, tuple[Callable[[], object], int, Ca
         sdk(lambda: sdk_http.from_structured(structured_message, SDK_JSON, SdkEvent)),
     )  # fmt: skip
     ops["structured encode"] = (
-        lambda: http.encode_structured(event), 1, sdk(lambda: sdk_http.to_structured(sdk_ev, SDK_JSON))
+        lambda: http.encode_structured(event),
+        1,
+        sdk(lambda: sdk_http.to_structured(sdk_ev, SDK_JSON)),
     )
     ops["batch decode"] = (lambda: json_format.decode_batch(batch), BATCH, sdk(lambda: sdk_batch_decode(batch)))
     ops["batch encode"] = (

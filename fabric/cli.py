@@ -17,6 +17,7 @@ from typing import Any
 import click
 import orjson
 from rich.console import Console
+
 from umcef.fabric import config as config_mod
 
 err = Console(stderr=True)

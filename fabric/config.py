@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
+
 from umcef.fabric.limits import DEFAULT_LIMITS, Limits
 
 ENV_PREFIX = "UMCEF_"

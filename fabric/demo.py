@@ -14,6 +14,7 @@ import httpx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
 from umcef.fabric import config as config_mod
 from umcef.fabric.gateway import Gateway
 from umcef.fabric.sdk import AsyncPublisher

@@ -18,6 +18,7 @@ from urllib.parse import unquote
 
 import grpc
 import grpc.aio
+
 from umcef.fabric.event import Event
 from umcef.fabric.formats import proto
 from umcef.fabric.formats.proto.gateway_pb2 import PublishBatchRequest, PublishRequest, PublishResponse

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
 
 import httpx
 import orjson
+
 from umcef.fabric.accel import validate_attributes
 from umcef.fabric.bindings import http as http_binding
 from umcef.fabric.errors import EventError

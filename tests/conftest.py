@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from umcef.fabric import config as config_mod
-from umcef.fabric.gateway import Gateway
 
 from tests.conftest_brokers import *  # noqa: F403  (real brokers: Tansu, moto, Pub/Sub emulator, Redis, PostgreSQL)
+from umcef.fabric import config as config_mod
+from umcef.fabric.gateway import Gateway
 
 GatewayFactory = Callable[..., Awaitable[Gateway]]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from umcef.fabric.config import ConfigError, load
 
 GOOD = """

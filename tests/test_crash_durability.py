@@ -7,9 +7,9 @@ from pathlib import Path
 
 import httpx
 import orjson
-from umcef.adapters.local import LocalStore
 
 from tests.gateway_process import GatewayProcess
+from umcef.adapters.local import LocalStore
 
 
 def batch(worker: int, n: int, size: int) -> list[dict[str, object]]:

@@ -13,6 +13,8 @@ import grpc
 import grpc.aio
 import orjson
 import pytest
+
+from tests.conftest import GatewayFactory
 from umcef.fabric.dedup import DedupWindow
 from umcef.fabric.errors import InvalidAttribute
 from umcef.fabric.event import Event
@@ -33,8 +35,6 @@ from umcef.fabric.grpc_client import (
 from umcef.fabric.ingress.grpc_server import start_grpc_server
 from umcef.fabric.limits import NO_LIMITS, Limits
 from umcef.fabric.pipeline import Pipeline, PublishResult
-
-from tests.conftest import GatewayFactory
 
 TIMEOUT = 10.0
 

@@ -8,9 +8,9 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from umcef.fabric.gateway import Gateway
 
 from tests.conftest import GatewayFactory, http_url
+from umcef.fabric.gateway import Gateway
 
 pytestmark = pytest.mark.pure_twin
 STRUCTURED = {"content-type": "application/cloudevents+json"}

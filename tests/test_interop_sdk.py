@@ -30,6 +30,7 @@ from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent as SdkEvent
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from umcef.fabric.bindings import http
 from umcef.fabric.errors import InvalidAttribute
 from umcef.fabric.event import Event
@@ -301,9 +302,8 @@ def test_sdk_quirk_binary_json_string_data_is_sent_unquoted() -> None:
 def test_sdk_quirk_binary_json_non_objects_are_written_as_python_repr() -> None:
     """In binary mode the SDK JSON-encodes only dicts; a list, bool or number goes out as `str(data)`,
     e.g. "[1, True, None]", which is not JSON, so the SDK itself reads it back as that text."""
-    original = SdkEvent(
-        {"id": "1", "source": "/s", "type": "t", "datacontenttype": "application/json"}, [1, True, None]
-    )  # type: ignore[arg-type]  # the SDK's hint says dict, JSON allows more
+    data: Any = [1, True, None]  # the SDK's type hint says dict; JSON data can be any JSON value
+    original = SdkEvent({"id": "1", "source": "/s", "type": "t", "datacontenttype": "application/json"}, data)
     message = sdk_http.to_binary(original, SDK_JSON)
     assert message.body == b"[1, True, None]"
     (decoded,) = http.decode_request(message.headers, message.body)
@@ -350,9 +350,7 @@ CORE = {"id", "source", "type", "specversion", "time", "datacontenttype", "datas
 ext_names = st.text(st.sampled_from(string.ascii_lowercase + string.digits), min_size=1, max_size=12).filter(
     lambda n: n not in CORE
 )
-ext_values = st.one_of(
-    valid_text, st.integers(-(2**31), 2**31 - 1), st.booleans(), st.binary(max_size=24), uri_ref
-)
+ext_values = st.one_of(valid_text, st.integers(-(2**31), 2**31 - 1), st.booleans(), st.binary(max_size=24), uri_ref)
 json_values = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False), valid_text),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(valid_text, inner, max_size=4),

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
 from umcef.adapters.local import LocalStore, Record, Retention, StoredEvent
 
 

@@ -21,6 +21,7 @@ from unittest.mock import patch
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+
 from umcef.fabric import accel, validation
 from umcef.fabric.errors import EventError, InvalidAttribute
 from umcef.fabric.event import Event
@@ -56,9 +57,15 @@ def native() -> Validate:
     return fn
 
 
-def outcome(
-    fn: Validate, attrs: dict[Any, Any], max_attributes: Any, max_value_bytes: Any
-) -> tuple[Any, ...]:
+@pytest.fixture(scope="module")
+def compiled() -> Any:
+    """The compiled module, checked to have every twin (a stale build fails in CI)."""
+    for name in ("has_long_digit_run", "event_from_dict", "events_from_list"):
+        load_native(name)
+    return importlib.import_module("umcef._native._validate")
+
+
+def outcome(fn: Validate, attrs: dict[Any, Any], max_attributes: Any, max_value_bytes: Any) -> tuple[Any, ...]:
     """What a call did, in a comparable form; also checks that the input was left untouched."""
     before = list(attrs.items())
     try:
@@ -73,9 +80,7 @@ def outcome(
     return seen
 
 
-def assert_twins(
-    native: Validate, attrs: dict[Any, Any], max_attributes: Any = 0, max_value_bytes: Any = 0
-) -> None:
+def assert_twins(native: Validate, attrs: dict[Any, Any], max_attributes: Any = 0, max_value_bytes: Any = 0) -> None:
     expected = outcome(validation.validate_attributes, attrs, max_attributes, max_value_bytes)
     got = outcome(native, attrs, max_attributes, max_value_bytes)
     assert got == expected, f"native {got!r} != pure {expected!r} for {attrs!r}"
@@ -135,9 +140,7 @@ def timestamps(draw: st.DrawFn) -> str:
             parts.append(draw(junk))
     year, month, day, hour, minute, second, off_h, off_m = parts
     sep = draw(st.sampled_from(["T", "t", " ", "x"])) if 8 in broken else draw(st.sampled_from("Tt"))
-    frac = draw(
-        st.one_of(st.just(""), st.text(st.sampled_from("0123456789"), max_size=12).map(lambda s: "." + s))
-    )
+    frac = draw(st.one_of(st.just(""), st.text(st.sampled_from("0123456789"), max_size=12).map(lambda s: "." + s)))
     if 9 in broken:
         zone = draw(st.sampled_from(["", "+0100", "+01:00Z", "Zz", "+1:00", "UTC", "+01:00:00"]))
     else:
@@ -369,16 +372,16 @@ def test_odd_containers_defer_to_reference(native: Validate, attrs: list[tuple[s
     ),
     as_bytearray=st.booleans(),
 )  # fmt: skip
-def test_long_digit_run_same_outcome(body: bytes, as_bytearray: bool) -> None:
-    native = load_native("has_long_digit_run")
+def test_long_digit_run_same_outcome(compiled: Any, body: bytes, as_bytearray: bool) -> None:
+    native = compiled.has_long_digit_run
     raw: bytes | bytearray = bytearray(body) if as_bytearray else body
     assert native(raw) == json_format._has_long_digit_run(raw)
 
 
 @pytest.mark.parametrize("run", [19, 20, 21, 39, 40])
 @pytest.mark.parametrize("where", ["start", "middle", "end", "alone"])
-def test_long_digit_run_edges(run: int, where: str) -> None:
-    native = load_native("has_long_digit_run")
+def test_long_digit_run_edges(compiled: Any, run: int, where: str) -> None:
+    native = compiled.has_long_digit_run
     digits = b"7" * run
     body = {"start": digits + b"x" * 30, "middle": b"x" * 17 + digits + b"x" * 13,
             "end": b"x" * 30 + digits, "alone": digits}[where]  # fmt: skip
@@ -414,8 +417,8 @@ structured_items = st.one_of(
 
 @settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(item=structured_items, max_attributes=limits, max_value_bytes=byte_limits)
-def test_event_from_dict_same_outcome(item: Any, max_attributes: Any, max_value_bytes: Any) -> None:
-    native = load_native("event_from_dict")
+def test_event_from_dict_same_outcome(compiled: Any, item: Any, max_attributes: Any, max_value_bytes: Any) -> None:
+    native = compiled.event_from_dict
     mine, theirs = copy.deepcopy(item), copy.deepcopy(item)
     with patch.object(json_format, "validate_attributes", validation.validate_attributes):
         expected = event_outcome(json_format._event_from_dict, theirs, max_attributes, max_value_bytes)
@@ -425,8 +428,8 @@ def test_event_from_dict_same_outcome(item: Any, max_attributes: Any, max_value_
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(items=st.one_of(st.lists(structured_items, max_size=5), st.lists(structured_items, max_size=3).map(tuple)))
-def test_events_from_list_same_outcome(items: Any) -> None:
-    native = load_native("events_from_list")
+def test_events_from_list_same_outcome(compiled: Any, items: Any) -> None:
+    native = compiled.events_from_list
     with patch.object(json_format, "validate_attributes", validation.validate_attributes):
         expected = event_outcome(json_format._events_from_list, copy.deepcopy(items))
     assert event_outcome(native, copy.deepcopy(items)) == expected
@@ -435,6 +438,7 @@ def test_events_from_list_same_outcome(items: Any) -> None:
 def test_json_format_uses_the_native_twins_unless_pure() -> None:
     if accel.PURE_REQUESTED:
         assert json_format.event_from_dict is json_format._event_from_dict
+        assert json_format.has_long_digit_run is json_format._has_long_digit_run
         return
     assert json_format.event_from_dict is load_native("event_from_dict")
     assert json_format.events_from_list is load_native("events_from_list")

@@ -22,6 +22,8 @@ import httpx
 import orjson
 import pytest
 from aiohttp import web
+
+from tests.conftest import GatewayFactory, http_url
 from umcef.fabric.event import Event
 from umcef.fabric.formats import proto
 from umcef.fabric.formats.proto.gateway_pb2 import PublishBatchRequest, PublishRequest, PublishResponse
@@ -37,8 +39,6 @@ from umcef.fabric.sdk import (
     parse_retry_after,
     prepare,
 )
-
-from tests.conftest import GatewayFactory, http_url
 
 TRANSPORTS = ["http-binary", "http-structured", "grpc"]
 

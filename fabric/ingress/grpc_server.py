@@ -14,6 +14,7 @@ from urllib.parse import quote
 
 import grpc
 import grpc.aio
+
 from umcef.fabric.errors import EventError, LimitExceeded, MalformedBody
 from umcef.fabric.event import Event
 from umcef.fabric.formats import proto

@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+
 from umcef.fabric.bindings.http import Mode, detect_mode
 from umcef.fabric.errors import EventError
 from umcef.fabric.pipeline import Overloaded, Pipeline, ShuttingDown

@@ -1,0 +1,3 @@
+"""Collects every backend's conformance target fixture."""
+
+from tests.conformance.target_local import *  # noqa: F403
