@@ -563,6 +563,15 @@ class LocalStore:
         """Yields events with seq > after as they arrive; ends when the store is closed.
 
         An AsyncIterator[StoredEvent]; typed as a generator so callers can ``aclose()`` it deterministically.
+        """
+        async for events in self.follow_batches(topic, after, poll_interval, batch=batch):
+            for event in events:
+                yield event
+
+    async def follow_batches(
+        self, topic: str | None, after: int = 0, poll_interval: float = 0.1, *, batch: int = 1000
+    ) -> AsyncGenerator[list[StoredEvent], None]:
+        """Like `follow`, a page (at most `batch` events) at a time: what delivery workers want.
 
         Appends through this LocalStore wake followers at once; appends by other processes are seen by
         polling every ``poll_interval`` seconds.
@@ -580,10 +589,9 @@ class LocalStore:
                     if self._closed:
                         return
                     raise
-                for event in events:
-                    after = event.seq
-                    yield event
                 if events:
+                    after = events[-1].seq
+                    yield events
                     continue
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), poll_interval)

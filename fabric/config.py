@@ -19,8 +19,6 @@ from umcef.fabric.limits import DEFAULT_LIMITS, Limits
 
 ENV_PREFIX = "UMCEF_"
 DEFAULT_TOPIC = "default"
-# Destination schemes whose adapters exist today; the adapters issue adds the others.
-SUPPORTED_SCHEMES = ("local",)
 KNOWN_SCHEMES = ("local", "kafka", "sqs", "pubsub", "servicebus")
 
 
@@ -59,7 +57,20 @@ class DestinationConfig:
     name: str
     url: str
     scheme: str
-    target: str  # the topic for local://, the broker-specific rest otherwise
+    topic: str  # local:// destinations: their topic; remote ones: the local spool topic they drain
+    options: dict[str, Any] = field(default_factory=dict)  # adapter options (client settings, never secrets)
+
+    @property
+    def is_local(self) -> bool:
+        return self.scheme == "local"
+
+
+@dataclass(frozen=True, slots=True)
+class SourceConfig:
+    name: str
+    url: str
+    options: dict[str, Any] = field(default_factory=dict)
+    max_in_flight: int = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +91,7 @@ class Config:
     destinations: dict[str, DestinationConfig] = field(default_factory=dict)
     routes: tuple[RouteConfig, ...] = ()
     default_destination: str = "default"
+    sources: tuple[SourceConfig, ...] = ()
 
 
 def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
@@ -177,7 +189,7 @@ class _Parser:
         return value
 
     def config(self, raw: dict[str, Any]) -> Config:
-        top = ("data_dir", "server", "limits", "store", "dedup", "destinations", "routes", "default")
+        top = ("data_dir", "server", "limits", "store", "dedup", "destinations", "routes", "default", "sources")
         for key in raw:
             if key not in top:
                 raise self.fail(str(key), f"unknown key; expected one of {', '.join(top)}")
@@ -211,7 +223,9 @@ class _Parser:
         default = self.string(raw, "default", "", "local://" + DEFAULT_TOPIC)
         default_name = self.default_destination(default, destinations)
         routes = self.routes(raw.get("routes") or [], destinations)
-        return Config(self.source, data_dir, server, limits, store, dedup, destinations, routes, default_name)
+        sources = self.sources(raw.get("sources") or [])
+        return Config(self.source, data_dir, server, limits, store, dedup, destinations, routes, default_name,
+                      sources)
 
     def destinations(self, raw: Any) -> dict[str, DestinationConfig]:
         if not isinstance(raw, dict):
@@ -222,22 +236,56 @@ class _Parser:
             url = spec if isinstance(spec, str) else spec.get("url") if isinstance(spec, dict) else None
             if not isinstance(url, str):
                 raise self.fail(path, "expected a URL string or a mapping with a 'url' key")
-            out[str(name)] = self.destination(str(name), url, path + (".url" if isinstance(spec, dict) else ""))
+            options = self.options(spec.get("options") if isinstance(spec, dict) else None, f"{path}.options")
+            out[str(name)] = self.destination(str(name), url, path + (".url" if isinstance(spec, dict) else ""),
+                                              options)
         return out
 
-    def destination(self, name: str, url: str, path: str) -> DestinationConfig:
-        parts = urlsplit(url)
-        scheme = parts.scheme.lower()
+    def options(self, raw: Any, path: str) -> dict[str, Any]:
+        if raw is None:
+            return {}
+        if not isinstance(raw, dict):
+            raise self.fail(path, f"expected a mapping of adapter options, got {_kind(raw)}")
+        return {str(k): v for k, v in raw.items()}
+
+    def url(self, url: str, path: str) -> str:
+        scheme = urlsplit(url).scheme.lower()
         if scheme not in KNOWN_SCHEMES:
             raise self.fail(path, f"unknown scheme in {url!r}; expected one of "
                                   + ", ".join(s + "://" for s in KNOWN_SCHEMES))
-        if scheme not in SUPPORTED_SCHEMES:
-            raise self.fail(path, f"{scheme}:// destinations are not available in this build yet "
-                                  "(only local://TOPIC)")
+        return scheme
+
+    def destination(self, name: str, url: str, path: str, options: dict[str, Any] | None = None) -> DestinationConfig:
+        scheme = self.url(url, path)
+        if scheme != "local":
+            from umcef.fabric.delivery import spool_topic
+
+            return DestinationConfig(name, url, scheme, spool_topic(name), options or {})
+        parts = urlsplit(url)
         topic = (parts.netloc + parts.path).strip("/")
-        if not topic or "/" in topic:
-            raise self.fail(path, f"expected local://TOPIC with a single topic name, got {url!r}")
-        return DestinationConfig(name, url, scheme, topic)
+        if not topic or "/" in topic or topic.startswith("_"):
+            raise self.fail(path, f"expected local://TOPIC with a single topic name not starting with '_', "
+                                  f"got {url!r}")
+        return DestinationConfig(name, url, scheme, topic, options or {})
+
+    def sources(self, raw: Any) -> tuple[SourceConfig, ...]:
+        if not isinstance(raw, list):
+            raise self.fail("sources", f"expected a list of sources, got {_kind(raw)}")
+        out = []
+        for i, item in enumerate(raw):
+            path = f"sources[{i}]"
+            if isinstance(item, str):
+                item = {"url": item}
+            if not isinstance(item, dict) or not isinstance(item.get("url"), str):
+                raise self.fail(path, "expected a URL string or a mapping with a 'url' key")
+            for key in item:
+                if key not in ("name", "url", "options", "max_in_flight"):
+                    raise self.fail(f"{path}.{key}", "unknown key; expected one of name, url, options, max_in_flight")
+            self.url(item["url"], f"{path}.url")
+            out.append(SourceConfig(str(item.get("name", f"source{i}")), item["url"],
+                                    self.options(item.get("options"), f"{path}.options"),
+                                    self.integer(item, "max_in_flight", path, 64, 1)))
+        return tuple(out)
 
     def default_destination(self, default: str, destinations: dict[str, DestinationConfig]) -> str:
         if default in destinations:

@@ -126,7 +126,7 @@ def _show_landing(gateway: Gateway, console: Console) -> None:
     table.add_column("events", justify="right")
     table.add_column("types")
     for name, dest in gateway.config.destinations.items():
-        stored = gateway.store.read(dest.target, limit=100_000)
+        stored = gateway.store.read(dest.topic, limit=100_000)
         types = sorted({_type_of(e.payload) for e in stored})
         table.add_row(f"{name} ({dest.url})", str(len(stored)), ", ".join(t.rsplit(".", 2)[-2] + "." +
                                                                            t.rsplit(".", 1)[-1] for t in types))

@@ -1,18 +1,24 @@
-"""Assembles a running gateway from a `Config`: store, pipeline, HTTP and gRPC ingress."""
+"""Assembles a running gateway from a `Config`: store, pipeline, ingress, delivery workers and sources."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from dataclasses import dataclass
 from typing import Any
 
+from umcef.adapters import open_adapter
+from umcef.adapters.contract import Adapter
 from umcef.adapters.local import LocalStore, Retention
 from umcef.fabric.config import Config
+from umcef.fabric.deadletter import DeadLetterQueue
 from umcef.fabric.dedup import DedupWindow
+from umcef.fabric.delivery import DeliveryWorker
 from umcef.fabric.ingress.http_server import start_http_server
 from umcef.fabric.pipeline import LocalSpool, Pipeline
+from umcef.fabric.sources import SourceRunner
 from umcef.router.static import Route, StaticRouter, compile_filter
 
 log = logging.getLogger("umcef.gateway")
@@ -32,7 +38,8 @@ def open_store(config: Config) -> LocalStore:
 
 
 def build_pipeline(config: Config, store: LocalStore) -> Pipeline:
-    topics = {name: d.target for name, d in config.destinations.items() if d.scheme == "local"}
+    # Local destinations are written to their topic; remote ones to the spool topic their worker drains.
+    topics = {name: d.topic for name, d in config.destinations.items()}
     return Pipeline(
         DedupWindow(config.dedup.window_seconds, config.dedup.max_entries),
         build_router(config),
@@ -52,11 +59,22 @@ class Gateway:
         self.config = config
         self.store = open_store(config)
         self.pipeline = build_pipeline(config, self.store)
+        self.dead_letters = DeadLetterQueue(self.store)
+        self.adapters: dict[str, Adapter] = {}
+        self.workers: dict[str, DeliveryWorker] = {}
+        self.sources: dict[str, SourceRunner] = {}
+        self._tasks: list[asyncio.Task[None]] = []
         self._http: Any = None
         self._grpc: Any = None
         self.endpoints = Endpoints(0, None)
 
     async def start(self) -> Endpoints:
+        for name, dest in self.config.destinations.items():
+            if not dest.is_local:
+                adapter = open_adapter(dest.url, **dest.options)
+                self.adapters[name] = adapter
+                self.workers[name] = DeliveryWorker(name, adapter, self.store, self.dead_letters)
+                self._spawn(self.workers[name].run(), f"deliver:{name}")
         server = self.config.server
         self._http, http_port = await start_http_server(self.pipeline, server.host, server.port)
         grpc_port = None
@@ -65,16 +83,48 @@ class Gateway:
 
             self._grpc, grpc_port = await start_grpc_server(
                 self.pipeline, server.host, server.grpc_port, self.config.limits)
+        for source in self.config.sources:
+            # A local source reads the gateway's own store rather than opening a second writer on it.
+            shared = {"store": self.store} if source.url.startswith("local:") else {}
+            adapter = open_adapter(source.url, **shared, **source.options)
+            runner = SourceRunner(source.name, adapter, self.pipeline, self.dead_letters, source.max_in_flight)
+            self.sources[source.name] = runner
+            self._spawn(runner.run(), f"source:{source.name}")
         self.endpoints = Endpoints(http_port, grpc_port)
         return self.endpoints
 
+    def _spawn(self, work: Any, name: str) -> None:
+        task = asyncio.create_task(work, name=name)
+        task.add_done_callback(self._report_exit)
+        self._tasks.append(task)
+
+    @staticmethod
+    def _report_exit(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s stopped: %r", task.get_name(), task.exception())
+
     async def stop(self, grace: float = 5.0) -> None:
-        """Stop accepting, let in-flight publishes finish (they are durable on return), close the store."""
+        """Stop accepting, let in-flight publishes finish (they are durable on return), stop sources and
+        delivery workers (undelivered events stay in the spool), close adapters and the store."""
         self.pipeline.closing = True
         if self._grpc is not None:
             await self._grpc.stop(grace)
         if self._http is not None:
             await self._http.cleanup()
+        for runner in self.sources.values():
+            await runner.stop()
+        for worker in self.workers.values():
+            await worker.stop()
+        if self._tasks:
+            _done, pending = await asyncio.wait(self._tasks, timeout=grace)
+            for task in pending:
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(*pending, return_exceptions=True)
+        for runner in self.sources.values():
+            await runner.adapter.close()
+        for adapter in self.adapters.values():
+            await adapter.close()
         self.store.close()
 
     async def run_until_signalled(self) -> None:

@@ -32,9 +32,9 @@ def test_good_file_and_env_overrides(tmp_path: Path) -> None:
     cfg = load(write(tmp_path, GOOD), env={"UMCEF_SERVER__PORT": "9100", "UMCEF_LIMITS__MAX_BATCH": "7"})
     assert cfg.server.host == "0.0.0.0" and cfg.server.port == 9100 and cfg.server.grpc_port == 9001
     assert cfg.limits.max_batch == 7
-    assert cfg.destinations["audit"].target == "audit"
+    assert cfg.destinations["audit"].topic == "audit"
     assert cfg.routes[0].to == ("orders", "audit")
-    assert cfg.default_destination == "default" and cfg.destinations["default"].target == "default"
+    assert cfg.default_destination == "default" and cfg.destinations["default"].topic == "default"
 
 
 @pytest.mark.parametrize(
@@ -45,7 +45,9 @@ def test_good_file_and_env_overrides(tmp_path: Path) -> None:
         ("server: {prot: 1}", {}, "server.prot: unknown key; expected one of host, port, grpc_port"),
         ("routez: []", {}, "routez: unknown key"),
         ("store: {sync: sometimes}", {}, "store.sync: expected one of full, normal, got 'sometimes'"),
-        ("destinations: {a: 'kafka://h:9092/t'}", {}, "destinations.a: kafka:// destinations are not available"),
+        ("destinations: {a: {url: 'local://_spool.x'}}", {}, "not starting with '_'"),
+        ("sources: [{url: 'nats://x'}]", {}, "sources[0].url: unknown scheme in 'nats://x'"),
+        ("sources: [{url: 'local://t', group: g}]", {}, "sources[0].group: unknown key"),
         ("destinations: {a: 'ftp://x'}", {}, "destinations.a: unknown scheme in 'ftp://x'"),
         ("destinations: {a: {url: 'local://'}}", {}, "destinations.a.url: expected local://TOPIC"),
         ("routes: [{name: r, to: [nope]}]", {}, "routes[0].to[0]: unknown destination 'nope'"),

@@ -1,0 +1,33 @@
+"""The dead-letter queue: a local-store topic of events that could not be delivered, with the reason.
+
+The reason, the destination and the attempt count travel as extensions (`fabricreason`,
+`fabricdest`, `fabricattempts`) so `umcef tail --topic _deadletter` shows why.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from umcef.adapters.local import LocalStore, Record
+from umcef.fabric.event import Event
+from umcef.fabric.formats import json_format
+
+log = logging.getLogger("umcef.deadletter")
+DEAD_LETTER_TOPIC = "_deadletter"
+
+
+class DeadLetterQueue:
+    def __init__(self, store: LocalStore, topic: str = DEAD_LETTER_TOPIC) -> None:
+        self.store = store
+        self.topic = topic
+        self.count = 0
+
+    async def put(self, event: Event, reason: str, *, destination: str, attempts: int) -> None:
+        attrs = {**event.attributes, "fabricdest": destination, "fabricreason": reason[:1024],
+                 "fabricattempts": attempts}
+        await self.put_raw(json_format.encode(Event(attrs, event.data)), event.id, reason)
+
+    async def put_raw(self, payload: bytes, key: str | None, reason: str) -> None:
+        await self.store.append([Record(self.topic, payload, key)])
+        self.count += 1
+        log.error("dead-lettered %s: %s", key, reason)

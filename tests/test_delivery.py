@@ -1,0 +1,147 @@
+"""Delivery workers drain the durable spool into an adapter: retry, dead letters, cursor only after ack."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import orjson
+import pytest
+
+from umcef.adapters.contract import AdapterError, Capabilities, Handler, PublishOutcome, Rejected, Transient
+from umcef.adapters.local import LocalStore, Record
+from umcef.adapters.local_adapter import LocalAdapter
+from umcef.fabric.deadletter import DeadLetterQueue
+from umcef.fabric.delivery import CURSOR_GROUP, DeliveryWorker, RetryPolicy, spool_topic
+from umcef.fabric.event import Event
+from umcef.fabric.formats import json_format
+
+FAST = RetryPolicy(base_seconds=0.01, cap_seconds=0.05)
+
+
+def event(n: int) -> Event:
+    return Event({"specversion": "1.0", "id": f"e{n}", "source": "/d", "type": "t", "partitionkey": "k"},
+                 {"n": n})
+
+
+async def spool(store: LocalStore, destination: str, events: list[Event]) -> None:
+    await store.append([Record(spool_topic(destination), json_format.encode(e), e.id) for e in events])
+
+
+async def wait_until(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+class ScriptedAdapter:
+    """A stand-in broker for the worker's retry logic (pure logic: real brokers are in the conformance suite).
+    `script` maps event id → errors returned on successive attempts before it succeeds."""
+
+    url = "scripted://"
+    capabilities = Capabilities(1 << 20, None, True, False, 100, False)
+
+    def __init__(self, script: dict[str, list[AdapterError]]) -> None:
+        self.script = script
+        self.accepted: list[str] = []
+        self.calls = 0
+
+    def encoded_size(self, event: Event) -> int:
+        return len(json_format.encode(event))
+
+    async def publish(self, batch: Sequence[Event]) -> list[PublishOutcome]:
+        self.calls += 1
+        outcomes = []
+        for e in batch:
+            errors = self.script.get(e.id, [])
+            if errors:
+                outcomes.append(PublishOutcome(e.id, errors.pop(0)))
+            else:
+                self.accepted.append(e.id)
+                outcomes.append(PublishOutcome(e.id))
+        return outcomes
+
+    async def consume(self, handler: Handler, *, max_in_flight: int = 64) -> None:
+        raise NotImplementedError
+
+    async def stop_consuming(self) -> None:
+        return None
+
+    async def probe(self) -> float:
+        return 0.001
+
+    async def close(self) -> None:
+        return None
+
+
+@pytest.fixture
+def store(tmp_path: Path):  # type: ignore[no-untyped-def]
+    with LocalStore(tmp_path / "gw") as opened:
+        yield opened
+
+
+async def test_worker_delivers_to_a_real_adapter_and_moves_the_cursor(store: LocalStore, tmp_path: Path) -> None:
+    remote = LocalStore(tmp_path / "remote")
+    adapter = LocalAdapter("local://out", "out", remote, owns_store=True)
+    worker = DeliveryWorker("out", adapter, store, DeadLetterQueue(store), policy=FAST)
+    task = asyncio.create_task(worker.run())
+    await spool(store, "out", [event(i) for i in range(50)])
+    await wait_until(lambda: worker.delivered == 50)
+    await spool(store, "out", [event(i) for i in range(50, 60)])
+    await wait_until(lambda: worker.delivered == 60)
+    await worker.stop()
+    await asyncio.wait_for(task, 5)
+    assert [orjson.loads(e.payload)["id"] for e in remote.read("out")] == [f"e{i}" for i in range(60)]
+    assert store.cursor(CURSOR_GROUP, spool_topic("out")) == store.last_seq(spool_topic("out"))
+    await adapter.close()
+
+
+async def test_transient_failures_are_retried_and_rejected_ones_dead_lettered(store: LocalStore) -> None:
+    adapter = ScriptedAdapter({"e1": [Transient("broker restarting"), Transient("still")],
+                               "e2": [Rejected("too large: 2 MiB > 1 MiB")]})
+    dlq = DeadLetterQueue(store)
+    worker = DeliveryWorker("kafka-eu", adapter, store, dlq, policy=FAST)
+    task = asyncio.create_task(worker.run())
+    await spool(store, "kafka-eu", [event(i) for i in range(4)])
+    await wait_until(lambda: worker.delivered == 3 and dlq.count == 1)
+    await worker.stop()
+    await asyncio.wait_for(task, 5)
+    assert sorted(adapter.accepted) == ["e0", "e1", "e3"]
+    assert adapter.calls == 3  # the page, then e1 twice more
+    (dead,) = [orjson.loads(e.payload) for e in store.read("_deadletter")]
+    assert dead["id"] == "e2" and dead["fabricdest"] == "kafka-eu" and dead["fabricattempts"] == 1
+    assert dead["fabricreason"] == "Rejected: too large: 2 MiB > 1 MiB"
+
+
+async def test_attempt_limit_dead_letters_with_the_last_reason(store: LocalStore) -> None:
+    adapter = ScriptedAdapter({"e0": [Transient("down")] * 10})
+    dlq = DeadLetterQueue(store)
+    worker = DeliveryWorker("d", adapter, store, dlq, policy=RetryPolicy(0.01, 0.02, max_attempts=3))
+    task = asyncio.create_task(worker.run())
+    await spool(store, "d", [event(0)])
+    await wait_until(lambda: dlq.count == 1)
+    await worker.stop()
+    await asyncio.wait_for(task, 5)
+    (dead,) = [orjson.loads(e.payload) for e in store.read("_deadletter")]
+    assert dead["fabricattempts"] == 3 and dead["fabricreason"] == "Transient: down"
+
+
+async def test_stopping_mid_retry_leaves_the_page_for_the_next_worker(store: LocalStore) -> None:
+    adapter = ScriptedAdapter({"e0": [Transient("down")] * 1000})
+    worker = DeliveryWorker("d", adapter, store, DeadLetterQueue(store), policy=RetryPolicy(0.2, 0.2))
+    task = asyncio.create_task(worker.run())
+    await spool(store, "d", [event(0), event(1)])
+    await wait_until(lambda: adapter.calls >= 2)
+    await worker.stop()
+    await asyncio.wait_for(task, 5)
+    assert store.cursor(CURSOR_GROUP, spool_topic("d")) == 0
+    healthy = ScriptedAdapter({})
+    second = DeliveryWorker("d", healthy, store, DeadLetterQueue(store), policy=FAST)
+    task = asyncio.create_task(second.run())
+    await wait_until(lambda: second.delivered == 2)
+    await second.stop()
+    await asyncio.wait_for(task, 5)
+    assert healthy.accepted == ["e0", "e1"]
