@@ -54,12 +54,13 @@ import hashlib
 import hmac
 import logging
 import secrets
+import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import parse_qs, quote_plus
 
 from proton import (
@@ -73,12 +74,13 @@ from proton import (
     Handler,
     Link,
     Message,
+    Terminus,
     symbol,
     ulong,
 )
 from proton.reactor import ApplicationEvent, Container, EventInjector
 
-from .codec import MalformedMessage, detach, ParsedMessage, split_batch, split_sections, to_timestamp
+from .codec import MalformedMessage, ParsedMessage, detach, split_batch, split_sections, to_timestamp
 from .model import (
     DEAD_LETTER_DESCRIPTION,
     DEAD_LETTER_REASON,
@@ -143,7 +145,8 @@ def _key(value: Any) -> str:
 
 
 def _props(message: Message) -> dict[str, Any]:
-    return {_key(k): detach(v) for k, v in (message.properties or {}).items()}
+    props: dict[Any, Any] = dict(message.properties or {})
+    return {_key(k): detach(v) for k, v in props.items()}
 
 
 def _body_map(message: Message) -> dict[str, Any]:
@@ -157,6 +160,12 @@ def _text(value: Any) -> str | None:
     if value is None:
         return None
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _condition(name: str, description: str) -> Condition:
+    # Always carry an info map, as Service Bus does (a tracking id): pyamqp's sender indexes the error's
+    # third field unconditionally and a callback that fails there leaves the send waiting forever.
+    return Condition(name, description, {symbol("com.microsoft:tracking-id"): str(uuid.uuid4())})
 
 
 @dataclass(eq=False)
@@ -276,9 +285,7 @@ class _Core(Handler):
             conn.open()
 
     def on_session_remote_open(self, event: Any) -> None:
-        session = event.session
-        session.incoming_capacity = 64 * 1024 * 1024
-        session.open()
+        event.session.open()
 
     def on_link_remote_open(self, event: Any) -> None:
         with self.lock:
@@ -352,13 +359,15 @@ class _Core(Handler):
     # -- attach / detach ---------------------------------------------------------------------
 
     def refuse(self, link: Link, condition: str, description: str) -> None:
-        """Answer an attach with a detach carrying ``condition`` (what Service Bus does)."""
-        if link.is_sender:
-            link.source.copy(link.remote_source)
-        else:
-            link.target.copy(link.remote_target)
+        """Refuse an attach the AMQP way: attach back with a null terminus, then detach with the error.
+
+        The null terminus matters: pyamqp then never reports the link as attached, so the SDK raises
+        the detach error (e.g. ``amqp:not-found``) instead of sending into a dying link.
+        """
+        link.source.type = Terminus.UNSPECIFIED
+        link.target.type = Terminus.UNSPECIFIED
         link.open()
-        link.condition = Condition(condition, description)
+        link.condition = _condition(condition, description)
         link.close()
 
     def attach(self, link: Link) -> None:
@@ -445,7 +454,7 @@ class _Core(Handler):
         data.rewind()
         if not data.next():
             return {}
-        obj = data.get_object()
+        obj = detach(data.get_object())
         data.rewind()
         return dict(obj) if isinstance(obj, dict) else {}
 
@@ -538,7 +547,7 @@ class _Core(Handler):
 
     @staticmethod
     def reject(delivery: Delivery, condition: str, description: str) -> None:
-        delivery.local.condition = Condition(condition, description)
+        delivery.local.condition = _condition(condition, description)
         delivery.update(Delivery.REJECTED)
         delivery.settle()
 
@@ -624,10 +633,10 @@ class _Core(Handler):
             if s.kind == kind and not s.closed and s.path.lower() == request_state.path.lower()
         ]
         same_session = [s for s in candidates if s.link.session == request_state.link.session]
-        target = (same_session or candidates or [None])[0]
-        if target is None:
+        if not candidates:
             _log.warning("service bus test double: no reply link for %s", request_state.path)
             return
+        target = (same_session or candidates)[0]
         target.outbox.append(bytes(reply.encode()))
         self.flush_outbox(target)
 
@@ -635,7 +644,7 @@ class _Core(Handler):
         link = state.link
         while state.outbox and link.credit > 0:
             payload = state.outbox.pop(0)
-            delivery = link.delivery(uuid.uuid4().bytes)
+            delivery = link.delivery(uuid.uuid4().bytes)  # type: ignore[arg-type]  # proton takes bytes tags
             link.send(payload)
             link.advance()
             delivery.settle()
@@ -709,7 +718,7 @@ class _Core(Handler):
         for token in list(body.get("lock-tokens") or []):
             msg = self.locked_message(store, token)
             expirations.append(to_timestamp(store.renew(msg, t)))
-        return {"expirations": Array(UNDESCRIBED, Data.TIMESTAMP, *expirations)}
+        return {"expirations": Array(UNDESCRIBED, Data.TIMESTAMP, *expirations)}  # type: ignore[arg-type]
 
     def op_update_disposition(self, entity: str, body: dict[str, Any]) -> Any:
         store = self.mgmt_store(entity)
@@ -758,7 +767,7 @@ class _Core(Handler):
             numbers.append(stored.sequence_number)
         for store in targets:
             self.pump(store)
-        return {"sequence-numbers": Array(UNDESCRIBED, Data.LONG, *numbers)}
+        return {"sequence-numbers": Array(UNDESCRIBED, Data.LONG, *numbers)}  # type: ignore[arg-type]
 
     def op_cancel_scheduled(self, entity: str, body: dict[str, Any]) -> Any:
         targets = self.resolve_targets(entity) or []
@@ -882,7 +891,7 @@ class _Core(Handler):
         t = now()
         store.lock(msg, state, t, token)
         payload = msg.encode(include_lock=not state.presettled)
-        delivery = link.delivery(token.bytes_le)
+        delivery = link.delivery(token.bytes_le)  # type: ignore[arg-type]  # 16-byte tag = lock token
         link.send(payload)
         link.advance()
         self.counters["delivered"] += 1
@@ -923,8 +932,8 @@ class _Core(Handler):
             delivery.update(Delivery.RELEASED)
         elif remote == Delivery.MODIFIED:
             annotations = delivery.remote.annotations
-            if annotations:
-                msg.extra_annotations.update({str(k): v for k, v in annotations.items()})
+            if isinstance(annotations, dict):
+                msg.extra_annotations.update({str(k): detach(v) for k, v in annotations.items()})
             if delivery.remote.undeliverable:
                 store.defer(msg)
             else:
@@ -934,7 +943,8 @@ class _Core(Handler):
             delivery.update(Delivery.MODIFIED)
         elif remote == Delivery.REJECTED:
             condition = delivery.remote.condition
-            info = {_key(k): v for k, v in ((condition.info if condition else None) or {}).items()}
+            raw_info = condition.info if condition is not None else None
+            info = {_key(k): v for k, v in raw_info.items()} if isinstance(raw_info, dict) else {}
             reason = _text(info.get(DEAD_LETTER_REASON))
             description = _text(info.get(DEAD_LETTER_DESCRIPTION))
             if description is None and condition is not None:
@@ -1052,8 +1062,9 @@ class ServiceBusTestBroker:
     def start(self) -> ServiceBusTestBroker:
         container = Container(self._core)
         container.container_id = "umcef-servicebus-test-double"
-        acceptor = container.acceptor(self.host, 0)
-        self.port = int(acceptor._selectable._delegate.getsockname()[1])
+        acceptor = container.acceptor(self.host, 0)  # type: ignore[arg-type]  # 0: the OS picks a free port
+        listener = cast(socket.socket, acceptor._selectable._delegate)
+        self.port = int(listener.getsockname()[1])
         self._core.acceptor = acceptor
         self._core.container = container
         injector = EventInjector()

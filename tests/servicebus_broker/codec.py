@@ -277,7 +277,7 @@ def split_batch(sections: list[Section]) -> list[ParsedMessage] | None:
         if not isinstance(payload, bytes | bytearray | memoryview) or len(payload) < 3 or payload[0] != 0:
             return None
         try:
-            parts = split_sections(payload)
+            parts = split_sections(bytes(payload))
         except MalformedMessage:
             return None
         if not any(p.code in BODY_CODES for p in parts):
