@@ -1,3 +1,4 @@
 """Collects every backend's conformance target fixture."""
 
+from tests.conformance.target_kafka import *  # noqa: F403
 from tests.conformance.target_local import *  # noqa: F403

@@ -1,0 +1,334 @@
+"""The Kafka adapter beyond the conformance suite: what Kafka's own semantics add (real Tansu)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import defaultdict
+from typing import Any
+
+import pytest
+
+from tests.brokers import KAFKA_FAST_GROUP_OPTS, KafkaBroker, unique_name
+from tests.conformance.target_kafka import create_topic
+from umcef.adapters import open_adapter
+from umcef.adapters.contract import Delivery, NotFound, Rejected, Transient
+from umcef.adapters.kafka import KafkaAdapter, from_url
+from umcef.fabric.event import Event
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def event(i: int, key: str | None = None, **extra: Any) -> Event:
+    attrs: dict[str, Any] = {"specversion": "1.0", "id": f"e{i}", "source": "/t", "type": "t", "n": i, **extra}
+    if key is not None:
+        attrs["partitionkey"] = key
+    return Event(attrs, {"i": i})
+
+
+async def fresh(broker: KafkaBroker, partitions: int = 3, **query: str) -> tuple[str, str]:
+    topic = unique_name("ka")
+    await create_topic(broker.bootstrap, topic, partitions)
+    group = unique_name("g")
+    q = "&".join(f"{k}={v}" for k, v in query.items())
+    return f"kafka://{broker.bootstrap}/{topic}" + (f"?{q}" if q else ""), \
+        f"kafka://{broker.bootstrap}/{topic}?group={group}" + (f"&{q}" if q else "")
+
+
+def adapter(url: str, **options: Any) -> KafkaAdapter:
+    return from_url(url, **{**KAFKA_FAST_GROUP_OPTS, **options})
+
+
+async def until(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+async def test_structured_mode_round_trip_keeps_json_types(kafka_broker: KafkaBroker) -> None:
+    sink_url, source_url = await fresh(kafka_broker, mode="structured")
+    sink, source = adapter(sink_url), adapter(source_url)
+    sent = [event(i, "k", flag=True, num=i) for i in range(5)]
+    assert all(o.ok for o in await sink.publish(sent))
+    got: list[Event] = []
+
+    async def handle(d: Delivery) -> None:
+        got.append(d.event)
+
+    task = asyncio.create_task(source.consume(handle))
+    await until(lambda: len(got) == 5, 30, "5 events")
+    await source.stop_consuming()
+    await task
+    assert [e.attributes["num"] for e in got] == list(range(5))  # one key: one partition, in order
+    assert got[0].attributes["flag"] is True and got[0].data == {"i": 0}
+    await sink.close()
+    await source.close()
+
+
+async def test_nack_delays_redelivery_and_keeps_key_order(kafka_broker: KafkaBroker) -> None:
+    sink_url, source_url = await fresh(kafka_broker, partitions=1)
+    sink, source = adapter(sink_url), adapter(source_url)
+    assert all(o.ok for o in await sink.publish([event(i, f"k{i % 2}") for i in range(6)]))
+    seen: list[tuple[int, int]] = []
+    nacked_at: list[float] = []
+    redelivered_at: list[float] = []
+
+    async def handle(d: Delivery) -> None:
+        n = d.event.attributes["n"]
+        seen.append((int(n), d.attempt))
+        if n == "2" and d.attempt == 1:
+            nacked_at.append(time.monotonic())
+            await d.nack(requeue_after=1.0)
+        elif n == "2":
+            redelivered_at.append(time.monotonic())
+
+    task = asyncio.create_task(source.consume(handle))
+    await until(lambda: len({n for n, _ in seen}) == 6 and redelivered_at, 30, "all events and the redelivery")
+    await source.stop_consuming()
+    await task
+    assert redelivered_at[0] - nacked_at[0] >= 0.95
+    assert (2, 2) in seen
+    per_key: dict[int, list[int]] = defaultdict(list)
+    for n, _ in seen:
+        if n not in per_key[n % 2]:
+            per_key[n % 2].append(n)
+    assert per_key[0] == [0, 2, 4], seen  # 4 (same key) never overtakes the nacked 2
+    assert per_key[1] == [1, 3, 5], seen
+    await sink.close()
+    await source.close()
+
+
+async def test_only_the_acked_prefix_is_committed(kafka_broker: KafkaBroker) -> None:
+    sink_url, source_url = await fresh(kafka_broker, partitions=1)
+    sink = adapter(sink_url)
+    assert all(o.ok for o in await sink.publish([event(i) for i in range(10)]))  # unkeyed: handled concurrently
+    await sink.close()
+    release = asyncio.Event()
+    seen: list[int] = []
+
+    async def hold_three(d: Delivery) -> None:
+        seen.append(int(d.event.attributes["n"]))
+        if d.event.attributes["n"] == "3":
+            await release.wait()  # 3 stays unsettled; the others are acked
+
+    first = adapter(source_url)
+    task = asyncio.create_task(first.consume(hold_three))
+    await until(lambda: len(seen) == 10, 30, "10 events")
+    await asyncio.sleep(0.6)  # a few commit intervals: the commit stops at offset 3
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await first.close()
+
+    again: list[int] = []
+
+    async def record(d: Delivery) -> None:
+        again.append(int(d.event.attributes["n"]))
+
+    second = adapter(source_url)
+    task = asyncio.create_task(second.consume(record))
+    await until(lambda: len(again) == 7, 30, "redelivery from offset 3")
+    await asyncio.sleep(0.3)
+    await second.stop_consuming()
+    await task
+    assert sorted(again) == list(range(3, 10))
+    await second.close()
+
+
+async def test_stop_finishes_running_handlers_and_commits_nothing_unhandled(kafka_broker: KafkaBroker) -> None:
+    sink_url, source_url = await fresh(kafka_broker, partitions=1)
+    sink = adapter(sink_url)
+    assert all(o.ok for o in await sink.publish([event(i, "same") for i in range(5)]))  # one lane: one by one
+    await sink.close()
+    started = asyncio.Event()
+    finished: list[int] = []
+
+    async def slow(d: Delivery) -> None:
+        started.set()
+        await asyncio.sleep(0.5)
+        finished.append(int(d.event.attributes["n"]))
+
+    source = adapter(source_url)
+    task = asyncio.create_task(source.consume(slow))
+    await asyncio.wait_for(started.wait(), 30)
+    await source.stop_consuming()
+    await asyncio.wait_for(task, 10)
+    assert finished == [0]  # the running one finished; the queued ones were never started
+    await source.close()
+    rest: list[int] = []
+
+    async def record(d: Delivery) -> None:
+        rest.append(int(d.event.attributes["n"]))
+
+    source = adapter(source_url)
+    task = asyncio.create_task(source.consume(record))
+    await until(lambda: len(rest) == 4, 30, "the unhandled four")
+    await source.stop_consuming()
+    await task
+    assert rest == [1, 2, 3, 4]
+    await source.close()
+
+
+async def test_max_in_flight_bounds_concurrent_handlers(kafka_broker: KafkaBroker) -> None:
+    sink_url, source_url = await fresh(kafka_broker)
+    sink = adapter(sink_url)
+    assert all(o.ok for o in await sink.publish([event(i) for i in range(200)]))
+    await sink.close()
+    running = peak = done = 0
+
+    async def handle(d: Delivery) -> None:
+        nonlocal running, peak, done
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.005)
+        running -= 1
+        done += 1
+
+    source = adapter(source_url)
+    task = asyncio.create_task(source.consume(handle, max_in_flight=7))
+    await until(lambda: done == 200, 30, "200 events")
+    await source.stop_consuming()
+    await task
+    assert 1 < peak <= 7
+    await source.close()
+
+
+async def test_two_members_share_the_partitions_without_loss(kafka_broker: KafkaBroker) -> None:
+    sink_url, source_url = await fresh(kafka_broker, partitions=4)
+    sink = adapter(sink_url)
+    counts: dict[str, int] = defaultdict(int)
+    by_member: dict[int, set[str]] = defaultdict(set)
+
+    def handler(member: int) -> Any:
+        async def handle(d: Delivery) -> None:
+            counts[d.event.id] += 1
+            by_member[member].add(d.event.id)
+        return handle
+
+    a, b = adapter(source_url), adapter(source_url)
+    task_a = asyncio.create_task(a.consume(handler(0)))
+    assert all(o.ok for o in await sink.publish([event(i, f"k{i}") for i in range(100)]))
+    await until(lambda: len(counts) == 100, 30, "the first 100")
+    task_b = asyncio.create_task(b.consume(handler(1)))
+    await asyncio.sleep(3)  # the second member joins: a rebalance
+    assert all(o.ok for o in await sink.publish([event(i, f"k{i}") for i in range(100, 300)]))
+    await until(lambda: len(counts) == 300, 60, "all 300")
+    for member, task in ((a, task_a), (b, task_b)):
+        await member.stop_consuming()
+        await task
+        await member.close()
+    await sink.close()
+    assert by_member[1], "the second member never got a partition"
+
+
+async def test_missing_topic_is_not_created(kafka_broker: KafkaBroker) -> None:
+    topic = unique_name("absent")
+    sink = open_adapter(f"kafka://{kafka_broker.bootstrap}/{topic}")
+    (outcome,) = await sink.publish([event(1)])
+    assert isinstance(outcome.error, NotFound)
+    with pytest.raises(NotFound):
+        await sink.consume(lambda d: d.ack())
+    (outcome,) = await sink.publish([event(1)])
+    assert isinstance(outcome.error, NotFound)  # the lookups did not create it
+    await sink.close()
+
+
+async def test_no_data_no_key_and_oversized_in_one_batch(kafka_broker: KafkaBroker) -> None:
+    sink_url, source_url = await fresh(kafka_broker, partitions=1)
+    sink = adapter(sink_url, max_event_bytes=2000)
+    empty = Event({"specversion": "1.0", "id": "none", "source": "/t", "type": "t"}, None)
+    big = Event({"specversion": "1.0", "id": "big", "source": "/t", "type": "t"}, "x" * 3000)
+    outcomes = await sink.publish([empty, big, event(1)])
+    assert outcomes[0].ok and outcomes[2].ok
+    assert isinstance(outcomes[1].error, Rejected) and "2000" in str(outcomes[1].error)
+    got: list[Event] = []
+
+    async def handle(d: Delivery) -> None:
+        got.append(d.event)
+
+    source = adapter(source_url)
+    task = asyncio.create_task(source.consume(handle))
+    await until(lambda: len(got) == 2, 30, "2 events")
+    await source.stop_consuming()
+    await task
+    assert got[0].id == "none" and got[0].data is None
+    await sink.close()
+    await source.close()
+
+
+async def test_probe_of_a_blackholed_address_is_bounded() -> None:
+    dead = open_adapter("kafka://10.255.255.1:9092/t", probe_timeout=1.0)
+    started = time.monotonic()
+    with pytest.raises(Transient):
+        await dead.probe()
+    assert time.monotonic() - started < 3
+    (outcome,) = await dead.publish([event(1)])  # publish is bounded by connect_timeout too
+    assert isinstance(outcome.error, Transient)
+    await dead.close()
+
+
+async def test_broker_restart_is_transient_then_recovers(kafka_broker_factory: Any) -> None:
+    broker: KafkaBroker = kafka_broker_factory()
+    topic = unique_name("restart")
+    await create_topic(broker.bootstrap, topic, 1)
+    sink = adapter(f"kafka://{broker.bootstrap}/{topic}", request_timeout_ms=3000, connect_timeout=3,
+                   metadata_timeout=3, topic_cache_seconds=0)
+    assert (await sink.publish([event(1)]))[0].ok
+    await broker.astop()
+    (outcome,) = await sink.publish([event(2)])
+    assert isinstance(outcome.error, Transient), outcome
+    with pytest.raises(Transient):
+        await sink.probe()
+    await broker.astart()  # memory storage: the topic is gone after the restart
+    await create_topic(broker.bootstrap, topic, 1)
+    deadline = time.monotonic() + 30
+    while not (await sink.publish([event(3)]))[0].ok:
+        assert time.monotonic() < deadline, "publish never recovered"
+        await asyncio.sleep(0.2)
+    assert await sink.probe() > 0
+    await sink.close()
+
+
+def test_url_and_options_are_checked() -> None:
+    with pytest.raises(ValueError):
+        from_url("kafka://h:1/")
+    with pytest.raises(ValueError):
+        from_url("kafka://h:1/t?mode=avro")
+    with pytest.raises(TypeError):
+        from_url("kafka://h:1/t", acks_typo=1)
+    a = from_url("kafka://h1,h2:9093/orders.v1?group=g&mode=structured", acks=1)
+    assert a.bootstrap == ["h1:9092", "h2:9093"] and a.topic == "orders.v1" and a.group == "g" and a.structured
+
+
+async def test_close_abandons_hanging_handlers_like_a_crash(kafka_broker: KafkaBroker) -> None:
+    sink_url, source_url = await fresh(kafka_broker, partitions=1)
+    sink = adapter(sink_url)
+    assert all(o.ok for o in await sink.publish([event(i) for i in range(3)]))
+    await sink.close()
+    hang = asyncio.Event()
+    got: list[int] = []
+
+    async def never(d: Delivery) -> None:
+        got.append(int(d.event.attributes["n"]))
+        await hang.wait()
+
+    first = adapter(source_url, close_grace=0.5)
+    task = asyncio.create_task(first.consume(never))
+    await until(lambda: len(got) == 3, 30, "3 deliveries")
+    started = time.monotonic()
+    await first.close()
+    assert time.monotonic() - started < 3
+    assert task.done() and task.exception() is None  # consume() returned; the caller was not cancelled
+    again: list[int] = []
+
+    async def record(d: Delivery) -> None:
+        again.append(int(d.event.attributes["n"]))
+
+    second = adapter(source_url)
+    task = asyncio.create_task(second.consume(record))
+    await until(lambda: len(again) == 3, 30, "all 3 again")
+    await second.stop_consuming()
+    await task
+    await second.close()
