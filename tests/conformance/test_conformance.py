@@ -23,7 +23,7 @@ from umcef.fabric.bindings.http import attribute_to_string, data_to_bytes
 from umcef.fabric.event import Event
 
 # Backends join this list as their adapters land (issue 3): kafka, sqs, pubsub, servicebus.
-BACKENDS = ["local", "kafka"]
+BACKENDS = ["local", "kafka", "pubsub"]
 pytestmark = pytest.mark.timeout(180)
 
 
