@@ -22,8 +22,8 @@ from umcef.adapters.contract import Adapter, Delivery, NotFound, Rejected, Trans
 from umcef.fabric.bindings.http import attribute_to_string, data_to_bytes
 from umcef.fabric.event import Event
 
-# Backends join this list as their adapters land (issue 3): kafka, sqs, pubsub, servicebus.
-BACKENDS = ["local", "kafka", "pubsub"]
+# Backends join this list as their adapters land.
+BACKENDS = ["local", "kafka", "pubsub", "sqs"]
 pytestmark = pytest.mark.timeout(180)
 
 
