@@ -65,7 +65,7 @@ class _Consumer:
         self.outstanding: set[int] = set()
         self.retry: list[tuple[float, int, StoredEvent, int]] = []  # (due, seq, stored, attempt)
         self.stored: dict[int, StoredEvent] = {}
-        self.attempts: dict[int, int] = {}
+        self.committed = start
 
     def committable(self) -> int:
         return min(self.outstanding) - 1 if self.outstanding else self.after
@@ -73,7 +73,14 @@ class _Consumer:
     def acked(self, seq: int) -> None:
         self.outstanding.discard(seq)
         self.stored.pop(seq, None)
-        self.adapter.store.commit_cursor(self.adapter.group, self.adapter.topic, self.committable())
+
+    async def commit(self) -> None:
+        """Persist the cursor; called by the consume loop every few ms rather than per ack, so acks
+        cost no store transaction each (the cursor is at-least-once anyway)."""
+        position = self.committable()
+        if position > self.committed:
+            await self.adapter.store.commit_cursor_async(self.adapter.group, self.adapter.topic, position)
+            self.committed = position
 
     def nacked(self, delivery: LocalDelivery, delay: float) -> None:
         stored = self.stored[delivery.seq]
@@ -153,6 +160,7 @@ class LocalAdapter:
                     task = asyncio.create_task(run(LocalDelivery(consumer, stored, event, attempt)))
                     running.add(task)
                     task.add_done_callback(running.discard)
+                await consumer.commit()
                 if not due and not fresh:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._stop.wait(), 0.05)
@@ -164,6 +172,7 @@ class LocalAdapter:
         finally:
             if running:
                 await asyncio.gather(*running, return_exceptions=True)
+        await consumer.commit()  # a clean stop persists what the handlers acknowledged
 
     @staticmethod
     def _due(consumer: _Consumer) -> list[tuple[StoredEvent, int]]:

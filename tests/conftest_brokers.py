@@ -53,6 +53,7 @@ from tests.brokers import (
     start_sqs,
     unique_name,
 )
+from tests.servicebus_broker import ServiceBusTestBroker
 
 __all__ = [
     "POSTGRES_DSN",
@@ -68,6 +69,7 @@ __all__ = [
     "postgres_dsn",
     "pubsub_emulator",
     "redis_url",
+    "servicebus_test_broker",
     "sqs_server",
     "unique_name",
 ]
@@ -206,3 +208,13 @@ def latency_proxy() -> Iterator[ProxyFactory]:
     yield make
     for proxy in proxies:
         proxy.stop()
+
+
+@pytest.fixture(scope="session")
+def servicebus_test_broker() -> Iterator[ServiceBusTestBroker]:
+    """The Service Bus protocol-level test double (no emulator runs here; see tests/servicebus_broker)."""
+    broker = ServiceBusTestBroker().start()
+    try:
+        yield broker
+    finally:
+        broker.stop()

@@ -9,7 +9,6 @@ crashed consumer's messages come back quickly; the adapter's lock renewal keeps 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,18 +17,9 @@ from tests.brokers import free_port, unique_name
 from tests.conformance.targets import Entity, Target
 from tests.servicebus_broker import ServiceBusTestBroker
 
-__all__ = ["servicebus_test_broker", "target_servicebus"]
+__all__ = ["target_servicebus"]
 
 LOCK_SECONDS = 2.0
-
-
-@pytest.fixture(scope="session")
-def servicebus_test_broker() -> Iterator[ServiceBusTestBroker]:
-    broker = ServiceBusTestBroker().start()
-    try:
-        yield broker
-    finally:
-        broker.stop()
 
 
 @pytest.fixture
