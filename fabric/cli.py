@@ -200,6 +200,35 @@ def config_check(path: Path) -> None:
                f"default {cfg.default_destination}")
 
 
+@app.group("route", help="Inspect routing decisions.")
+def route_app() -> None:
+    pass
+
+
+@route_app.command("explain")
+@click.option("--config", "-c", "config", type=click.Path(path_type=Path), required=True,
+              help="YAML configuration file")
+@click.option("--assume-rtt", "assume_rtt", multiple=True, metavar="DEST=MS",
+              help="pretend DEST's round-trip time is MS milliseconds (repeatable)")
+@click.option("--assume-down", "assume_down", multiple=True, metavar="DEST",
+              help="pretend DEST is down: ejected (repeatable)")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@click.argument("event", type=click.Path(path_type=Path))
+def route_explain(config: Path, assume_rtt: tuple[str, ...], assume_down: tuple[str, ...], as_json: bool,
+                  event: Path) -> None:
+    """Where would EVENT (a JSON CloudEvent) go, and why: every candidate's score or exclusion."""
+    from umcef.router import explain as explain_mod
+
+    cfg = config_mod.load(config)
+    names = [d.name for d in cfg.routing.destinations]
+    try:
+        rtts = explain_mod.parse_assumed_rtts(assume_rtt, names)
+        decision = explain_mod.explain(cfg.routing, explain_mod.load_event(event), rtts, assume_down)
+    except explain_mod.ExplainError as exc:
+        raise CliError(str(exc)) from None
+    click.echo(explain_mod.render_json(decision) if as_json else explain_mod.render_text(decision))
+
+
 def _use_uvloop() -> None:
     try:
         import uvloop
@@ -220,14 +249,14 @@ def main() -> None:
     except click.Abort:
         sys.exit(130)
     except (CliError, config_mod.ConfigError, EventError) as exc:
-        err.print(f"error: {exc}", highlight=False, markup=False)
+        err.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(2)
     except PublishError as exc:
-        err.print(f"error: {exc}", highlight=False, markup=False)
+        err.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(1)
     except OSError as exc:
         where = f": {exc.filename}" if exc.filename else ""
-        err.print(f"error: {exc.strerror or exc}{where}", highlight=False, markup=False)
+        err.print(f"error: {exc.strerror or exc}{where}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
 

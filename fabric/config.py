@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from umcef.fabric.limits import DEFAULT_LIMITS, Limits
+from umcef.router.model import Route, RoutingConfig
 
 ENV_PREFIX = "UMCEF_"
 DEFAULT_TOPIC = "default"
@@ -73,11 +74,7 @@ class SourceConfig:
     max_in_flight: int = 64
 
 
-@dataclass(frozen=True, slots=True)
-class RouteConfig:
-    name: str
-    filter: Any
-    to: tuple[str, ...]
+RouteConfig = Route  # the router's model of a route (name, filter, to, mode, weights, ...)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +89,7 @@ class Config:
     routes: tuple[RouteConfig, ...] = ()
     default_destination: str = "default"
     sources: tuple[SourceConfig, ...] = ()
+    routing: RoutingConfig = field(default_factory=RoutingConfig)  # routes, residency, destinations' routing attributes
 
 
 def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
@@ -189,7 +187,8 @@ class _Parser:
         return value
 
     def config(self, raw: dict[str, Any]) -> Config:
-        top = ("data_dir", "server", "limits", "store", "dedup", "destinations", "routes", "default", "sources")
+        top = ("data_dir", "server", "limits", "store", "dedup", "destinations", "routes", "default", "sources",
+               "residency", "router")
         for key in raw:
             if key not in top:
                 raise self.fail(str(key), f"unknown key; expected one of {', '.join(top)}")
@@ -222,10 +221,10 @@ class _Parser:
         destinations = self.destinations(raw.get("destinations") or {})
         default = self.string(raw, "default", "", "local://" + DEFAULT_TOPIC)
         default_name = self.default_destination(default, destinations)
-        routes = self.routes(raw.get("routes") or [], destinations)
+        routing = self.routing(raw, destinations, default_name)
         sources = self.sources(raw.get("sources") or [])
-        return Config(self.source, data_dir, server, limits, store, dedup, destinations, routes, default_name,
-                      sources)
+        return Config(self.source, data_dir, server, limits, store, dedup, destinations, routing.routes,
+                      default_name, sources, routing)
 
     def destinations(self, raw: Any) -> dict[str, DestinationConfig]:
         if not isinstance(raw, dict):
@@ -297,40 +296,15 @@ class _Parser:
         destinations.setdefault("default", dest)
         return "default"
 
-    def routes(self, raw: Any, destinations: dict[str, DestinationConfig]) -> tuple[RouteConfig, ...]:
-        from umcef.router.static import FilterError, compile_filter
+    def routing(self, raw: Mapping[str, Any], destinations: dict[str, DestinationConfig],
+                default: str) -> RoutingConfig:
+        """Routes, residency and the destinations' routing attributes: router/config.py (docs/router.md)."""
+        from umcef.router.config import RouterConfigError, parse
 
-        if not isinstance(raw, list):
-            raise self.fail("routes", f"expected a list of routes, got {_kind(raw)}")
-        out: list[RouteConfig] = []
-        seen: set[str] = set()
-        for i, item in enumerate(raw):
-            path = f"routes[{i}]"
-            if not isinstance(item, dict):
-                raise self.fail(path, f"expected a mapping with name, filter and to, got {_kind(item)}")
-            name = item.get("name", f"route{i}")
-            if not isinstance(name, str) or not name:
-                raise self.fail(f"{path}.name", "expected a non-empty string")
-            if name in seen:
-                raise self.fail(f"{path}.name", f"duplicate route name {name!r}")
-            seen.add(name)
-            spec = item.get("filter")
-            if spec is not None:
-                try:
-                    compile_filter(spec, f"{path}.filter")
-                except FilterError as exc:
-                    raise self.fail(exc.path, exc.reason) from None
-            to = item.get("to")
-            if isinstance(to, str):
-                to = [to]
-            if not isinstance(to, list) or not to:
-                raise self.fail(f"{path}.to", "expected a non-empty list of destination names")
-            for j, dest in enumerate(to):
-                if dest not in destinations:
-                    known = ", ".join(sorted(destinations)) or "none defined"
-                    raise self.fail(f"{path}.to[{j}]", f"unknown destination {dest!r} (known: {known})")
-            out.append(RouteConfig(name, spec, tuple(to)))
-        return tuple(out)
+        try:
+            return parse(raw, {name: d.url for name, d in destinations.items()}, default)
+        except RouterConfigError as exc:
+            raise self.fail(exc.path, exc.reason) from None
 
 
 def _kind(value: Any) -> str:

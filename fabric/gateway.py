@@ -6,30 +6,95 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from umcef.adapters import open_adapter
-from umcef.adapters.contract import Adapter
+from umcef.adapters.contract import Adapter, Handler, PublishOutcome, Rejected, Throttled
 from umcef.adapters.local import LocalStore, Retention
 from umcef.fabric.config import Config
 from umcef.fabric.deadletter import DeadLetterQueue
 from umcef.fabric.dedup import DedupWindow
 from umcef.fabric.delivery import DeliveryWorker
+from umcef.fabric.event import Event
 from umcef.fabric.ingress.http_server import start_http_server
 from umcef.fabric.pipeline import LocalSpool, Pipeline
 from umcef.fabric.sources import SourceRunner
-from umcef.router.static import Route, StaticRouter, compile_filter
+from umcef.router.decide import Router
+from umcef.router.estimator import Estimator, ProbeLoop
+from umcef.router.table import compile_table
 
 log = logging.getLogger("umcef.gateway")
 
 
-def build_router(config: Config) -> StaticRouter:
-    routes = [
-        Route(r.name, compile_filter(r.filter) if r.filter is not None else (lambda _e: True), r.to)
-        for r in config.routes
-    ]
-    return StaticRouter(routes, (config.default_destination,))
+def build_router(config: Config, estimator: Estimator | None = None) -> Router:
+    """Compile the route table (CESQL filters, residency, scoring) and bind it to an RTT/health estimator."""
+    routing = config.routing
+    estimator = estimator if estimator is not None else Estimator(routing.estimator)
+    for dest in routing.destinations:
+        if dest.is_local:
+            estimator.pin(dest.name, 0.0)  # the durable write is the delivery
+    return Router(compile_table(routing, estimator.slot), estimator, sample_every=routing.explain_sample_every)
+
+
+class RoutedAdapter:
+    """The delivery-side router layer around a destination's adapter (composed like a tower layer):
+
+    - residency is checked again just before publishing: an event the active table does not allow here
+      (it was spooled under an older table) is `Rejected`, so delivery dead-letters it with the reason;
+    - every publish reports its latency (acknowledged) or failure (nothing acknowledged, not a
+      per-event rejection or throttling) to the estimator, next to the probes."""
+
+    def __init__(self, inner: Adapter, name: str, router: Router) -> None:
+        self.inner = inner
+        self.name = name
+        self.router = router
+        self.url = inner.url
+        self.capabilities = inner.capabilities
+
+    def encoded_size(self, event: Event) -> int:
+        return self.inner.encoded_size(event)
+
+    async def publish(self, batch: Sequence[Event]) -> list[PublishOutcome]:
+        outcomes: list[PublishOutcome | None] = []
+        allowed: list[Event] = []
+        for event in batch:
+            why = self.router.residency_violation(event, self.name)
+            outcomes.append(None if why is None else PublishOutcome(event.id, Rejected(why)))
+            if why is None:
+                allowed.append(event)
+        if not allowed:
+            return [o for o in outcomes if o is not None]
+        estimator = self.router.estimator
+        started = time.perf_counter()
+        try:
+            results = await self.inner.publish(allowed)
+        except Exception as exc:
+            estimator.failure(self.name, f"publish raised {type(exc).__name__}: {exc}")
+            raise
+        elapsed = time.perf_counter() - started
+        if any(r.error is None for r in results):
+            estimator.observe(self.name, elapsed)
+        else:
+            failures = [r.error for r in results if not isinstance(r.error, Rejected | Throttled)]
+            if failures:
+                estimator.failure(self.name, f"{type(failures[0]).__name__}: {failures[0]}")
+        published = iter(results)
+        return [o if o is not None else next(published) for o in outcomes]
+
+    async def consume(self, handler: Handler, *, max_in_flight: int = 64) -> None:
+        await self.inner.consume(handler, max_in_flight=max_in_flight)
+
+    async def stop_consuming(self) -> None:
+        await self.inner.stop_consuming()
+
+    async def probe(self) -> float:
+        return await self.inner.probe()
+
+    async def close(self) -> None:
+        await self.inner.close()
 
 
 def open_store(config: Config) -> LocalStore:
@@ -37,12 +102,12 @@ def open_store(config: Config) -> LocalStore:
     return LocalStore(config.data_dir, sync=config.store.sync, retention=retention)  # type: ignore[arg-type]
 
 
-def build_pipeline(config: Config, store: LocalStore) -> Pipeline:
+def build_pipeline(config: Config, store: LocalStore, router: Router | None = None) -> Pipeline:
     # Local destinations are written to their topic; remote ones to the spool topic their worker drains.
     topics = {name: d.topic for name, d in config.destinations.items()}
     return Pipeline(
         DedupWindow(config.dedup.window_seconds, config.dedup.max_entries),
-        build_router(config),
+        router if router is not None else build_router(config),
         LocalSpool(store, topics),
         config.limits,
     )
@@ -58,7 +123,9 @@ class Gateway:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.store = open_store(config)
-        self.pipeline = build_pipeline(config, self.store)
+        self.router = build_router(config)
+        self.pipeline = build_pipeline(config, self.store, self.router)
+        self.probes: ProbeLoop | None = None
         self.dead_letters = DeadLetterQueue(self.store)
         self.adapters: dict[str, Adapter] = {}
         self.workers: dict[str, DeliveryWorker] = {}
@@ -73,8 +140,13 @@ class Gateway:
             if not dest.is_local:
                 adapter = open_adapter(dest.url, **dest.options)
                 self.adapters[name] = adapter
-                self.workers[name] = DeliveryWorker(name, adapter, self.store, self.dead_letters)
+                page = self.config.routing.destination(name).max_in_flight
+                self.workers[name] = DeliveryWorker(name, RoutedAdapter(adapter, name, self.router), self.store,
+                                                    self.dead_letters, page_size=page)
                 self._spawn(self.workers[name].run(), f"deliver:{name}")
+        if self.adapters:
+            self.probes = ProbeLoop(self.router.estimator, {n: a.probe for n, a in self.adapters.items()})
+            self._spawn(self.probes.run(), "probe")
         server = self.config.server
         self._http, http_port = await start_http_server(self.pipeline, server.host, server.port)
         grpc_port = None
@@ -115,6 +187,8 @@ class Gateway:
             await runner.stop()
         for worker in self.workers.values():
             await worker.stop()
+        if self.probes is not None:
+            await self.probes.stop()
         if self._tasks:
             _done, pending = await asyncio.wait(self._tasks, timeout=grace)
             for task in pending:

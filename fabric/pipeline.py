@@ -8,16 +8,20 @@ once every accepted event is durable. Every ingress — HTTP, gRPC, sources, the
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from umcef.adapters.local import LocalStore, Record
 from umcef.fabric.bindings import http as http_binding
+from umcef.fabric.deadletter import DEAD_LETTER_TOPIC
 from umcef.fabric.dedup import DedupWindow, Key
 from umcef.fabric.event import Event
 from umcef.fabric.formats import json_format
 from umcef.fabric.limits import Limits
+
+log = logging.getLogger("umcef.pipeline")
 
 
 class Overloaded(Exception):
@@ -38,8 +42,27 @@ class PublishResult:
     duplicates: list[str] = field(default_factory=list)
 
 
+class Routed(Protocol):
+    """What a router's decision offers the pipeline (umcef.router.decide.Decision)."""
+
+    @property
+    def destinations(self) -> tuple[str, ...]: ...
+
+    @property
+    def reason(self) -> str | None: ...  # set: (part of) the event could not be routed; dead-letter a copy
+
+
 class Router(Protocol):
-    def route(self, event: Event) -> tuple[str, ...]: ...
+    """Destination names for an event: a plain tuple (every name gets the event), or a decision whose
+    `reason`, when set, sends a copy of the event to the dead-letter queue with that reason (residency
+    leaves no allowed destination: the event must not go anywhere else)."""
+
+    def route(self, event: Event) -> tuple[str, ...] | Routed: ...
+
+
+DEAD_LETTER = "_deadletter"
+"""The spool's pseudo-destination for events the router could not route (destination names starting
+with '_' are reserved)."""
 
 
 class Spool(Protocol):
@@ -54,6 +77,7 @@ class LocalSpool:
     def __init__(self, store: LocalStore, topics: Mapping[str, str]) -> None:
         self.store = store
         self.topics = dict(topics)  # destination name -> topic
+        self.topics.setdefault(DEAD_LETTER, DEAD_LETTER_TOPIC)
 
     async def write(self, events: Sequence[Event], destinations: Sequence[tuple[str, ...]]) -> None:
         records: list[Record] = []
@@ -114,7 +138,7 @@ class Pipeline:
                 duplicates.append(event.id)
         try:
             if fresh:
-                await self.spool.write(fresh, [self.router.route(e) for e in fresh])
+                await self.spool.write(*self._route(fresh))
         except BaseException:
             for key in claimed:
                 self.dedup.release(key)
@@ -125,3 +149,30 @@ class Pipeline:
             # The concurrent first publish of one of these failed; this caller must not get a 202 for it.
             raise Overloaded("a concurrent publish of the same event failed; retry", retry_after=0.1)
         return PublishResult([e.id for e in events], duplicates)
+
+    def _route(self, events: list[Event]) -> tuple[list[Event], list[tuple[str, ...]]]:
+        """The route step: destination names per event, plus a dead-letter copy (in the same durable
+        write) for every event a decision could not fully route."""
+        out: list[Event] = []
+        targets: list[tuple[str, ...]] = []
+        route = self.router.route
+        for event in events:
+            routed = route(event)
+            if isinstance(routed, tuple):
+                out.append(event)
+                targets.append(routed)
+                continue
+            if routed.destinations:
+                out.append(event)
+                targets.append(routed.destinations)
+            if routed.reason is not None:
+                out.append(dead_letter_copy(event, routed.reason))
+                targets.append((DEAD_LETTER,))
+        return out, targets
+
+
+def dead_letter_copy(event: Event, reason: str) -> Event:
+    """The event as the dead-letter queue stores it: with `fabricreason`, `fabricdest`, `fabricattempts`."""
+    log.error("dead-lettered %s from %s: %s", event.attributes.get("id"), event.attributes.get("source"), reason)
+    attrs = {**event.attributes, "fabricdest": "(router)", "fabricreason": reason[:1024], "fabricattempts": 0}
+    return Event(attrs, event.data)

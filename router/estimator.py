@@ -1,0 +1,217 @@
+"""RTT and health per destination: peak-EWMA latency and outlier ejection with gradual re-admission.
+
+Fed by `probe()` on an interval (`ProbeLoop`) and by delivery acknowledgements (the gateway wraps each
+adapter so every `publish` reports its latency or failure). The decision reads three flat arrays,
+indexed by a destination's *slot* (assigned once per name, never reused, so tables compiled at
+different times can share one estimator):
+
+    rtt_ms[slot]   peak-EWMA round-trip time in milliseconds
+    up[slot]       1 healthy / 0 ejected
+    admit[slot]    admission in (0, 1]: 1 fully admitted; lower while a returning destination ramps up
+
+Peak-EWMA (Finagle, tower): a sample above the estimate replaces it at once (fast rise); a sample
+below it pulls the estimate down with weight `1 - exp(-dt / decay_seconds)`, dt being the time since
+the previous sample (slow decay). So one slow answer makes a destination look slow immediately, and
+it has to be fast for a while to look fast again.
+
+Ejection (Envoy outlier detection): `eject_after_failures` consecutive failures eject a destination
+for `ejection_seconds`, doubled for each consecutive re-ejection up to `max_ejection_seconds`. When
+the time is up it comes back *on probation*: `admit` starts at `readmit_floor` and ramps linearly to
+1 over `readmit_seconds` (the decision scores it as `rtt / admit` and gives it `weight * admit` of a
+split), and a single failure on probation ejects it again. A full ramp clears the ejection count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from array import array
+from collections.abc import Awaitable, Callable, Mapping
+
+from umcef.router.model import EstimatorSettings
+
+log = logging.getLogger("umcef.router.estimator")
+Clock = Callable[[], float]
+DEFAULT_SETTINGS = EstimatorSettings()
+
+
+class Estimator:
+    def __init__(self, settings: EstimatorSettings = DEFAULT_SETTINGS, clock: Clock = time.monotonic) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.rtt_ms: array[float] = array("d")
+        self.up: array[int] = array("b")
+        self.admit: array[float] = array("d")
+        self.names: list[str] = []
+        self._slots: dict[str, int] = {}
+        self._sampled: list[bool] = []
+        self._pinned: list[bool] = []
+        self._last: list[float] = []
+        self._failures: list[int] = []
+        self._ejections: list[int] = []
+        self._eject_until: list[float] = []
+        self._readmit_from: list[float] = []
+        self._last_error: list[str] = []
+
+    # -- slots -----------------------------------------------------------------------------------
+
+    def slot(self, name: str) -> int:
+        """The slot of a destination, registered on first use with the prior RTT, healthy."""
+        index = self._slots.get(name)
+        if index is None:
+            index = self._slots[name] = len(self.names)
+            self.names.append(name)
+            self.rtt_ms.append(self.settings.initial_rtt_ms)
+            self.up.append(1)
+            self.admit.append(1.0)
+            self._sampled.append(False)
+            self._pinned.append(False)
+            self._last.append(0.0)
+            self._failures.append(0)
+            self._ejections.append(0)
+            self._eject_until.append(0.0)
+            self._readmit_from.append(0.0)
+            self._last_error.append("")
+        return index
+
+    def pin(self, name: str, rtt_ms: float = 0.0) -> None:
+        """A destination whose RTT is known and fixed (`local://`: the write is the delivery)."""
+        s = self.slot(name)
+        self._pinned[s] = True
+        self.rtt_ms[s] = rtt_ms
+        self.up[s] = 1
+        self.admit[s] = 1.0
+
+    # -- samples ---------------------------------------------------------------------------------
+
+    def observe(self, name: str, seconds: float, now: float | None = None) -> None:
+        """A successful round trip (probe or delivery acknowledgement) that took `seconds`."""
+        s = self.slot(name)
+        if self._pinned[s]:
+            return
+        now = self.clock() if now is None else now
+        sample = max(seconds, 0.0) * 1000.0
+        estimate = self.rtt_ms[s]
+        if not self._sampled[s] or sample >= estimate:
+            self.rtt_ms[s] = sample  # first sample, or fast rise
+        else:
+            keep = math.exp(-max(now - self._last[s], 0.0) / self.settings.decay_seconds)
+            self.rtt_ms[s] = estimate * keep + sample * (1.0 - keep)
+        self._sampled[s] = True
+        self._last[s] = now
+        self._failures[s] = 0
+        self._advance(s, now)
+
+    def failure(self, name: str, reason: str = "", now: float | None = None) -> None:
+        """A failed probe or delivery attempt; consecutive failures eject the destination."""
+        s = self.slot(name)
+        if self._pinned[s]:
+            return
+        now = self.clock() if now is None else now
+        self._advance(s, now)
+        self._failures[s] += 1
+        self._last_error[s] = reason
+        if self.up[s] and (self._failures[s] >= self.settings.eject_after_failures or self.admit[s] < 1.0):
+            self._eject(s, now)
+
+    def _eject(self, s: int, now: float) -> None:
+        cfg = self.settings
+        self._ejections[s] += 1
+        seconds = min(cfg.max_ejection_seconds, cfg.ejection_seconds * 2 ** (self._ejections[s] - 1))
+        self._eject_until[s] = now + seconds
+        self._failures[s] = 0
+        self.up[s] = 0
+        self.admit[s] = 0.0
+        log.warning("destination %s ejected for %.1f s after failures (%s)", self.names[s], seconds,
+                    self._last_error[s] or "no detail")
+
+    def tick(self, now: float | None = None) -> None:
+        """Advance ejections and re-admission ramps to `now` (the probe loop calls this every interval)."""
+        now = self.clock() if now is None else now
+        for s in range(len(self.names)):
+            self._advance(s, now)
+
+    def _advance(self, s: int, now: float) -> None:
+        cfg = self.settings
+        if not self.up[s]:
+            if now < self._eject_until[s]:
+                return
+            self.up[s] = 1
+            self.admit[s] = cfg.readmit_floor
+            self._readmit_from[s] = now
+            log.info("destination %s back on probation", self.names[s])
+        if self.admit[s] < 1.0:
+            ramp = (now - self._readmit_from[s]) / cfg.readmit_seconds if cfg.readmit_seconds > 0 else 1.0
+            admit = cfg.readmit_floor + (1.0 - cfg.readmit_floor) * max(ramp, 0.0)
+            if admit >= 1.0:
+                self.admit[s] = 1.0
+                self._ejections[s] = 0
+            else:
+                self.admit[s] = admit
+
+    # -- what-if (route explain) and introspection -------------------------------------------------
+
+    def assume_rtt(self, name: str, rtt_ms: float) -> None:
+        s = self.slot(name)
+        self.rtt_ms[s] = rtt_ms
+        self._sampled[s] = True
+
+    def assume_down(self, name: str) -> None:
+        s = self.slot(name)
+        self.up[s] = 0
+        self.admit[s] = 0.0
+        self._eject_until[s] = math.inf
+        self._last_error[s] = "assumed down"
+
+    def assume_up(self, name: str) -> None:
+        s = self.slot(name)
+        self.up[s] = 1
+        self.admit[s] = 1.0
+        self._eject_until[s] = 0.0
+        self._failures[s] = 0
+
+    def describe_down(self, s: int) -> str:
+        """Why slot `s` is ejected, for decisions and explain records."""
+        detail = self._last_error[s]
+        return f"down (ejected: {detail})" if detail else "down (ejected)"
+
+
+Probe = Callable[[], Awaitable[float]]
+
+
+class ProbeLoop:
+    """Calls every destination's `probe()` each `probe_interval_seconds` and feeds the estimator."""
+
+    def __init__(self, estimator: Estimator, probes: Mapping[str, Probe]) -> None:
+        self.estimator = estimator
+        self.probes = dict(probes)
+        self._stopping = asyncio.Event()
+
+    async def probe_once(self) -> None:
+        timeout = self.estimator.settings.probe_timeout_seconds
+
+        async def one(name: str, probe: Probe) -> None:
+            try:
+                seconds = await asyncio.wait_for(probe(), timeout)
+            except TimeoutError:
+                self.estimator.failure(name, f"probe timed out after {timeout:g} s")
+            except Exception as exc:  # an adapter's classified error, or anything else: a failed probe
+                self.estimator.failure(name, f"probe failed: {type(exc).__name__}: {exc}")
+            else:
+                self.estimator.observe(name, seconds)
+
+        await asyncio.gather(*(one(name, probe) for name, probe in self.probes.items()))
+        self.estimator.tick()
+
+    async def run(self) -> None:
+        interval = self.estimator.settings.probe_interval_seconds
+        while not self._stopping.is_set():
+            await self.probe_once()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), interval)
+
+    async def stop(self) -> None:
+        self._stopping.set()
