@@ -1,12 +1,17 @@
-"""The `kafka://HOST:PORT[,HOST:PORT...]/TOPIC?group=G&mode=binary|structured` adapter, on aiokafka.
+"""The `kafka://HOST:PORT[,HOST:PORT...]/TOPIC?group=G&mode=binary|structured` adapter.
 
-Wire mapping: `umcef.fabric.bindings.kafka` (the CloudEvents Kafka binding; binary mode by default).
-What this module adds is the I/O and the delivery semantics of the contract (`docs/adapters.md`):
+Publishing goes through confluent-kafka (librdkafka), consuming through aiokafka. Wire mapping:
+`umcef.fabric.bindings.kafka` (the CloudEvents Kafka binding; binary mode by default). What this module
+adds is the I/O and the delivery semantics of the contract (`docs/adapters.md`):
 
-- publish: every event is encoded and size-checked first (`Rejected` before anything is sent), then
-  all of a chunk are handed to the producer without awaiting each (aiokafka batches them per
-  partition), then the acknowledgements are gathered: one outcome per event. The topic must exist:
-  it is looked up with a metadata request that forbids auto-creation (`NotFound` otherwise).
+- publish: each event is encoded and size-checked (`Rejected` events are never sent; the size comes
+  from the encoding pass, the exact record-batch size is computed only near the limit) and its record
+  is handed to librdkafka with `produce()` right away, from the event loop; librdkafka batches per
+  partition in its own threads. The call then waits for one future per chunk: a poll thread serves the
+  delivery reports and resolves it on the loop once every record of the chunk has its report. One
+  outcome per event. The topic must exist: it is looked up with a metadata request that forbids
+  auto-creation (`NotFound` otherwise), and the producer never asks for auto-creation either.
+  confluent's own `AIOProducer` is not used: it refuses headers, and binary mode needs them.
 - consume: a consumer group with manual commits. Deliveries run concurrently across keys and in
   order within a key (records with the same Kafka key, i.e. the same `partitionkey`, never overlap).
   Only the contiguous prefix of acknowledged offsets of a partition is committed. A nack pauses the
@@ -17,32 +22,43 @@ What this module adds is the I/O and the delivery semantics of the contract (`do
 
 Options (keyword arguments of `from_url`), with why the defaults are what they are:
 
-- `acks="all"`: an event counts as published only when all in-sync replicas have it.
-- `enable_idempotence=False`: production Kafka wants True (no duplicates from producer retries), but
-  Tansu, the broker the tests run on, fails aiokafka's InitProducerId; set it True on real Kafka.
-- `linger_ms=0`, `compression_type=None`, `max_batch_bytes=512 KiB` (aiokafka's per-partition batch),
-  `request_timeout_ms=30000`.
+- producer: `acks="all"` (an event counts as published only when all in-sync replicas have it) and
+  idempotence (`enable_idempotence`, default: on whenever acks is "all", which it needs): the broker
+  drops duplicates caused by the producer's own retries, and a partition's order survives them.
+  `linger_ms=0`: a publish call's records go out at once (records queued while a request is in flight
+  are batched anyway); a linger adds its full length to every publish that is awaited before the next,
+  which is how the delivery worker publishes (docs/mapping-kafka.md has the measurements).
+  `compression_type=None`, `max_batch_bytes=512 KiB` (`batch.size`), `request_timeout_ms=30000`,
+  `delivery_timeout_ms=30000` (`message.timeout.ms`: a record not acknowledged by then is
+  `Transient`), `max_queued_messages=100000` (librdkafka's queue) and `queue_full_timeout=1` s (how long
+  a publish waits for room in a full queue before the rest of its events are `Throttled`).
 - `max_event_bytes=1 MiB`: checked against `encoded_size`, the record batch the broker measures against
-  `message.max.bytes` (default 1048588, i.e. 1 MiB + 12).
-- `max_batch=10000` events per native batch (publish splits longer batches).
+  `message.max.bytes` (default 1048588, i.e. 1 MiB + 12); the producer's `message.max.bytes` is set to
+  it too, so its batches stay within what the broker takes.
+- `max_batch=10000` events per chunk (publish splits longer batches).
 - `key_mapper`: event -> Kafka key; default the spec's `partitionkey` mapper.
 - consumer: `auto_offset_reset="earliest"` (a new group must not skip events published before it
   joined: at-least-once), `session_timeout_ms`, `heartbeat_interval_ms`, `max_poll_interval_ms`,
   `rebalance_timeout_ms`, `fetch_max_wait_ms`, `isolation_level`, `group_instance_id`,
   `commit_interval` (seconds between commits of the acknowledged prefix), `close_grace` (seconds
-  `close()` lets running handlers finish before it abandons them like a crash).
-- bounds: `connect_timeout=10` s (aiokafka's bootstrap can otherwise hang on an unreachable address),
-  `metadata_timeout=10` s, `probe_timeout=5` s; `topic_cache_seconds=60` (how long a found topic is
-  not looked up again).
-- connection/credentials (never from the URL): `security_protocol`, `ssl_context`, `sasl_mechanism`,
-  `sasl_plain_username`, `sasl_plain_password`, `sasl_oauth_token_provider`, `client_id`.
+  `close()` lets running handlers finish, and unacknowledged published records be delivered, before it
+  abandons them: handlers like a crash, records as `Transient`).
+- bounds: `connect_timeout=10` s (aiokafka's bootstrap can otherwise hang on an unreachable address;
+  librdkafka's `socket.connection.setup.timeout.ms`), `metadata_timeout=10` s, `probe_timeout=5` s;
+  `topic_cache_seconds=60` (how long a found topic is not looked up again).
+- connection/credentials (never from the URL), given to both clients: `security_protocol`,
+  `ssl_cafile`, `ssl_certfile`, `ssl_keyfile`, `ssl_password`, `ssl_check_hostname`, `sasl_mechanism`,
+  `sasl_plain_username`, `sasl_plain_password` (also SCRAM's), `sasl_oauth_token_provider` (an aiokafka
+  `AbstractTokenProvider`; the producer asks it for tokens through the event loop), `client_id`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -50,13 +66,14 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import aiokafka.codec as kafka_codec  # type: ignore[import-untyped]
 import aiokafka.errors as kafka_errors  # type: ignore[import-untyped]
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer
 from aiokafka.abc import ConsumerRebalanceListener  # type: ignore[import-untyped]
 from aiokafka.client import AIOKafkaClient  # type: ignore[import-untyped]
+from aiokafka.helpers import create_ssl_context  # type: ignore[import-untyped]
 from aiokafka.protocol.admin import ApiVersionRequest  # type: ignore[import-untyped]
 from aiokafka.protocol.metadata import MetadataRequest  # type: ignore[import-untyped]
+from confluent_kafka import KafkaError, KafkaException, Producer
 
 from umcef.adapters.contract import (
     AdapterError,
@@ -74,6 +91,7 @@ from umcef.fabric.errors import EventError
 from umcef.fabric.event import Event
 
 log = logging.getLogger(__name__)
+_librdkafka_log = logging.getLogger(f"{__name__}.librdkafka")  # librdkafka's own log lines, by syslog level
 
 DEFAULT_PORT = 9092
 DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
@@ -81,6 +99,8 @@ DEFAULT_GROUP = "umcef"
 UNKNOWN_TOPIC_OR_PARTITION = 3
 TOPIC_AUTHORIZATION_FAILED = 29
 _POLL_MS = 100  # longest a stop or a due redelivery waits for the consume loop to notice it
+_PRODUCER_POLL_S = 0.1  # longest the producer's poll thread takes to notice close()
+_LIBRDKAFKA_MIN_MESSAGE_MAX_BYTES = 1000
 
 
 @dataclass(frozen=True)
@@ -89,11 +109,14 @@ class KafkaOptions:
     destination's config must not be silently ignored)."""
 
     acks: int | str = "all"
-    enable_idempotence: bool = False
-    linger_ms: int = 0
+    enable_idempotence: bool | None = None  # None: on whenever acks is "all"
+    linger_ms: float = 0
     compression_type: str | None = None
     max_batch_bytes: int = 512 * 1024
     request_timeout_ms: int = 30_000
+    delivery_timeout_ms: int = 30_000
+    max_queued_messages: int = 100_000
+    queue_full_timeout: float = 1.0
     max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
     max_batch: int = 10_000
     key_mapper: binding.KeyMapper = binding.partitionkey_mapper
@@ -113,24 +136,76 @@ class KafkaOptions:
     topic_cache_seconds: float = 60.0
     client_id: str = "umcef"
     security_protocol: str = "PLAINTEXT"
-    ssl_context: Any = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_password: str | None = field(default=None, repr=False)
+    ssl_check_hostname: bool = True
     sasl_mechanism: str = "PLAIN"
     sasl_plain_username: str | None = None
     sasl_plain_password: str | None = field(default=None, repr=False)
     sasl_oauth_token_provider: Any = None
 
+    @property
+    def idempotent(self) -> bool:
+        return self.acks in (-1, "all") if self.enable_idempotence is None else self.enable_idempotence
+
     def connection(self) -> dict[str, Any]:
-        """What every aiokafka client (producer, consumer, metadata client) gets."""
+        """What every aiokafka client (consumer, metadata client) gets."""
+        ssl_context = None
+        if self.security_protocol.upper() in ("SSL", "SASL_SSL"):
+            ssl_context = create_ssl_context(cafile=self.ssl_cafile, certfile=self.ssl_certfile,
+                                             keyfile=self.ssl_keyfile, password=self.ssl_password)
+            ssl_context.check_hostname = self.ssl_check_hostname
         return {
             "client_id": self.client_id,
             "request_timeout_ms": self.request_timeout_ms,
             "security_protocol": self.security_protocol,
-            "ssl_context": self.ssl_context,
+            "ssl_context": ssl_context,
             "sasl_mechanism": self.sasl_mechanism,
             "sasl_plain_username": self.sasl_plain_username,
             "sasl_plain_password": self.sasl_plain_password,
             "sasl_oauth_token_provider": self.sasl_oauth_token_provider,
         }
+
+    def producer_config(self, bootstrap: Sequence[str]) -> dict[str, Any]:
+        """The librdkafka configuration of the producer (callbacks are added by `_Producer`)."""
+        config: dict[str, Any] = {
+            "bootstrap.servers": ",".join(bootstrap),
+            "client.id": self.client_id,
+            "acks": str(self.acks),
+            "enable.idempotence": self.idempotent,
+            "linger.ms": self.linger_ms,
+            "compression.type": self.compression_type or "none",
+            "batch.size": self.max_batch_bytes,
+            # Our own check decides (it is exact and stricter than librdkafka's estimate); this keeps
+            # librdkafka's multi-record batches within what the broker takes too.
+            "message.max.bytes": max(_LIBRDKAFKA_MIN_MESSAGE_MAX_BYTES, self.max_event_bytes),
+            "request.timeout.ms": self.request_timeout_ms,
+            "message.timeout.ms": self.delivery_timeout_ms,
+            "queue.buffering.max.messages": self.max_queued_messages,
+            "socket.connection.setup.timeout.ms": max(1000, int(self.connect_timeout * 1000)),
+            "allow.auto.create.topics": False,  # never create a topic by producing to it
+            # The Java client's (and aiokafka's) key -> partition mapping, not librdkafka's CRC32 default:
+            # a key stays on its partition whichever of these clients wrote it before.
+            "partitioner": "murmur2_random",
+            "log.connection.close": False,  # a broker closing idle connections is not news
+        }
+        protocol = self.security_protocol.upper()
+        config["security.protocol"] = protocol
+        if protocol in ("SSL", "SASL_SSL"):
+            for option, key in (("ssl_cafile", "ssl.ca.location"), ("ssl_certfile", "ssl.certificate.location"),
+                                ("ssl_keyfile", "ssl.key.location"), ("ssl_password", "ssl.key.password")):
+                if getattr(self, option) is not None:
+                    config[key] = getattr(self, option)
+            config["ssl.endpoint.identification.algorithm"] = "https" if self.ssl_check_hostname else "none"
+        if protocol in ("SASL_PLAINTEXT", "SASL_SSL"):
+            config["sasl.mechanism"] = self.sasl_mechanism
+            if self.sasl_plain_username is not None:
+                config["sasl.username"] = self.sasl_plain_username
+            if self.sasl_plain_password is not None:
+                config["sasl.password"] = self.sasl_plain_password
+        return config
 
 
 # --------------------------------------------------------------------------------------------------
@@ -157,6 +232,36 @@ _UNAUTHORIZED = (
 )
 _NOT_FOUND = (kafka_errors.UnknownTopicOrPartitionError, kafka_errors.InvalidTopicError)
 
+# librdkafka's error codes (delivery reports, produce() failures) by contract error; anything else,
+# e.g. _MSG_TIMED_OUT, _TRANSPORT, _ALL_BROKERS_DOWN, NOT_LEADER_FOR_PARTITION, is Transient.
+_REJECTED_CODES = frozenset({
+    KafkaError.MSG_SIZE_TOO_LARGE,
+    KafkaError.RECORD_LIST_TOO_LARGE,
+    KafkaError.INVALID_MSG,  # CORRUPT_MESSAGE
+    KafkaError.INVALID_MSG_SIZE,
+    KafkaError.INVALID_RECORD,
+    KafkaError.INVALID_TIMESTAMP,
+})
+_UNAUTHORIZED_CODES = frozenset({
+    KafkaError.TOPIC_AUTHORIZATION_FAILED,
+    KafkaError.GROUP_AUTHORIZATION_FAILED,
+    KafkaError.CLUSTER_AUTHORIZATION_FAILED,  # e.g. no IdempotentWrite permission
+    KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+    KafkaError.SASL_AUTHENTICATION_FAILED,
+    KafkaError.UNSUPPORTED_SASL_MECHANISM,
+    KafkaError.ILLEGAL_SASL_STATE,
+    KafkaError.DELEGATION_TOKEN_AUTHORIZATION_FAILED,
+    KafkaError._AUTHENTICATION,
+})
+_NOT_FOUND_CODES = frozenset({
+    KafkaError.UNKNOWN_TOPIC_OR_PART,
+    KafkaError.TOPIC_EXCEPTION,  # an invalid topic name
+    KafkaError.UNKNOWN_TOPIC_ID,
+    KafkaError._UNKNOWN_TOPIC,
+    KafkaError._UNKNOWN_PARTITION,
+})
+_THROTTLED_CODES = frozenset({KafkaError.THROTTLING_QUOTA_EXCEEDED, KafkaError._QUEUE_FULL})
+
 
 def classify(exc: BaseException, what: str) -> AdapterError:
     """A client-library failure as one of the contract's typed errors.
@@ -167,6 +272,8 @@ def classify(exc: BaseException, what: str) -> AdapterError:
     """
     if isinstance(exc, AdapterError):
         return exc
+    if isinstance(exc, KafkaException) and exc.args and isinstance(exc.args[0], KafkaError):
+        return classify_error(exc.args[0], what)
     text = str(exc)
     name = type(exc).__name__
     reason = f"{what}: {text if name in text else f'{name}: {text}'}".rstrip(": ")
@@ -180,6 +287,118 @@ def classify(exc: BaseException, what: str) -> AdapterError:
         # Brokers usually throttle by delaying responses; an explicit quota error asks us to back off.
         return Throttled(reason, retry_after=1.0)
     return Transient(reason)
+
+
+def classify_error(err: KafkaError, what: str) -> AdapterError:
+    """A librdkafka error (a delivery report's, or one raised by `produce()`) as a contract error."""
+    code = err.code()
+    reason = f"{what}: {err.name()}: {err.str()}"
+    if code in _REJECTED_CODES:
+        return Rejected(reason)
+    if code in _UNAUTHORIZED_CODES:
+        return Unauthorized(reason)
+    if code in _NOT_FOUND_CODES:
+        return NotFound(reason)
+    if code in _THROTTLED_CODES:
+        return Throttled(reason, retry_after=1.0)
+    return Transient(reason)
+
+
+# --------------------------------------------------------------------------------------------------
+# publishing: librdkafka behind asyncio
+
+
+_PENDING: Any = object()  # a record whose delivery report has not arrived yet
+
+
+class _Chunk:
+    """The records of one `KafkaAdapter._send_chunk` call and their delivery reports.
+
+    The loop thread counts what it handed to librdkafka (`sent`, then `closed`); the poll thread, the
+    only one that serves delivery reports, counts them (`done`). Whichever sees `done == sent` after
+    `closed` resolves the future (both may: resolving is idempotent), so no counter is written by two
+    threads.
+    """
+
+    __slots__ = ("closed", "done", "future", "loop", "results", "sent")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, count: int) -> None:
+        self.loop = loop
+        self.future: asyncio.Future[None] = loop.create_future()
+        self.results: list[Any] = [_PENDING] * count  # KafkaError, AdapterError or None (delivered)
+        self.sent = 0
+        self.done = 0
+        self.closed = False
+
+    def delivered(self, index: int, err: KafkaError | None, msg: Any) -> None:  # in the poll thread
+        self.results[index] = err
+        self.done += 1
+        if self.closed and self.done == self.sent:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+                self.loop.call_soon_threadsafe(self.resolve)
+
+    def resolve(self) -> None:
+        if not self.future.done():
+            self.future.set_result(None)
+
+
+class _Producer:
+    """A confluent-kafka producer and the thread that serves its delivery reports (and logs).
+
+    `produce()` runs on the event loop (it only queues the record); librdkafka's threads batch and send;
+    the poll thread runs the delivery callbacks and hands each finished chunk back to its loop.
+    """
+
+    def __init__(self, config: dict[str, Any], name: str, oauth: Any = None) -> None:
+        self.fatal: KafkaError | None = None
+        self.stuck = False  # a whole chunk timed out without a single delivery: replace this instance
+        config = {**config, "error_cb": self._error, "logger": _librdkafka_log}
+        if oauth is not None:
+            config["oauth_cb"] = oauth
+        self.producer = Producer(config)
+        self._closing: float | None = None  # set by close(): seconds to flush before purging
+        self._thread = threading.Thread(target=self._serve, name=f"umcef-kafka-{name}", daemon=True)
+        self._thread.start()
+
+    def _error(self, err: KafkaError) -> None:  # in the poll thread
+        if err.fatal():
+            self.fatal = err  # the instance is unusable now; the adapter replaces it
+            log.error("Kafka producer fatal error: %s: %s", err.name(), err.str())
+        else:
+            log.info("Kafka producer: %s: %s", err.name(), err.str())
+
+    def _serve(self) -> None:
+        producer = self.producer
+        while self._closing is None:
+            try:
+                producer.poll(_PRODUCER_POLL_S)
+            except Exception:  # a callback failed; serving must go on or chunks would never finish
+                log.exception("serving Kafka producer callbacks")
+        try:
+            if producer.flush(self._closing) > 0:
+                # Whatever is left gets its report (_PURGE_QUEUE / _PURGE_INFLIGHT: Transient) now.
+                producer.purge(in_queue=True, in_flight=True, blocking=True)
+                producer.flush(1.0)
+            producer.close()
+        except Exception:
+            log.exception("closing the Kafka producer")
+
+    async def close(self, grace: float) -> None:
+        """Flush for at most `grace` seconds; what is not delivered by then fails as `Transient`."""
+        self._closing = max(0.0, grace)
+        await asyncio.to_thread(self._thread.join, grace + 15.0)
+
+
+def _oauth_callback(provider: Any, loop: asyncio.AbstractEventLoop, timeout: float) -> Any:
+    """librdkafka's `oauth_cb` (called in the poll thread) on top of an aiokafka token provider, whose
+    `token()` is a coroutine that caches and refreshes its token itself: ask it on its loop, and make
+    librdkafka ask again within a minute."""
+
+    def oauth_cb(config: str) -> tuple[str, float]:
+        token = asyncio.run_coroutine_threadsafe(provider.token(), loop).result(timeout)
+        return str(token), time.time() + 60.0
+
+    return oauth_cb
 
 
 # --------------------------------------------------------------------------------------------------
@@ -526,7 +745,7 @@ class KafkaAdapter:
         self.options = options = options or KafkaOptions()
         self.capabilities = Capabilities(max_event_bytes=options.max_event_bytes, max_attributes=None, ordering=True,
                                          native_dedup=False, max_batch=options.max_batch, dead_letter=False)
-        self._producer: Any = None
+        self._producer: _Producer | None = None
         self._client: Any = None
         self._lock = asyncio.Lock()
         self._topic_seen = -1e18  # monotonic time the topic was last found
@@ -534,12 +753,13 @@ class KafkaAdapter:
         self._consuming: asyncio.Event | None = None  # set when the running consume() has returned
         self._loop_task: asyncio.Task[None] | None = None
         self._closed = False
+        self._record = binding.structured_record if structured else binding.binary_record
 
     # -- encoding
 
     def _encode(self, event: Event) -> binding.KafkaMessage:
-        encode = binding.to_structured if self.structured else binding.to_binary
-        return encode(event, self.options.key_mapper)
+        headers, key, value, _ = self._record(event, self.options.key_mapper)
+        return binding.KafkaMessage(tuple(headers), key, value)
 
     def encoded_size(self, event: Event) -> int:
         return binding.encoded_size(self._encode(event))
@@ -547,90 +767,137 @@ class KafkaAdapter:
     # -- publishing
 
     async def publish(self, batch: Sequence[Event]) -> list[PublishOutcome]:
-        outcomes: list[PublishOutcome | None] = [None] * len(batch)
-        ready: list[tuple[int, binding.KafkaMessage]] = []
-        limit = self.options.max_event_bytes
-        for index, event in enumerate(batch):
-            try:
-                message = self._encode(event)
-            except (TypeError, ValueError) as exc:  # data the encoder cannot serialize
-                outcomes[index] = PublishOutcome(event.id, Rejected(f"cannot encode the event for Kafka: {exc}"))
-                continue
-            size = binding.encoded_size(message)
-            if size > limit:
-                outcomes[index] = PublishOutcome(event.id, Rejected(
-                    f"event of {size} bytes (Kafka record batch) exceeds the limit of {limit} bytes"))
-                continue
-            ready.append((index, message))
-        step = max(1, self.options.max_batch)
-        for start in range(0, len(ready), step):
-            chunk = ready[start:start + step]
-            for (index, _), error in zip(chunk, await self._send_chunk([m for _, m in chunk]), strict=True):
-                outcomes[index] = PublishOutcome(batch[index].id, error)
-        return [o or PublishOutcome(batch[i].id, Transient("not sent")) for i, o in enumerate(outcomes)]
-
-    async def _send_chunk(self, messages: list[binding.KafkaMessage]) -> list[AdapterError | None]:
-        """Hand every record to the producer, then wait for all acknowledgements."""
+        if not batch:
+            return []
         try:
-            producer = await self._ensure_producer()
             await self._ensure_topic()
+            producer = await self._ensure_producer()
         except AdapterError as exc:
-            return [exc] * len(messages)
-        errors: list[AdapterError | None] = [None] * len(messages)
-        pending: list[tuple[int, asyncio.Future[Any]]] = []
-        for index, message in enumerate(messages):
-            value = message.value
-            if value is None and message.key is None:
-                value = b""  # aiokafka refuses a record with neither; an empty value decodes as "no data" too
+            # The size check does not depend on the broker: an event that can never go is Rejected anyway.
+            return [PublishOutcome(event.id, record if isinstance(record := self._prepare(event), Rejected) else exc)
+                    for event in batch]
+        results: list[Any] = []
+        step = max(1, self.options.max_batch)
+        for start in range(0, len(batch), step):
+            results += await self._send_chunk(producer, batch[start:start + step])
+        what = f"publishing to {self.topic}"
+        outcomes: list[PublishOutcome] = []
+        delivered = timed_out = False
+        for event, result in zip(batch, results, strict=True):
+            if result is None:
+                delivered = True
+            elif not isinstance(result, AdapterError):  # a librdkafka KafkaError
+                code = result.code()
+                timed_out = timed_out or code == KafkaError._MSG_TIMED_OUT
+                if code == KafkaError._FATAL and producer.fatal is not None:
+                    result = producer.fatal  # the cause (e.g. an authorization failure), not "fatal"
+                result = classify_error(result, what)
+                if isinstance(result, NotFound):
+                    self._topic_seen = -1e18  # look again next time (the topic may have been deleted)
+            outcomes.append(PublishOutcome(event.id, result))
+        if timed_out and not delivered:
+            # Nothing got through for a whole delivery timeout. librdkafka reconnects by itself, but an
+            # idempotent producer can stay stuck when the cluster lost its producer state (a broker that
+            # came back empty answers UNKNOWN_PRODUCER_ID forever): a fresh instance starts clean.
+            producer.stuck = True
+        return outcomes
+
+    def _prepare(self, event: Event) -> binding.Record | Rejected:
+        """The record for `event`, or why it can never be published (checked before anything is sent)."""
+        try:
+            record = self._record(event, self.options.key_mapper)
+        except (TypeError, ValueError) as exc:  # data the encoder cannot serialize
+            return Rejected(f"cannot encode the event for Kafka: {exc}")
+        headers, key, value, bound = record
+        limit = self.options.max_event_bytes
+        if bound > limit:  # the bound is cheap and a little high: the exact size decides
+            size = binding.encoded_size(binding.KafkaMessage(tuple(headers), key, value))
+            if size > limit:
+                return Rejected(f"event of {size} bytes (Kafka record batch) exceeds the limit of {limit} bytes")
+        return record
+
+    async def _send_chunk(self, producer: _Producer, events: Sequence[Event]) -> list[Any]:
+        """Encode and size-check each event and hand its record to librdkafka right away (the first records
+        are on their way while the rest are encoded), then wait for every delivery report. Per event:
+        None (delivered), a librdkafka KafkaError, or an AdapterError."""
+        chunk = _Chunk(asyncio.get_running_loop(), len(events))
+        results = chunk.results
+        delivered = chunk.delivered
+        produce = producer.producer.produce
+        partial = functools.partial
+        topic, opts = self.topic, self.options
+        encode, key_mapper, limit = self._record, opts.key_mapper, opts.max_event_bytes
+        full_since: float | None = None
+        for index, event in enumerate(events):
             try:
-                future = await producer.send(self.topic, value, message.key, headers=list(message.headers))
-            except Exception as exc:  # e.g. the buffer stayed full for request_timeout_ms
-                errors[index] = self._failed(exc)
-            else:
-                pending.append((index, future))
-        results = await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
-        for (index, _), result in zip(pending, results, strict=True):
-            if isinstance(result, BaseException):
-                errors[index] = self._failed(result)
-        return errors
+                headers, key, value, bound = encode(event, key_mapper)
+            except (TypeError, ValueError):
+                bound = limit + 1  # _prepare says why
+            if bound > limit:  # rare: near or over the limit, or not encodable
+                prepared = self._prepare(event)
+                if isinstance(prepared, Rejected):
+                    results[index] = prepared
+                    continue
+                headers, key, value, bound = prepared
+            while True:
+                try:
+                    # (list is invariant: confluent's HeadersType also allows str and None values)
+                    produce(topic, value, key, headers=headers,  # type: ignore[arg-type]
+                            on_delivery=partial(delivered, index))
+                except BufferError:  # librdkafka's queue is full: wait for room, up to queue_full_timeout
+                    now = time.monotonic()
+                    full_since = now if full_since is None else full_since
+                    if now - full_since < opts.queue_full_timeout:
+                        await asyncio.sleep(0.002)
+                        continue
+                    results[index] = Throttled(
+                        f"the Kafka producer's queue stayed full for {opts.queue_full_timeout:g} s", retry_after=1.0)
+                except KafkaException as exc:  # e.g. a fatal producer, librdkafka's own size check
+                    results[index] = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else \
+                        Transient(f"producing to {topic}: {exc}")
+                except (TypeError, ValueError) as exc:  # e.g. a key mapper that returned neither bytes nor str
+                    results[index] = Rejected(f"cannot produce the record: {exc}")
+                else:
+                    chunk.sent += 1
+                    full_since = None
+                break
+        chunk.closed = True
+        if chunk.done != chunk.sent:
+            try:
+                # librdkafka reports every record within message.timeout.ms; the margin covers close().
+                async with asyncio.timeout(opts.delivery_timeout_ms / 1000 + opts.close_grace + 10.0):
+                    await chunk.future
+            except TimeoutError:
+                for index, result in enumerate(results):
+                    if result is _PENDING:
+                        results[index] = Transient("no delivery report from the Kafka producer")
+        return results
 
-    def _failed(self, exc: BaseException) -> AdapterError:
-        error = classify(exc, f"publishing to {self.topic}")
-        if isinstance(error, NotFound):
-            self._topic_seen = -1e18  # look again next time (the topic may have been deleted)
-        if isinstance(exc, kafka_errors.ProducerClosed):
-            self._producer = None  # start a fresh one next time
-        return error
-
-    async def _ensure_producer(self) -> Any:
-        if self._producer is not None:
-            return self._producer
+    async def _ensure_producer(self) -> _Producer:
+        producer = self._producer
+        if producer is not None and producer.fatal is None and not producer.stuck:
+            return producer
         if self._closed:
             raise Transient(f"the Kafka adapter for {self.url} is closed")
         async with self._lock:
+            if self._producer is not None and (self._producer.fatal is not None or self._producer.stuck):
+                # librdkafka cannot recover a producer after a fatal error (e.g. an idempotence
+                # sequence it cannot repair): its records failed; a fresh instance takes the next ones.
+                failed, self._producer = self._producer, None
+                await failed.close(0.0)
             if self._producer is None:
+                if self._closed:
+                    raise Transient(f"the Kafka adapter for {self.url} is closed")
+                opts = self.options
+                oauth = None
+                if opts.sasl_oauth_token_provider is not None and opts.sasl_mechanism.upper() == "OAUTHBEARER":
+                    oauth = _oauth_callback(opts.sasl_oauth_token_provider, asyncio.get_running_loop(),
+                                            opts.request_timeout_ms / 1000)
                 try:
-                    producer = self._new_producer()
-                except (ValueError, TypeError, RuntimeError) as exc:  # aiokafka's own configuration checks
+                    self._producer = _Producer(opts.producer_config(self.bootstrap), self.topic, oauth)
+                except (KafkaException, ValueError, TypeError) as exc:  # librdkafka's configuration checks
                     raise Transient(f"cannot create the Kafka producer: {exc}") from None
-                await self._start(producer, "producer")
-                self._producer = producer
-        return self._producer
-
-    def _new_producer(self) -> Any:
-        opts = self.options
-        return AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap,
-            acks=opts.acks,
-            enable_idempotence=opts.enable_idempotence,
-            linger_ms=opts.linger_ms,
-            compression_type=opts.compression_type,
-            max_batch_size=opts.max_batch_bytes,
-            # aiokafka checks each record against this with an upper-bound estimate (~20 bytes over
-            # `encoded_size`): leave room so that our own, exact check is the one that decides.
-            max_request_size=max(1024 * 1024, opts.max_event_bytes + 1024),
-            **opts.connection(),
-        )
+            return self._producer
 
     async def _ensure_client(self) -> Any:
         """A bare client for metadata lookups and probes (no producer or group membership needed)."""
@@ -795,7 +1062,7 @@ class KafkaAdapter:
         client, self._client = self._client, None
         if producer is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(producer.stop(), self.options.request_timeout_ms / 1000)
+                await producer.close(self.options.close_grace)
         if client is not None:
             with contextlib.suppress(Exception):
                 await client.close()
@@ -843,9 +1110,13 @@ def _check(opts: KafkaOptions) -> None:
         raise ValueError("enable_idempotence needs acks='all'")
     if opts.compression_type not in (None, "gzip", "snappy", "lz4", "zstd"):
         raise ValueError(f"compression_type must be gzip, snappy, lz4, zstd or None, got {opts.compression_type!r}")
-    if opts.compression_type is not None and not getattr(kafka_codec, f"has_{opts.compression_type}")():
-        raise ValueError(f"compression_type {opts.compression_type!r} needs its Python package (aiokafka's "
-                         f"'{opts.compression_type}' extra), which is not installed")
+    if opts.linger_ms < 0 or opts.linger_ms >= opts.delivery_timeout_ms:
+        raise ValueError("linger_ms must be at least 0 and below delivery_timeout_ms")
+    if opts.delivery_timeout_ms <= 0 or opts.request_timeout_ms <= 0 or opts.max_queued_messages <= 0:
+        raise ValueError("delivery_timeout_ms, request_timeout_ms and max_queued_messages must be positive")
+    if opts.security_protocol.upper() not in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):
+        raise ValueError(f"security_protocol must be PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL, "
+                         f"got {opts.security_protocol!r}")
     if opts.auto_offset_reset not in ("earliest", "latest", "none"):
         raise ValueError(f"auto_offset_reset must be earliest, latest or none, got {opts.auto_offset_reset!r}")
     if opts.isolation_level not in ("read_uncommitted", "read_committed"):

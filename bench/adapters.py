@@ -25,13 +25,20 @@ The event: a realistic `OrderPlaced` CloudEvent (10 attributes incl. `partitionk
 Kafka, side by side on one Tansu broker (4-partition topics, one per client), interleaved round by
 round (the order rotates each round), the same pre-encoded records (our binding's binary mode):
 
-- ours: the adapter (aiokafka; acks=all, enable_idempotence=False, linger_ms=0), encoding included;
-- raw aiokafka: the same producer settings, `send()` x100 then gather the acks;
+- ours: the adapter (its confluent-kafka producer with its defaults: acks=all, idempotent,
+  linger_ms=0), encoding and size check included;
+- ours with linger_ms=5: what a 5 ms linger costs when batches are awaited one after the other (the
+  gateway's delivery worker publishes a page at a time);
+- raw aiokafka: acks=all, not idempotent (aiokafka's idempotent producer fails on Tansu), linger_ms=0,
+  `send()` x100 then gather the acks;
 - raw confluent-kafka, idempotent (acks=all, linger.ms=0): `produce()` x100 then `flush()`;
 - confluent-kafka, idempotent, asyncio bridge: `produce()` x100 with delivery callbacks served by a
-  poll thread, one future per batch: what a confluent-based adapter would do (confluent's own
-  `confluent_kafka.aio.AIOProducer` refuses headers, and binary mode needs headers);
+  poll thread, one future per batch: the pattern our adapter implements, without the adapter around it
+  (confluent's own `confluent_kafka.aio.AIOProducer` refuses headers, and binary mode needs headers);
 - confluent-kafka, not idempotent (`produce()` + `flush()`): the price of idempotence.
+
+`--only` re-runs some sections and keeps the others' figures from the existing results file (listed
+under `sections_from_earlier_run`).
 
 SQS on moto is a SMOKE figure only (moto rescans the queue on every send: shared/BROKERS.md); Pub/Sub
 on the emulator and Service Bus on our test double say what our adapter + the SDK cost against a
@@ -70,7 +77,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(1, str(ROOT))  # `tests.brokers` (after bench/, before site-packages)
 
 import orjson  # noqa: E402
-from _plot import write_results  # noqa: E402
+from _plot import RESULTS_DIR, write_results  # noqa: E402
 
 from tests import brokers  # noqa: E402
 from umcef.adapters import open_adapter  # noqa: E402
@@ -314,16 +321,20 @@ class Producer:
     async def stop(self) -> None: ...
 
 
-class OursKafka(Producer):
-    name = "ours (adapter, aiokafka)"
+OURS = "ours (adapter, confluent)"
+OURS_LINGER = "ours, linger_ms=5"
+OURS_CONSUMER = "ours (adapter, aiokafka consumer)"
 
-    def __init__(self, bootstrap: str, events: list[Event]) -> None:
+
+class OursKafka(Producer):
+    def __init__(self, bootstrap: str, events: list[Event], name: str = OURS, **options: Any) -> None:
         self.bootstrap, self.events = bootstrap, events
+        self.name, self.options = name, options
         self.adapter: Adapter | None = None
 
     async def use_topic(self, topic: str) -> None:
         await close_all(self.adapter)
-        self.adapter = open_adapter(f"kafka://{self.bootstrap}/{topic}")
+        self.adapter = open_adapter(f"kafka://{self.bootstrap}/{topic}", **self.options)
         await publish_run(self.adapter, self.events[:BATCH])  # producer start, topic lookup
 
     async def send(self, count: int) -> None:
@@ -417,6 +428,7 @@ class RawConfluent(Producer):
     async def stop(self) -> None:
         if self.producer is not None:
             await asyncio.to_thread(self.producer.flush, 10)
+            self.producer.close()
 
 
 class ConfluentBridge(Producer):
@@ -478,6 +490,8 @@ class ConfluentBridge(Producer):
         self._stop.set()
         if self._thread is not None:
             self._thread.join(2)
+        if self.producer is not None:
+            self.producer.close()  # no reconnect attempts (and log lines) once the broker is gone
 
 
 async def measure_send(producer: Producer, count: int) -> dict[str, float]:
@@ -553,9 +567,11 @@ def encode_cost_us() -> dict[str, float]:
         return min(timeit.repeat(stmt, number=2000, repeat=5)) / 2000 * 1e6
 
     return {
+        "binding.binary_record (encode + size bound: what publish does)": best(
+            lambda: binding.binary_record(event, binding.partitionkey_mapper)),
         "binding.to_binary": best(lambda: binding.to_binary(event, binding.partitionkey_mapper)),
-        "binding.encoded_size": best(lambda: binding.encoded_size(message)),
-        "adapter.encoded_size (encode + size)": best(lambda: adapter.encoded_size(event)),
+        "binding.encoded_size (exact; publish only near the limit)": best(lambda: binding.encoded_size(message)),
+        "adapter.encoded_size (encode + exact size)": best(lambda: adapter.encoded_size(event)),
     }
 
 
@@ -590,6 +606,7 @@ async def _bench_kafka(bootstrap: str, sizes: Sizes, log: Callable[[str], None],
     sample = binding.to_binary(events[0], binding.partitionkey_mapper)
     producers: list[Producer] = [
         OursKafka(bootstrap, events),
+        OursKafka(bootstrap, events, OURS_LINGER, linger_ms=5),
         RawAiokafka(bootstrap, records),
         RawConfluent(bootstrap, records, idempotent=True),
         ConfluentBridge(bootstrap, records),
@@ -622,8 +639,7 @@ async def _bench_kafka(bootstrap: str, sizes: Sizes, log: Callable[[str], None],
             for p in producers[shift:] + producers[:shift]:
                 runs[p.name].append(await measure_send(p, counts[p.name]))
             log(f"kafka round {r + 1}/{sizes.kafka_rounds}: " + ", ".join(
-                f"{p.name.split(' (')[0] if p.name.startswith('ours') else p.name} {runs[p.name][-1]['rate']:,.0f}/s"
-                for p in producers))
+                f"{p.name} {runs[p.name][-1]['rate']:,.0f}/s" for p in producers))
         if previous:
             await delete_topics(bootstrap, previous)
     finally:
@@ -662,12 +678,12 @@ async def _bench_kafka(bootstrap: str, sizes: Sizes, log: Callable[[str], None],
     await delete_topics(bootstrap, [consume_topic])
 
     med = {name: entry["median"] for name, entry in publish.items()}
-    ours, raw_aio = med["ours (adapter, aiokafka)"], med["raw aiokafka"]
+    ours, raw_aio = med[OURS], med["raw aiokafka"]
     raw_cf, bridge = med["raw confluent (idempotent)"], med["confluent asyncio bridge (idempotent)"]
     plain = med["raw confluent (not idempotent)"]
-    consume = {"ours (adapter, aiokafka)": consume_summary(ours_runs),
+    consume = {OURS_CONSUMER: consume_summary(ours_runs),
                "raw aiokafka (getmany, no decode)": consume_summary(raw_runs)}
-    ours_c = consume["ours (adapter, aiokafka)"]["median"]
+    ours_c = consume[OURS_CONSUMER]["median"]
     raw_c = consume["raw aiokafka (getmany, no decode)"]["median"]
     result: dict[str, Any] = {
         "broker": "Tansu 0.6.0 (memory storage), 4-partition topics, a fresh topic per client and round",
@@ -677,14 +693,17 @@ async def _bench_kafka(bootstrap: str, sizes: Sizes, log: Callable[[str], None],
         "publish": publish,
         "consume": consume,
         "ratios": {
-            "ours / raw aiokafka (publish)": ours / raw_aio,
-            "raw aiokafka / raw confluent idempotent (publish)": raw_aio / raw_cf,
-            "raw aiokafka / confluent asyncio bridge (publish)": raw_aio / bridge,
+            "ours / raw confluent idempotent (publish)": ours / raw_cf,
             "ours / confluent asyncio bridge (publish)": ours / bridge,
+            "ours / raw aiokafka (publish)": ours / raw_aio,
+            "ours linger 5 ms / ours linger 0 (publish)": med[OURS_LINGER] / ours,
+            "raw aiokafka / raw confluent idempotent (publish)": raw_aio / raw_cf,
             "confluent idempotent / not idempotent (publish)": raw_cf / plain,
             "ours / raw aiokafka (consume)": ours_c / raw_c,
         },
         "overhead_us_per_event": {
+            "publish: ours - confluent asyncio bridge (wall)": (1 / ours - 1 / bridge) * 1e6,
+            "publish: ours - raw confluent idempotent (wall)": (1 / ours - 1 / raw_cf) * 1e6,
             "publish: ours - raw aiokafka (wall)": (1 / ours - 1 / raw_aio) * 1e6,
             **{f"publish: {k}": v for k, v in encode_cost_us().items()},
             "consume: ours - raw aiokafka (wall)": (1 / ours_c - 1 / raw_c) * 1e6,
@@ -972,26 +991,24 @@ async def run_sections(names: Sequence[str], sizes: Sizes, profile: bool) -> dic
     return results
 
 
-def recommend(kafka: dict[str, Any]) -> str:
-    """The Kafka client choice from this run's figures (the issue: choose with this figure, keep
-    idempotent production where the broker supports it)."""
+def kafka_summary(kafka: dict[str, Any]) -> str:
+    """One paragraph: our adapter's producer against the raw clients, from this run's figures."""
     pub = kafka["publish"]
-    ours, aio = pub["ours (adapter, aiokafka)"], pub["raw aiokafka"]
-    bridge, raw_cf = pub["confluent asyncio bridge (idempotent)"], pub["raw confluent (idempotent)"]
-    idem = kafka["aiokafka_idempotent_producer_on_this_broker"]
-    figures = (f"confluent-kafka, idempotent, through an asyncio bridge: {bridge['median']:,.0f} ev/s "
-               f"({bridge['median'] / aio['median']:.2f}x raw aiokafka without idempotence, {aio['median']:,.0f}; "
-               f"{bridge['median'] / ours['median']:.2f}x our aiokafka adapter, {ours['median']:,.0f}; raw "
-               f"produce+flush {raw_cf['median']:,.0f}); event-loop CPU {bridge['loop_cpu_us_per_event']:.1f} vs "
-               f"{aio['loop_cpu_us_per_event']:.1f} µs/event, whole process {bridge['process_cpu_us_per_event']:.1f} "
-               f"vs {aio['process_cpu_us_per_event']:.1f}. aiokafka's idempotent producer on this broker: {idem}.")
-    if bridge["median"] >= 0.9 * aio["median"]:
-        return ("Use confluent-kafka. " + figures + " It is at least as fast, takes the per-record work off the "
-                "event loop, and keeps idempotent production on Tansu. Produce with enable.idempotence=true; "
-                "confluent_kafka.aio.AIOProducer refuses headers (binary mode needs them), so: produce() + "
-                "delivery callbacks on a poll thread, one future per batch.")
-    return ("Keep aiokafka for throughput, " + figures + " confluent-kafka is slower here; idempotence then needs "
-            "a broker where aiokafka's InitProducerId works (real Kafka), not Tansu.")
+    ours, linger = pub[OURS], pub[OURS_LINGER]
+    raw_cf, bridge = pub["raw confluent (idempotent)"], pub["confluent asyncio bridge (idempotent)"]
+    aio = pub["raw aiokafka"]
+
+    def us(entry: dict[str, Any]) -> str:
+        return (f"{1e6 / entry['median']:.1f} µs/event wall, {entry['loop_cpu_us_per_event']:.1f} loop CPU, "
+                f"{entry['process_cpu_us_per_event']:.1f} process CPU")
+
+    return (f"ours (confluent-kafka, idempotent, acks=all, linger_ms=0): {ours['median']:,.0f} ev/s ({us(ours)}); "
+            f"raw confluent idempotent produce+flush {raw_cf['median']:,.0f} ({us(raw_cf)}), ours "
+            f"{ours['median'] / raw_cf['median']:.2f}x of it; the bare asyncio bridge {bridge['median']:,.0f} "
+            f"({us(bridge)}), ours {ours['median'] / bridge['median']:.2f}x; raw aiokafka (not idempotent) "
+            f"{aio['median']:,.0f} ({us(aio)}), ours {ours['median'] / aio['median']:.2f}x. With linger_ms=5 and "
+            f"batches awaited one after the other: {linger['median']:,.0f} ev/s. aiokafka's idempotent producer "
+            f"on this broker: {kafka['aiokafka_idempotent_producer_on_this_broker']}.")
 
 
 def fmt(value: float | None) -> str:
@@ -1000,7 +1017,9 @@ def fmt(value: float | None) -> str:
 
 SECTION_LABELS = {"pubsub": "pubsub (emulator)", "servicebus": "servicebus (TEST DOUBLE)", "sqs": "sqs (moto, SMOKE)"}
 PLOT_LABELS = {
-    "kafka: ours (adapter, aiokafka)": "kafka: ours\n(adapter, aiokafka)",
+    f"kafka: {OURS}": "kafka: ours\n(adapter, confluent)",
+    f"kafka: {OURS_LINGER}": "kafka: ours\nlinger_ms=5",
+    f"kafka: {OURS_CONSUMER}": "kafka: ours\n(aiokafka consumer)",
     "kafka: raw aiokafka": "kafka: raw\naiokafka",
     "kafka: raw confluent (idempotent)": "kafka: raw confluent\n(idempotent)",
     "kafka: confluent asyncio bridge (idempotent)": "kafka: confluent\nasyncio bridge (idem.)",
@@ -1018,14 +1037,12 @@ def print_table(results: dict[str, Any]) -> list[tuple[str, float | None, float 
             rows.append((name, None, None, section.get("skipped") or section.get("error", "")))
             continue
         if name == "kafka":
-            cons = section["consume"]
             for label, stats in section["publish"].items():
-                ours_c = cons.get(label)
-                note = f"first delivery after {ours_c['first_delivery_s']:.1f}s (group join)" if ours_c else ""
-                rows.append((f"kafka: {label}", stats["median"], ours_c["median"] if ours_c else None, note))
-            raw = cons["raw aiokafka (getmany, no decode)"]
-            rows.append(("kafka: raw aiokafka consumer (getmany, no decode)", None, raw["median"],
-                         f"first delivery after {raw['first_delivery_s']:.1f}s"))
+                rows.append((f"kafka: {label}", stats["median"], None, ""))
+            for label, stats in section["consume"].items():
+                consumer = "raw aiokafka consumer (getmany, no decode)" if label.startswith("raw aiokafka") else label
+                rows.append((f"kafka: {consumer}", None, stats["median"],
+                             f"first delivery after {stats['first_delivery_s']:.1f}s (group join)"))
             continue
         rows.append((SECTION_LABELS.get(name, name), section["publish"]["median"], section["consume"]["median"],
                      section["broker"].split(" -- ")[0].split(";")[0]))
@@ -1049,7 +1066,8 @@ def print_table(results: dict[str, Any]) -> list[tuple[str, float | None, float 
         for label, value in kafka["overhead_us_per_event"].items():
             print(f"  {label:<52}{value:6.1f}")
         print(f"aiokafka idempotent producer on Tansu: {kafka['aiokafka_idempotent_producer_on_this_broker']}")
-        print(f"\nrecommendation: {kafka['recommendation']}")
+        if "summary" in kafka:
+            print(f"\nsummary: {kafka['summary']}")
     return rows
 
 
@@ -1062,6 +1080,17 @@ def package_versions() -> dict[str, str]:
         except PackageNotFoundError:
             out[name] = "not installed"
     return out
+
+
+def earlier_sections(names: set[str]) -> dict[str, Any]:
+    """The named sections of the existing results file (a `--only` run keeps the others' figures)."""
+    path = RESULTS_DIR / "adapters.json"
+    try:
+        previous = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return {}
+    old = previous.get("results", {})
+    return {name: old[name] for name in names if name in old}
 
 
 def main() -> None:
@@ -1081,8 +1110,13 @@ def main() -> None:
     elapsed = time.perf_counter() - started
     kafka = results.get("kafka", {})
     if "publish" in kafka:
-        kafka["recommendation"] = recommend(kafka)
+        kafka["summary"] = kafka_summary(kafka)
+    earlier = earlier_sections(set(SECTIONS) - set(names))
+    results = {name: results[name] if name in results else earlier[name] for name in SECTIONS
+               if name in results or name in earlier}
     rows = print_table(results)
+    if earlier:
+        print(f"\nfrom the earlier run in {RESULTS_DIR / 'adapters.json'}: {', '.join(sorted(earlier))}")
     print(f"\ntotal {elapsed:.0f} s; load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}")
 
     payload = {
@@ -1100,6 +1134,7 @@ def main() -> None:
         "load_average": {"before": load_before[0], "after": os.getloadavg()[0]},
         "packages": package_versions(),
         "seconds": round(elapsed, 1),
+        "sections_from_earlier_run": sorted(earlier),
         "results": results,
     }
     plotted = [r for r in rows if r[1] is not None or r[2] is not None]

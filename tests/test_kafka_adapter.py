@@ -9,12 +9,21 @@ from collections import defaultdict
 from typing import Any
 
 import pytest
+from confluent_kafka import KafkaError, KafkaException
 
 from tests.brokers import KAFKA_FAST_GROUP_OPTS, KafkaBroker, unique_name
 from tests.conformance.target_kafka import create_topic
 from umcef.adapters import open_adapter
-from umcef.adapters.contract import Delivery, NotFound, Rejected, Transient
-from umcef.adapters.kafka import KafkaAdapter, from_url
+from umcef.adapters.contract import (
+    AdapterError,
+    Delivery,
+    NotFound,
+    Rejected,
+    Throttled,
+    Transient,
+    Unauthorized,
+)
+from umcef.adapters.kafka import KafkaAdapter, KafkaDelivery, _oauth_callback, classify, classify_error, from_url
 from umcef.fabric.event import Event
 
 pytestmark = pytest.mark.timeout(120)
@@ -273,8 +282,11 @@ async def test_broker_restart_is_transient_then_recovers(kafka_broker_factory: A
     broker: KafkaBroker = kafka_broker_factory()
     topic = unique_name("restart")
     await create_topic(broker.bootstrap, topic, 1)
-    sink = adapter(f"kafka://{broker.bootstrap}/{topic}", request_timeout_ms=3000, connect_timeout=3,
-                   metadata_timeout=3, topic_cache_seconds=0)
+    # The broker comes back empty (memory storage): it no longer knows the idempotent producer's id, so
+    # the first publish after the restart times out (Tansu answers UNKNOWN_PRODUCER_ID however librdkafka
+    # bumps the epoch) and the adapter replaces its stuck producer; delivery_timeout_ms bounds that.
+    sink = adapter(f"kafka://{broker.bootstrap}/{topic}", request_timeout_ms=3000, delivery_timeout_ms=3000,
+                   connect_timeout=3, metadata_timeout=3, topic_cache_seconds=0)
     assert (await sink.publish([event(1)]))[0].ok
     await broker.astop()
     (outcome,) = await sink.publish([event(2)])
@@ -332,3 +344,179 @@ async def test_close_abandons_hanging_handlers_like_a_crash(kafka_broker: KafkaB
     await second.stop_consuming()
     await task
     await second.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The producer: confluent-kafka (librdkafka) behind asyncio.
+
+
+def test_producer_config_defaults_are_idempotent_and_never_auto_create() -> None:
+    config = from_url("kafka://h1,h2:9093/t", max_event_bytes=2_000_000).options.producer_config(["h1:9092", "h2:9093"])
+    assert config["bootstrap.servers"] == "h1:9092,h2:9093"
+    assert (config["acks"], config["enable.idempotence"], config["linger.ms"]) == ("all", True, 0)
+    assert config["allow.auto.create.topics"] is False
+    assert config["message.max.bytes"] == 2_000_000  # librdkafka's batches stay within what we accept
+    assert config["message.timeout.ms"] == 30_000 and config["security.protocol"] == "PLAINTEXT"
+    assert not any(k.startswith(("sasl.", "ssl.")) for k in config)
+    # acks below "all" turns idempotence off by default (it needs "all"); asking for both is an error.
+    assert from_url("kafka://h:1/t", acks=1).options.producer_config(["h:1"])["enable.idempotence"] is False
+    with pytest.raises(ValueError, match="idempotence"):
+        from_url("kafka://h:1/t", acks=1, enable_idempotence=True)
+    with pytest.raises(ValueError, match="linger_ms"):
+        from_url("kafka://h:1/t", linger_ms=-1)
+    with pytest.raises(ValueError, match="security_protocol"):
+        from_url("kafka://h:1/t", security_protocol="TLS")
+
+
+def test_producer_config_carries_the_credentials() -> None:
+    opts = from_url("kafka://h:1/t", security_protocol="sasl_ssl", sasl_mechanism="SCRAM-SHA-512",
+                    sasl_plain_username="u", sasl_plain_password="s3cr3t-pw", ssl_cafile="/ca.pem",
+                    ssl_check_hostname=False, client_id="gw").options
+    config = opts.producer_config(["h:1"])
+    assert (config["security.protocol"], config["sasl.mechanism"]) == ("SASL_SSL", "SCRAM-SHA-512")
+    assert (config["sasl.username"], config["sasl.password"]) == ("u", "s3cr3t-pw")
+    assert config["ssl.ca.location"] == "/ca.pem"
+    assert config["ssl.endpoint.identification.algorithm"] == "none" and config["client.id"] == "gw"
+    assert "s3cr3t-pw" not in repr(opts)  # secrets stay out of logs
+
+
+@pytest.mark.parametrize(("code", "expected"), [
+    (KafkaError.MSG_SIZE_TOO_LARGE, Rejected),
+    (KafkaError.INVALID_RECORD, Rejected),
+    (KafkaError.UNKNOWN_TOPIC_OR_PART, NotFound),
+    (KafkaError._UNKNOWN_TOPIC, NotFound),
+    (KafkaError.TOPIC_AUTHORIZATION_FAILED, Unauthorized),
+    (KafkaError.CLUSTER_AUTHORIZATION_FAILED, Unauthorized),
+    (KafkaError.SASL_AUTHENTICATION_FAILED, Unauthorized),
+    (KafkaError._AUTHENTICATION, Unauthorized),
+    (KafkaError.THROTTLING_QUOTA_EXCEEDED, Throttled),
+    (KafkaError._QUEUE_FULL, Throttled),
+    (KafkaError._MSG_TIMED_OUT, Transient),
+    (KafkaError._TRANSPORT, Transient),
+    (KafkaError._ALL_BROKERS_DOWN, Transient),
+    (KafkaError.NOT_LEADER_FOR_PARTITION, Transient),
+    (KafkaError._PURGE_INFLIGHT, Transient),
+    (KafkaError._FATAL, Transient),
+])
+def test_librdkafka_errors_are_classified(code: int, expected: type[AdapterError]) -> None:
+    error = classify_error(KafkaError(code), "publishing to t")
+    assert type(error) is expected and str(error).startswith("publishing to t: ")
+    assert type(classify(KafkaException(KafkaError(code)), "x")) is expected  # raised by produce()
+
+
+async def test_idempotent_producer_keeps_every_event_once_and_in_key_order(kafka_broker: KafkaBroker) -> None:
+    sink_url, source_url = await fresh(kafka_broker, partitions=3)
+    sink = adapter(sink_url)
+    assert sink.options.idempotent
+    sent = [event(i, f"k{i % 5}") for i in range(500)]
+    outcomes = await sink.publish(sent)
+    assert [o.event_id for o in outcomes] == [e.id for e in sent] and all(o.ok for o in outcomes)
+    await sink.close()
+    got: list[int] = []
+
+    async def handle(d: Delivery) -> None:
+        got.append(int(d.event.attributes["n"]))
+
+    source = adapter(source_url)
+    task = asyncio.create_task(source.consume(handle))
+    await until(lambda: len(got) >= 500, 30, "500 events")
+    await asyncio.sleep(0.3)
+    await source.stop_consuming()
+    await task
+    await source.close()
+    assert sorted(got) == list(range(500))  # exactly once each
+    for k in range(5):
+        assert [n for n in got if n % 5 == k] == list(range(k, 500, 5))
+
+
+async def test_full_queue_throttles_and_undelivered_records_time_out(kafka_broker_factory: Any) -> None:
+    broker: KafkaBroker = kafka_broker_factory()
+    topic = unique_name("full")
+    await create_topic(broker.bootstrap, topic, 1)
+    sink = adapter(f"kafka://{broker.bootstrap}/{topic}", max_queued_messages=5, queue_full_timeout=0.2,
+                   delivery_timeout_ms=1500)
+    assert (await sink.publish([event(0)]))[0].ok
+    first = sink._producer
+    await broker.astop()  # the topic stays cached: the records go to librdkafka and wait there
+    started = time.monotonic()
+    outcomes = await sink.publish([event(i) for i in range(1, 21)])
+    assert time.monotonic() - started < 10
+    kinds = [type(o.error) for o in outcomes]
+    assert kinds == [Transient] * 5 + [Throttled] * 15, kinds  # 5 queued and timed out, 15 found no room
+    assert "timed out" in str(outcomes[0].error)
+    # A chunk that timed out without a single delivery retires its producer: the next one is fresh.
+    await broker.astart()
+    await create_topic(broker.bootstrap, topic, 1)
+    deadline = time.monotonic() + 30
+    while not (await sink.publish([event(99)]))[0].ok:
+        assert time.monotonic() < deadline, "publish never recovered"
+        await asyncio.sleep(0.2)
+    assert sink._producer is not first
+    await sink.close()
+
+
+async def test_close_flushes_within_its_grace_then_fails_the_rest(kafka_broker_factory: Any) -> None:
+    broker: KafkaBroker = kafka_broker_factory()
+    topic = unique_name("grace")
+    await create_topic(broker.bootstrap, topic, 1)
+    sink = adapter(f"kafka://{broker.bootstrap}/{topic}", close_grace=0.5)
+    assert (await sink.publish([event(0)]))[0].ok
+    await broker.astop()
+    publishing = asyncio.create_task(sink.publish([event(i) for i in range(1, 11)]))
+    await asyncio.sleep(0.3)
+    started = time.monotonic()
+    await sink.close()
+    outcomes = await asyncio.wait_for(publishing, 5)
+    assert time.monotonic() - started < 3
+    assert all(isinstance(o.error, Transient) for o in outcomes), outcomes  # purged: never acknowledged
+    (late,) = await sink.publish([event(11)])
+    assert isinstance(late.error, Transient) and "closed" in str(late.error)
+
+
+async def test_a_producer_with_a_fatal_error_is_replaced(kafka_broker: KafkaBroker) -> None:
+    sink_url, _ = await fresh(kafka_broker, partitions=1)
+    sink = adapter(sink_url)
+    assert (await sink.publish([event(0)]))[0].ok
+    broken = sink._producer
+    assert broken is not None
+    # librdkafka raises a fatal error e.g. when the idempotent producer's sequence cannot be repaired;
+    # the instance is unusable from then on (simulated here: librdkafka has no public trigger).
+    broken.fatal = KafkaError(KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER, fatal=True)
+    assert (await sink.publish([event(1)]))[0].ok
+    assert sink._producer is not broken
+    await sink.close()
+
+
+async def test_oauth_token_provider_serves_librdkafka_through_the_loop() -> None:
+    class Provider:  # aiokafka's AbstractTokenProvider shape: an async token()
+        async def token(self) -> str:
+            return "tok-1"
+
+    callback = _oauth_callback(Provider(), asyncio.get_running_loop(), 5.0)
+    token, expiry = await asyncio.to_thread(callback, "")  # librdkafka calls it from the poll thread
+    assert token == "tok-1" and time.time() < expiry <= time.time() + 61
+
+
+async def test_keys_land_where_the_java_client_puts_them(kafka_broker: KafkaBroker) -> None:
+    """murmur2, as the Java client and aiokafka (librdkafka's own default hashes with CRC32): a key keeps
+    its partition, and so its order, across producers of different clients."""
+    from aiokafka.partitioner import murmur2  # type: ignore[import-untyped]
+
+    sink_url, source_url = await fresh(kafka_broker, partitions=4)
+    sink = adapter(sink_url)
+    keys = [f"customer-{i}" for i in range(40)]
+    assert all(o.ok for o in await sink.publish([event(i, key) for i, key in enumerate(keys)]))
+    await sink.close()
+    got: dict[str, int] = {}
+
+    async def handle(d: Delivery) -> None:
+        assert isinstance(d, KafkaDelivery)
+        got[d.event.attributes["partitionkey"]] = d.partition
+
+    source = adapter(source_url)
+    task = asyncio.create_task(source.consume(handle))
+    await until(lambda: len(got) == len(keys), 30, "every key")
+    await source.stop_consuming()
+    await task
+    await source.close()
+    assert got == {key: (murmur2(key.encode()) & 0x7FFFFFFF) % 4 for key in keys}

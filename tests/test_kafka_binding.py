@@ -263,6 +263,48 @@ def test_encoded_size_of_real_events() -> None:
             assert kafka.encoded_size(msg) == batch_bytes(msg)
 
 
+def record(event: Event, mode: str) -> kafka.Record:
+    return kafka.binary_record(event) if mode == "binary" else kafka.structured_record(event)
+
+
+def check_record(event: Event, mode: str) -> int:
+    """The record parts are the message's, and their bound is never below the exact size; returns the slack."""
+    headers, key, value, bound = record(event, mode)
+    msg = encode(event, mode)
+    assert (tuple(headers), key, value) == (msg.headers, msg.key, msg.value)
+    exact = kafka.encoded_size(msg)
+    assert bound >= exact
+    return bound - exact
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(event=events(), mode=st.sampled_from(MODES))
+def test_record_size_bound_covers_the_exact_size(event: Event, mode: str) -> None:
+    slack = check_record(event, mode)
+    # Worst-case varints and 4 bytes per name character, no more: a few hundred bytes for typical events.
+    names = sum(len(name) for name in event.attributes)
+    assert slack <= kafka.RECORD_BATCH_OVERHEAD + 13 * (len(event.attributes) + 2) + 3 * names
+
+
+def test_record_size_bound_of_real_events_and_odd_names() -> None:
+    for case in CASES.values():
+        for mode in MODES:
+            check_record(case, mode)
+    # Not valid CloudEvents names, but the bound must hold for whatever an Event carries.
+    odd = ev("x" * 70000, datacontenttype="text/plain", **{"ünïcødé" * 20: "𝄞" * 100, "n" * 200: "v" * 200})
+    for mode in MODES:
+        check_record(odd, mode)
+    assert kafka.binary_record(ev(), kafka.no_key)[1:3] == (None, None)
+
+
+def test_the_bound_is_exact_enough_near_a_limit() -> None:
+    """What the adapter relies on: the bound exceeds the exact size by a bounded amount, so the exact
+    size only has to be computed for events within that distance of the limit."""
+    event = ev("x" * 1_000_000, datacontenttype="text/plain", partitionkey="k")
+    _, _, _, bound = kafka.binary_record(event)
+    assert 0 <= bound - kafka.encoded_size(kafka.to_binary(event)) < 400
+
+
 # ---------------------------------------------------------------------------------------------------
 # Round trips through our own binding (generated events).
 

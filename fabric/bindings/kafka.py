@@ -14,7 +14,9 @@ these messages; nothing here knows about a client library.
   so a header always wins over the key.
 
 `encoded_size` is what a broker checks against its size limit: the bytes of a v2 record batch that
-holds just this record (see the function).
+holds just this record (see the function). `binary_record` / `structured_record` encode into the parts
+a producer takes plus a cheap upper bound of that size from the same pass, so a publisher computes the
+exact size only for the rare record whose bound is over its limit.
 """
 
 from __future__ import annotations
@@ -41,6 +43,14 @@ PROTOBUF_CONTENT_TYPE = "application/cloudevents+protobuf"
 # attributes(2) lastOffsetDelta(4) baseTimestamp(8) maxTimestamp(8) producerId(8) producerEpoch(2)
 # baseSequence(4) recordCount(4) = 61 bytes. The broker's `message.max.bytes` counts all of it.
 RECORD_BATCH_OVERHEAD = 61
+# Upper bounds of what a record adds around its key, value and header bytes: the batch header, the record's
+# length varint (5), attributes + timestamp and offset deltas (3), the key's and the value's length varints
+# (5 + 5) and the header count varint (5); per header its two length varints (5 + 5) and `ce_` (3).
+_RECORD_MAX_OVERHEAD = RECORD_BATCH_OVERHEAD + 5 + 3 + 5 + 5 + 5
+_HEADER_MAX_OVERHEAD = 5 + 5 + 3
+_STRUCTURED_HEADERS = ((CONTENT_TYPE_HEADER, json_format.CONTENT_TYPE.encode("ascii")),)
+_STRUCTURED_MAX_OVERHEAD = _RECORD_MAX_OVERHEAD + _HEADER_MAX_OVERHEAD + len(CONTENT_TYPE_HEADER) + len(
+    _STRUCTURED_HEADERS[0][1])
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,19 +93,51 @@ def no_key(event: Event) -> None:
 
 def to_binary(event: Event, key_mapper: KeyMapper = partitionkey_mapper) -> KafkaMessage:
     """Binary mode: `ce_` headers, `content-type`, the data as the value (None when there is no data)."""
-    headers: list[tuple[str, bytes]] = []
-    append = headers.append
-    for name, value in event.attributes.items():
-        text = value if type(value) is str else attribute_to_string(value)  # most values are strings
-        append((CONTENT_TYPE_HEADER if name == "datacontenttype" else CE_PREFIX + name, text.encode("utf-8")))
-    value_bytes = None if event.data is None else data_to_bytes(event)
-    return KafkaMessage(tuple(headers), key_mapper(event), value_bytes)
+    headers, key, value, _ = binary_record(event, key_mapper)
+    return KafkaMessage(tuple(headers), key, value)
 
 
 def to_structured(event: Event, key_mapper: KeyMapper = partitionkey_mapper) -> KafkaMessage:
     """Structured mode: the JSON event format as the value; attributes keep their JSON types."""
-    headers = ((CONTENT_TYPE_HEADER, json_format.CONTENT_TYPE.encode("ascii")),)
-    return KafkaMessage(headers, key_mapper(event), json_format.encode(event))
+    return KafkaMessage(_STRUCTURED_HEADERS, key_mapper(event), json_format.encode(event))
+
+
+# A record as a producer takes it: headers (a list, as confluent-kafka wants them), key, value, and an
+# upper bound of its `encoded_size`.
+Record = tuple[list[tuple[str, bytes]], bytes | None, bytes | None, int]
+
+
+def binary_record(event: Event, key_mapper: KeyMapper = partitionkey_mapper) -> Record:
+    """`to_binary` as the parts of a record, with an upper bound of its `encoded_size` counted in the
+    same pass (a publisher's hot path: no `KafkaMessage`, no second pass over the headers).
+
+    Value, key and header value bytes are counted exactly; the rest as its worst case (5-byte varints,
+    4 UTF-8 bytes per character of an attribute name). For a typical event the bound is a few hundred
+    bytes above the exact size: a publisher checks the bound against its limit and computes
+    `encoded_size` only when the bound is over it.
+    """
+    headers: list[tuple[str, bytes]] = []
+    append = headers.append
+    value_bytes = 0
+    name_chars = 0
+    for name, value in event.attributes.items():
+        raw = (value if type(value) is str else attribute_to_string(value)).encode("utf-8")  # most are strings
+        value_bytes += len(raw)
+        name_chars += len(name)
+        append((CONTENT_TYPE_HEADER if name == "datacontenttype" else CE_PREFIX + name, raw))
+    data = None if event.data is None else data_to_bytes(event)
+    key = key_mapper(event)
+    bound = (_RECORD_MAX_OVERHEAD + value_bytes + 4 * name_chars + _HEADER_MAX_OVERHEAD * len(headers)
+             + (0 if data is None else len(data)) + (0 if key is None else len(key)))
+    return headers, key, data, bound
+
+
+def structured_record(event: Event, key_mapper: KeyMapper = partitionkey_mapper) -> Record:
+    """`to_structured` as the parts of a record, with an upper bound of its `encoded_size`."""
+    key = key_mapper(event)
+    value = json_format.encode(event)
+    return list(_STRUCTURED_HEADERS), key, value, _STRUCTURED_MAX_OVERHEAD + len(value) + (
+        0 if key is None else len(key))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -272,6 +314,8 @@ __all__ = [
     "CE_PREFIX",
     "KafkaMessage",
     "KeyMapper",
+    "Record",
+    "binary_record",
     "encoded_size",
     "from_binary",
     "from_message",
@@ -279,6 +323,7 @@ __all__ = [
     "is_structured",
     "no_key",
     "partitionkey_mapper",
+    "structured_record",
     "to_binary",
     "to_structured",
 ]
