@@ -78,6 +78,7 @@ if str(ROOT) not in sys.path:
 
 import orjson  # noqa: E402
 from _plot import RESULTS_DIR, write_results  # noqa: E402
+from _sample import ATTRIBUTES, BODY  # noqa: E402
 
 from tests import brokers  # noqa: E402
 from umcef.adapters import open_adapter  # noqa: E402
@@ -89,33 +90,8 @@ KEYS = 64
 MAX_IN_FLIGHT = 64
 KAFKA_PARTITIONS = 4
 
-BASE_ATTRIBUTES: dict[str, Any] = {
-    "specversion": "1.0",
-    "source": "https://shop.example.com/checkout",
-    "type": "com.example.shop.order.placed",
-    "time": "2025-03-14T09:26:53.589123Z",
-    "datacontenttype": "application/json",
-    "dataschema": "https://schemas.example.com/shop/order-placed/v2.json",
-    "subject": "orders/ORD-2025-000123",
-    "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-}
-ORDER: dict[str, Any] = {
-    "orderId": "ORD-2025-000123",
-    "customer": {"id": "customer-4711", "email": "jane.doe@example.com", "tier": "gold"},
-    "items": [
-        {"sku": "SKU-1001", "name": "Espresso beans 1kg", "qty": 2, "unitPrice": 24.90},
-        {"sku": "SKU-2002", "name": "Milk frother", "qty": 1, "unitPrice": 59.00},
-        {"sku": "SKU-3003", "name": "Ceramic cup", "qty": 4, "unitPrice": 8.50},
-    ],
-    "currency": "EUR",
-    "subtotal": 142.80,
-    "shipping": {"method": "express", "cost": 6.90,
-                 "address": {"street": "Hauptstraße 1", "city": "Berlin", "zip": "10115", "country": "DE"}},
-    "total": 149.70,
-    "payment": {"method": "card", "authorized": True},
-    "placedAt": "2025-03-14T09:26:53.589123Z",
-}  # fmt: skip
-BODY = orjson.dumps(ORDER)
+# The shared order event, without the per-event id and partitionkey this bench sets itself.
+BASE_ATTRIBUTES: dict[str, Any] = {k: v for k, v in ATTRIBUTES.items() if k not in ("id", "partitionkey")}
 
 
 def make_events(count: int, prefix: str) -> list[Event]:
