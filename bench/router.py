@@ -124,6 +124,7 @@ def make_router(config: RoutingConfig, native: Any | None) -> Router:
     if native is not None:  # the compiled twin, even under UMCEF_PURE=1 (the bench shows both)
         router._native_module = native
         router.holder = TableHolder(_Active(table, None, native))
+        router.decide = native.Decider(router)  # type: ignore[method-assign]
     rng = random.Random(7)
     for d in config.destinations:
         if not d.url.startswith("local://"):

@@ -26,3 +26,8 @@ def _native(name: str) -> ModuleType | None:
 _validate = _native("_validate")
 NATIVE = _validate is not None
 validate_attributes = _validate.validate_attributes if _validate is not None else _pure_validation.validate_attributes
+
+# The compiled router decision (router/decide.py selects it per table; `Router(..., native=False)` is the
+# pure reference). Imported lazily by `umcef._native._router` itself, so importing it here is safe.
+router_native = _native("_router")
+ROUTER_NATIVE = router_native is not None

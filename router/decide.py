@@ -32,10 +32,12 @@ import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import orjson
 
+from umcef.fabric import accel
 from umcef.fabric.bindings.http import attribute_to_string
 from umcef.fabric.event import Event
 from umcef.router.cost import event_size
@@ -87,10 +89,19 @@ class Decision:
 class _Active:
     """A table plus the state that travels with it: hysteresis and the cached decisions."""
 
-    __slots__ = ("all_cache", "hysteresis", "single", "table")
+    __slots__ = ("all_cache", "hysteresis", "native", "single", "table")
 
-    def __init__(self, table: RouteTable, hysteresis: dict[int, list[float]] | None = None) -> None:
+    def __init__(self, table: RouteTable, hysteresis: dict[int, list[float]] | None = None,
+                 native: ModuleType | None = None) -> None:
         self.table = table
+        # The compiled twin of this table (umcef._native._router), built here, off the hot path, before
+        # the swap that activates it; None: the pure reference decides.
+        self.native: Any = None
+        if native is not None:
+            try:
+                self.native = native.NativeTable(table)
+            except ValueError:  # a table the twin does not handle (> 64 jurisdictions): pure path
+                self.native = None
         self.hysteresis: dict[int, list[float]] = hysteresis if hysteresis is not None else {}
         names = table.route_names
         routes_of = [() if r == table.default_route else (names[r],) for r in range(len(names))]
@@ -107,11 +118,19 @@ class Router:
     """Routes events with the active table and the estimator's live RTT/health state."""
 
     def __init__(self, table: RouteTable, estimator: Estimator, *, clock: Callable[[], float] = time.monotonic,
-                 sample_every: int = 0) -> None:
+                 sample_every: int = 0, native: bool | None = None) -> None:
+        """`native`: None uses the compiled decision when it is built (`fabric.accel`, `UMCEF_PURE=1`
+        forces pure); False always decides with the pure reference; True requires the compiled one."""
         self.estimator = estimator
         self.clock = clock
         self.sample_every = sample_every
-        self.holder: TableHolder[_Active] = TableHolder(_Active(table))
+        if native is True and accel.router_native is None:
+            raise RuntimeError("umcef._native._router is not built (or UMCEF_PURE=1)")
+        self._native_module = None if native is False else accel.router_native
+        self.holder: TableHolder[_Active] = TableHolder(_Active(table, None, self._native_module))
+        if self._native_module is not None:
+            # the compiled entry point (same contract as the method below, without its Python frame)
+            self.decide = self._native_module.Decider(self)  # type: ignore[method-assign]
         self._count = 0
 
     @property
@@ -121,7 +140,7 @@ class Router:
     def swap(self, table: RouteTable) -> RouteTable:
         """Install a table compiled off the hot path; hysteresis carries over by route/destination name."""
         old = self.holder.active
-        return self.holder.swap(_Active(table, _carry_over(old, table))).table
+        return self.holder.swap(_Active(table, _carry_over(old, table), self._native_module)).table
 
     # -- the pipeline's entry point -----------------------------------------------------------------
 
@@ -144,6 +163,13 @@ class Router:
     def decide(self, event: Event, *, explain: bool = False, now: float | None = None,
                size: int | None = None) -> Decision:
         act = self.holder.active  # read once: a concurrent swap does not affect this decision
+        native = act.native
+        if native is not None and not explain:  # explain records are made by the pure reference only
+            return native.decide(self, act, event, now, size)  # type: ignore[no-any-return]
+        return self._decide(act, event, explain, now, size)
+
+    def _decide(self, act: _Active, event: Event, explain: bool, now: float | None, size: int | None) -> Decision:
+        """The pure-Python reference decision (the compiled twin must give the same answers)."""
         t = act.table
         attrs = event.attributes
         m = t.residual_mask
