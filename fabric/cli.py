@@ -1,4 +1,4 @@
-"""The `umcef` command line: serve, publish, tail, demo, config check.
+"""The `umcef` command line: serve, publish, tail, demo, config check, route explain, dlq list/replay.
 
 Bad input prints one clear line on stderr and exits non-zero; never a traceback.
 """
@@ -12,13 +12,16 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import orjson
 from rich.console import Console
 
 from umcef.fabric import config as config_mod
+
+if TYPE_CHECKING:
+    from umcef.adapters.local import LocalStore
 
 err = Console(stderr=True)
 
@@ -227,6 +230,83 @@ def route_explain(config: Path, assume_rtt: tuple[str, ...], assume_down: tuple[
     except explain_mod.ExplainError as exc:
         raise CliError(str(exc)) from None
     click.echo(explain_mod.render_json(decision) if as_json else explain_mod.render_text(decision))
+
+
+@app.group("dlq", help="Inspect and re-drive the dead-letter queue (the _deadletter topic of the store).")
+def dlq_app() -> None:
+    pass
+
+
+_DATA_DIR = click.option("--data-dir", "data_dir", type=click.Path(path_type=Path), default=Path("umcef-data"),
+                         show_default=True, help="the gateway's store directory (running or stopped)")
+
+
+@dlq_app.command("list")
+@_DATA_DIR
+@click.option("--destination", help="only events dead-lettered from this destination")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
+def dlq_list(data_dir: Path, destination: str | None, as_json: bool) -> None:
+    """Dead-lettered events not replayed yet: entry, id, type, destination, attempts, reason."""
+    from umcef.fabric import dlq
+
+    store = _dlq_store(data_dir, write=False)
+    try:
+        letters = dlq.pending(store, destination)
+    finally:
+        store.close()
+    for letter in letters:
+        row = letter.summary()
+        if as_json:
+            click.echo(orjson.dumps(row).decode())
+        else:
+            click.echo(f"#{row['seq']}\t{row['id']}\t{row['type']}\t{row['destination']}\t"
+                       f"attempts={row['attempts']}\t{row['reason']}")
+    if not as_json:
+        err.print(f"{len(letters)} dead letters pending in {data_dir}", highlight=False)
+
+
+@dlq_app.command("replay")
+@_DATA_DIR
+@click.option("--destination", help="only events dead-lettered from this destination")
+@click.option("--id", "ids", multiple=True, help="event id to replay (repeatable)")
+@click.option("--all", "replay_all", is_flag=True, help="replay every pending dead letter (after --destination)")
+@click.option("--to", "to", help="send them to this destination (or local://TOPIC) instead of their own")
+@click.option("--config", "-c", "config", type=click.Path(path_type=Path),
+              help="the gateway's YAML configuration, to resolve local destinations to their topics")
+def dlq_replay(data_dir: Path, destination: str | None, ids: tuple[str, ...], replay_all: bool, to: str | None,
+               config: Path | None) -> None:
+    """Re-drive dead-lettered events into their destination's spool, once: replayed entries leave the list."""
+    from umcef.fabric import dlq
+
+    local_topics: dict[str, str] = {}
+    if config is not None:
+        cfg = config_mod.load(config)
+        local_topics = {name: d.topic for name, d in cfg.destinations.items()}
+        for name in (to, destination):
+            if name is not None and not name.startswith(dlq.LOCAL_PREFIX) and name not in cfg.destinations:
+                raise CliError(f"destination {name!r} is not in {config}")
+    if ids and replay_all:
+        raise CliError("give --id or --all, not both")
+    store = _dlq_store(data_dir, write=True)
+    try:
+        chosen = dlq.select(dlq.pending(store, destination), ids, replay_all)
+        plan = dlq.replay(store, chosen, to, local_topics)
+    except dlq.DlqError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        store.close()
+    for letter, topic in plan:
+        click.echo(f"#{letter.seq}\t{letter.id}\t-> {topic}")
+    err.print(f"replayed {len(plan)} dead letters", highlight=False)
+
+
+def _dlq_store(data_dir: Path, *, write: bool) -> LocalStore:
+    from umcef.fabric import dlq
+
+    try:
+        return dlq.open_store(data_dir, write=write)
+    except dlq.DlqError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _use_uvloop() -> None:

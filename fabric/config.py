@@ -49,8 +49,16 @@ class StoreConfig:
 
 @dataclass(frozen=True, slots=True)
 class DedupConfig:
+    store: str = "memory"  # memory: this instance only; redis: shared by every instance using `url`
+    url: str | None = None
     window_seconds: float = 600.0
-    max_entries: int = 1_000_000
+    max_entries: int = 1_000_000  # memory store only
+
+
+@dataclass(frozen=True, slots=True)
+class BackpressureConfig:
+    max_spooled_events: int | None = None  # undelivered events in the delivery spools; None: unbounded
+    retry_after_seconds: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +93,7 @@ class Config:
     limits: Limits = DEFAULT_LIMITS
     store: StoreConfig = StoreConfig()
     dedup: DedupConfig = DedupConfig()
+    backpressure: BackpressureConfig = BackpressureConfig()
     destinations: dict[str, DestinationConfig] = field(default_factory=dict)
     routes: tuple[RouteConfig, ...] = ()
     default_destination: str = "default"
@@ -187,8 +196,8 @@ class _Parser:
         return value
 
     def config(self, raw: dict[str, Any]) -> Config:
-        top = ("data_dir", "server", "limits", "store", "dedup", "destinations", "routes", "default", "sources",
-               "residency", "router")
+        top = ("data_dir", "server", "limits", "store", "dedup", "backpressure", "destinations", "routes", "default",
+               "sources", "residency", "router")
         for key in raw:
             if key not in top:
                 raise self.fail(str(key), f"unknown key; expected one of {', '.join(top)}")
@@ -213,18 +222,35 @@ class _Parser:
             max_age_seconds=self.number(st, "max_age_seconds", "store", 7 * 24 * 3600.0),
             max_events_per_topic=self.integer(st, "max_events_per_topic", "store", None, 1, nullable=True),
         )
-        d = self.section(raw, "dedup", ("window_seconds", "max_entries"))
-        dedup = DedupConfig(
-            window_seconds=self.number(d, "window_seconds", "dedup", 600.0) or 600.0,
-            max_entries=self.integer(d, "max_entries", "dedup", 1_000_000, 1),
+        dedup = self.dedup(raw)
+        bp = self.section(raw, "backpressure", ("max_spooled_events", "retry_after_seconds"))
+        backpressure = BackpressureConfig(
+            max_spooled_events=self.integer(bp, "max_spooled_events", "backpressure", None, 1, nullable=True),
+            retry_after_seconds=self.number(bp, "retry_after_seconds", "backpressure", 1.0) or 1.0,
         )
         destinations = self.destinations(raw.get("destinations") or {})
         default = self.string(raw, "default", "", "local://" + DEFAULT_TOPIC)
         default_name = self.default_destination(default, destinations)
         routing = self.routing(raw, destinations, default_name)
         sources = self.sources(raw.get("sources") or [])
-        return Config(self.source, data_dir, server, limits, store, dedup, destinations, routing.routes,
-                      default_name, sources, routing)
+        return Config(self.source, data_dir, server, limits, store, dedup, backpressure, destinations,
+                      routing.routes, default_name, sources, routing)
+
+    def dedup(self, raw: Mapping[str, Any]) -> DedupConfig:
+        d = self.section(raw, "dedup", ("store", "url", "window_seconds", "max_entries"))
+        store = self.string(d, "store", "dedup", "memory", ("memory", "redis"))
+        url = d.get("url")
+        if store == "redis":
+            if not isinstance(url, str) or urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+                raise self.fail("dedup.url", f"expected a redis://HOST:PORT/DB URL for the redis store, got {url!r}")
+        elif url is not None:
+            raise self.fail("dedup.url", "only used with store: redis")
+        return DedupConfig(
+            store=store,
+            url=url,
+            window_seconds=self.number(d, "window_seconds", "dedup", 600.0) or 600.0,
+            max_entries=self.integer(d, "max_entries", "dedup", 1_000_000, 1),
+        )
 
     def destinations(self, raw: Any) -> dict[str, DestinationConfig]:
         if not isinstance(raw, dict):

@@ -1,40 +1,93 @@
-"""In-memory dedup on (`source`, `id`) inside a time window, with bounded memory.
+"""Dedup on (`source`, `id`) inside a time window: the contract, and the in-memory store.
 
-A single-instance store; the delivery issue adds a Redis one for several gateways. Effectively-once
-stops holding when the window expires, when more than `max_entries` distinct events arrive inside
-it (oldest forgotten first) and when the gateway restarts (the window lives in memory).
+`DedupStore` is what the pipeline calls: claim a batch of keys, write the events durably, then commit
+the claims (or release them when the write failed, so a retry is not mistaken for a duplicate).
+`DedupWindow` keeps the window in this process, with bounded memory; `umcef.fabric.dedup_redis` shares
+it between several gateway instances. Where effectively-once stops holding: docs/delivery.md.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 Key = tuple[str, str]
+Claim = bool | asyncio.Future[bool]
+"""True: first sighting, the caller writes it and must commit or release. False: a duplicate of an event
+already durable. A future: the same event is being written right now; it resolves to True once that
+write is durable, False if it failed (the caller must then not acknowledge it)."""
+
+
+class DedupUnavailable(Exception):
+    """The store cannot answer (Redis down): a duplicate cannot be told from a new event, so the
+    pipeline refuses the batch with a retry (HTTP 429) rather than risk storing it twice."""
+
+
+class DedupStore(Protocol):
+    async def claim_batch(self, keys: Sequence[Key]) -> list[Claim]: ...
+
+    async def commit_batch(self, keys: Sequence[Key]) -> None: ...
+
+    async def release_batch(self, keys: Sequence[Key]) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class _Bucket:
+    """The keys committed during one slice of the window, in commit order."""
+
+    __slots__ = ("head", "keys", "started")
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.keys: list[Key] = []
+        self.head = 0  # keys before head were evicted one by one (max_entries)
 
 
 class DedupWindow:
-    def __init__(self, window_seconds: float = 600.0, max_entries: int = 1_000_000) -> None:
+    """In-memory window, time-bucketed: `slices` buckets per window, a whole bucket dropped once it is
+    older than the window (each key is touched once on insert and once on expiry: O(1) amortized, no
+    per-lookup scan). A key is remembered for at least `window_seconds` and at most one slice longer.
+    Above `max_entries` the oldest keys are forgotten first, so memory stays bounded whatever the load."""
+
+    def __init__(self, window_seconds: float = 600.0, max_entries: int = 1_000_000, *, slices: int = 16,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.window = window_seconds
         self.max_entries = max_entries
-        self._seen: OrderedDict[Key, float] = OrderedDict()  # insertion order == time order
+        self.slice = window_seconds / slices
+        self._clock = clock
+        self._seen: dict[Key, _Bucket] = {}
+        self._buckets: deque[_Bucket] = deque()
         self._pending: dict[Key, asyncio.Future[bool]] = {}
+        self.evicted = 0  # forgotten before their window ended (max_entries): effectively-once lost for them
 
     def _expire(self, now: float) -> None:
-        seen = self._seen
-        horizon = now - self.window
-        while seen:
-            _key, at = next(iter(seen.items()))
-            if at > horizon and len(seen) <= self.max_entries:
-                break
-            seen.popitem(last=False)
+        buckets, seen = self._buckets, self._seen
+        horizon = now - self.window - self.slice  # a bucket's newest key is at most `slice` younger than it
+        while buckets and buckets[0].started <= horizon:
+            bucket = buckets.popleft()
+            for key in bucket.keys[bucket.head:]:
+                if seen.get(key) is bucket:
+                    del seen[key]
 
-    def claim(self, key: Key) -> asyncio.Future[bool] | bool:
-        """True: first sighting, caller must `commit` or `release`. False: already durable (duplicate).
-        A future: the same event is being written right now; await it to learn the outcome."""
+    def _evict_oldest(self) -> None:
+        bucket = self._buckets[0]
+        key = bucket.keys[bucket.head]
+        bucket.head += 1
+        if self._seen.get(key) is bucket:
+            del self._seen[key]
+            self.evicted += 1
+        if bucket.head == len(bucket.keys):
+            self._buckets.popleft()
+
+    def claim(self, key: Key) -> Claim:
         if key in self._seen:
-            return False
+            if self._seen[key].started > self._clock() - self.window - self.slice:
+                return False
+            del self._seen[key]  # expired but its bucket not dropped yet
         pending = self._pending.get(key)
         if pending is not None:
             return pending
@@ -42,20 +95,39 @@ class DedupWindow:
         return True
 
     def commit(self, key: Key) -> None:
-        now = time.monotonic()
-        self._seen[key] = now
-        self._seen.move_to_end(key)
+        now = self._clock()
+        buckets = self._buckets
+        if not buckets or now - buckets[-1].started >= self.slice:
+            self._expire(now)
+            buckets.append(_Bucket(now))
+        bucket = buckets[-1]
+        bucket.keys.append(key)
+        self._seen[key] = bucket
+        while len(self._seen) > self.max_entries:
+            self._evict_oldest()
         future = self._pending.pop(key, None)
         if future is not None and not future.done():
             future.set_result(True)
-        if len(self._seen) > self.max_entries or len(self._seen) % 1024 == 0:
-            self._expire(now)
 
     def release(self, key: Key) -> None:
         """The write failed: forget the claim so a retry is not mistaken for a duplicate."""
         future = self._pending.pop(key, None)
         if future is not None and not future.done():
             future.set_result(False)
+
+    async def claim_batch(self, keys: Sequence[Key]) -> list[Claim]:
+        return [self.claim(key) for key in keys]
+
+    async def commit_batch(self, keys: Sequence[Key]) -> None:
+        for key in keys:
+            self.commit(key)
+
+    async def release_batch(self, keys: Sequence[Key]) -> None:
+        for key in keys:
+            self.release(key)
+
+    async def close(self) -> None:
+        return None
 
     def __len__(self) -> int:
         return len(self._seen)

@@ -14,10 +14,11 @@ from typing import Any
 from umcef.adapters import open_adapter
 from umcef.adapters.contract import Adapter, Handler, PublishOutcome, Rejected, Throttled
 from umcef.adapters.local import LocalStore, Retention
+from umcef.fabric.backpressure import SpoolGauge
 from umcef.fabric.config import Config
 from umcef.fabric.deadletter import DeadLetterQueue
-from umcef.fabric.dedup import DedupWindow
-from umcef.fabric.delivery import DeliveryWorker
+from umcef.fabric.dedup import DedupStore, DedupWindow
+from umcef.fabric.delivery import CURSOR_GROUP, DeliveryWorker, spool_topic
 from umcef.fabric.event import Event
 from umcef.fabric.ingress.http_server import start_http_server
 from umcef.fabric.pipeline import LocalSpool, Pipeline
@@ -102,15 +103,40 @@ def open_store(config: Config) -> LocalStore:
     return LocalStore(config.data_dir, sync=config.store.sync, retention=retention)  # type: ignore[arg-type]
 
 
-def build_pipeline(config: Config, store: LocalStore, router: Router | None = None) -> Pipeline:
+def build_dedup(config: Config) -> DedupStore:
+    dedup = config.dedup
+    if dedup.store == "redis":
+        from umcef.fabric.dedup_redis import RedisDedup
+
+        assert dedup.url is not None  # the config parser insists on it
+        return RedisDedup(dedup.url, dedup.window_seconds)
+    return DedupWindow(dedup.window_seconds, dedup.max_entries)
+
+
+def build_pipeline(config: Config, store: LocalStore, router: Router | None = None,
+                   gauge: SpoolGauge | None = None) -> Pipeline:
     # Local destinations are written to their topic; remote ones to the spool topic their worker drains.
     topics = {name: d.topic for name, d in config.destinations.items()}
     return Pipeline(
-        DedupWindow(config.dedup.window_seconds, config.dedup.max_entries),
+        build_dedup(config),
         router if router is not None else build_router(config),
-        LocalSpool(store, topics),
+        LocalSpool(store, topics, gauge),
         config.limits,
+        backpressure=gauge,
     )
+
+
+def spool_depth(store: LocalStore, destination: str, cap: int) -> int:
+    """Undelivered events an earlier run left in a destination's spool, counted up to `cap` (only the
+    watermark matters, so a huge backlog is not read in full at start)."""
+    topic, after, depth = spool_topic(destination), store.cursor(CURSOR_GROUP, spool_topic(destination)), 0
+    while depth <= cap:
+        page = store.read(topic, after, 1000)
+        if not page:
+            break
+        depth += len(page)
+        after = page[-1].seq
+    return depth
 
 
 @dataclass
@@ -124,11 +150,17 @@ class Gateway:
         self.config = config
         self.store = open_store(config)
         self.router = build_router(config)
-        self.pipeline = build_pipeline(config, self.store, self.router)
-        self.probes: ProbeLoop | None = None
-        self.dead_letters = DeadLetterQueue(self.store)
         self.adapters: dict[str, Adapter] = {}
         self.workers: dict[str, DeliveryWorker] = {}
+        bp = config.backpressure
+        self.spool_gauge = SpoolGauge(bp.max_spooled_events, bp.retry_after_seconds, self._drained)
+        if bp.max_spooled_events is not None:
+            self.spool_gauge.add(sum(spool_depth(self.store, name, bp.max_spooled_events)
+                                     for name, dest in config.destinations.items() if not dest.is_local))
+        self.pipeline = build_pipeline(config, self.store, self.router, self.spool_gauge)
+        self.probes: ProbeLoop | None = None
+        self.dead_letters = DeadLetterQueue(self.store)
+        self._worker_dead_letters: list[DeadLetterQueue] = []
         self.sources: dict[str, SourceRunner] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._http: Any = None
@@ -141,8 +173,11 @@ class Gateway:
                 adapter = open_adapter(dest.url, **dest.options)
                 self.adapters[name] = adapter
                 page = self.config.routing.destination(name).max_in_flight
+                # A DLQ per worker: its count is what left this spool by dead-lettering (backpressure).
+                dead_letters = DeadLetterQueue(self.store)
+                self._worker_dead_letters.append(dead_letters)
                 self.workers[name] = DeliveryWorker(name, RoutedAdapter(adapter, name, self.router), self.store,
-                                                    self.dead_letters, page_size=page)
+                                                    dead_letters, page_size=page)
                 self._spawn(self.workers[name].run(), f"deliver:{name}")
         if self.adapters:
             self.probes = ProbeLoop(self.router.estimator, {n: a.probe for n, a in self.adapters.items()})
@@ -164,6 +199,10 @@ class Gateway:
             self._spawn(runner.run(), f"source:{source.name}")
         self.endpoints = Endpoints(http_port, grpc_port)
         return self.endpoints
+
+    def _drained(self) -> int:
+        """Events that left the delivery spools in this run: acknowledged or dead-lettered."""
+        return sum(w.delivered for w in self.workers.values()) + sum(d.count for d in self._worker_dead_letters)
 
     def _spawn(self, work: Any, name: str) -> None:
         task = asyncio.create_task(work, name=name)
@@ -199,6 +238,7 @@ class Gateway:
             await runner.adapter.close()
         for adapter in self.adapters.values():
             await adapter.close()
+        await self.pipeline.dedup.close()
         self.store.close()
 
     async def run_until_signalled(self) -> None:

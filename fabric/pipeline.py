@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from umcef.adapters.local import LocalStore, Record
+from umcef.fabric.backpressure import SpoolGauge
 from umcef.fabric.bindings import http as http_binding
 from umcef.fabric.deadletter import DEAD_LETTER_TOPIC
-from umcef.fabric.dedup import DedupWindow, Key
+from umcef.fabric.dedup import Claim, DedupStore, DedupUnavailable, Key
+from umcef.fabric.delivery import SPOOL_PREFIX
 from umcef.fabric.event import Event
 from umcef.fabric.formats import json_format
 from umcef.fabric.limits import Limits
@@ -74,10 +76,12 @@ class LocalSpool:
     makes an event durable also delivers it. Remote destinations get a spool + delivery workers with
     the adapters."""
 
-    def __init__(self, store: LocalStore, topics: Mapping[str, str]) -> None:
+    def __init__(self, store: LocalStore, topics: Mapping[str, str], gauge: SpoolGauge | None = None) -> None:
         self.store = store
         self.topics = dict(topics)  # destination name -> topic
         self.topics.setdefault(DEAD_LETTER, DEAD_LETTER_TOPIC)
+        self.spooled = {name for name, topic in self.topics.items() if topic.startswith(SPOOL_PREFIX)}
+        self.gauge = gauge  # told how many records went to delivery spools (backpressure)
 
     async def write(self, events: Sequence[Event], destinations: Sequence[tuple[str, ...]]) -> None:
         records: list[Record] = []
@@ -86,12 +90,15 @@ class LocalSpool:
             key = event.attributes.get("partitionkey") or event.id
             records.extend(Record(self.topics[name], payload, str(key)) for name in names)
         await self.store.append(records)
+        if self.gauge is not None and self.spooled:
+            self.gauge.add(sum(name in self.spooled for names in destinations for name in names))
 
 
 class Pipeline:
-    def __init__(self, dedup: DedupWindow, router: Router, spool: Spool, limits: Limits,
-                 max_in_flight: int = 10_000) -> None:
+    def __init__(self, dedup: DedupStore, router: Router, spool: Spool, limits: Limits,
+                 max_in_flight: int = 10_000, backpressure: SpoolGauge | None = None) -> None:
         self.dedup = dedup
+        self.backpressure = backpressure
         self.router = router
         self.spool = spool
         self.limits = limits
@@ -109,6 +116,10 @@ class Pipeline:
         # An idle pipeline takes any batch, so a batch above the limit cannot be refused forever.
         if self.in_flight and self.in_flight + len(events) > self.max_in_flight:
             raise Overloaded(f"{self.in_flight} events in flight, limit {self.max_in_flight}")
+        if self.backpressure is not None:
+            why = self.backpressure.refuse(len(events), self.in_flight)
+            if why is not None:
+                raise Overloaded(why, self.backpressure.retry_after_seconds)
         self.in_flight += len(events)
         try:
             return await self._publish(events)
@@ -116,9 +127,7 @@ class Pipeline:
             self.in_flight -= len(events)
 
     async def _publish(self, events: list[Event]) -> PublishResult:
-        fresh: list[Event] = []
-        claimed: list[Key] = []
-        waits: list[asyncio.Future[bool]] = []
+        unique: list[Event] = []
         duplicates: list[str] = []
         batch_keys: set[Key] = set()
         for event in events:
@@ -127,10 +136,18 @@ class Pipeline:
                 duplicates.append(event.id)
                 continue
             batch_keys.add(key)
-            claim = self.dedup.claim(key)
+            unique.append(event)
+        try:
+            claims: list[Claim] = await self.dedup.claim_batch([(e.source, e.id) for e in unique])
+        except DedupUnavailable as exc:
+            raise Overloaded(str(exc), retry_after=1.0) from None
+        fresh: list[Event] = []
+        claimed: list[Key] = []
+        waits: list[asyncio.Future[bool]] = []
+        for event, claim in zip(unique, claims, strict=True):
             if claim is True:
                 fresh.append(event)
-                claimed.append(key)
+                claimed.append((event.source, event.id))
             elif claim is False:
                 duplicates.append(event.id)
             else:
@@ -140,11 +157,10 @@ class Pipeline:
             if fresh:
                 await self.spool.write(*self._route(fresh))
         except BaseException:
-            for key in claimed:
-                self.dedup.release(key)
+            await self.dedup.release_batch(claimed)
             raise
-        for key in claimed:
-            self.dedup.commit(key)
+        if claimed:
+            await self.dedup.commit_batch(claimed)
         if waits and not all(await asyncio.gather(*waits)):
             # The concurrent first publish of one of these failed; this caller must not get a 202 for it.
             raise Overloaded("a concurrent publish of the same event failed; retry", retry_after=0.1)
