@@ -61,6 +61,27 @@ class BackpressureConfig:
     retry_after_seconds: float = 1.0
 
 
+DEAD_LETTER = "_deadletter"  # the local dead-letter topic (`umcef dlq` reads it)
+DELIVERY_KEYS = ("max_attempts", "max_age_seconds", "backoff_base_seconds", "backoff_cap_seconds", "dead_letter")
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryLimits:
+    """Retry limits of one destination's delivery worker (`delivery:` defaults, overridden per destination)."""
+
+    max_attempts: int | None = None  # publish attempts before dead-lettering; None: no limit
+    max_age_seconds: float | None = 86400.0  # since the event was accepted (spooled); None: no limit
+    backoff_base_seconds: float = 0.1
+    backoff_cap_seconds: float = 30.0
+    dead_letter: str = DEAD_LETTER  # `_deadletter` (local topic) or a configured destination name
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryConfig:
+    defaults: DeliveryLimits = DeliveryLimits()
+    drain_seconds: float = 5.0  # graceful shutdown: how long in-flight deliveries may take to finish
+
+
 @dataclass(frozen=True, slots=True)
 class DestinationConfig:
     name: str
@@ -68,6 +89,7 @@ class DestinationConfig:
     scheme: str
     topic: str  # local:// destinations: their topic; remote ones: the local spool topic they drain
     options: dict[str, Any] = field(default_factory=dict)  # adapter options (client settings, never secrets)
+    delivery: DeliveryLimits = DeliveryLimits()  # the `delivery:` defaults merged with this destination's own
 
     @property
     def is_local(self) -> bool:
@@ -99,6 +121,7 @@ class Config:
     default_destination: str = "default"
     sources: tuple[SourceConfig, ...] = ()
     routing: RoutingConfig = field(default_factory=RoutingConfig)  # routes, residency, destinations' routing attributes
+    delivery: DeliveryConfig = DeliveryConfig()
 
 
 def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
@@ -197,7 +220,7 @@ class _Parser:
 
     def config(self, raw: dict[str, Any]) -> Config:
         top = ("data_dir", "server", "limits", "store", "dedup", "backpressure", "destinations", "routes", "default",
-               "sources", "residency", "router")
+               "sources", "residency", "router", "delivery")
         for key in raw:
             if key not in top:
                 raise self.fail(str(key), f"unknown key; expected one of {', '.join(top)}")
@@ -228,13 +251,70 @@ class _Parser:
             max_spooled_events=self.integer(bp, "max_spooled_events", "backpressure", None, 1, nullable=True),
             retry_after_seconds=self.number(bp, "retry_after_seconds", "backpressure", 1.0) or 1.0,
         )
+        delivery = self.delivery_defaults(raw)
         destinations = self.destinations(raw.get("destinations") or {})
         default = self.string(raw, "default", "", "local://" + DEFAULT_TOPIC)
         default_name = self.default_destination(default, destinations)
-        routing = self.routing(raw, destinations, default_name)
+        destinations = self.delivery_limits(raw.get("destinations") or {}, destinations, delivery.defaults, store)
+        routing = self.routing(_without_delivery_keys(raw), destinations, default_name)
         sources = self.sources(raw.get("sources") or [])
         return Config(self.source, data_dir, server, limits, store, dedup, backpressure, destinations,
-                      routing.routes, default_name, sources, routing)
+                      routing.routes, default_name, sources, routing, delivery)
+
+    def delivery_defaults(self, raw: Mapping[str, Any]) -> DeliveryConfig:
+        d = self.section(raw, "delivery", (*DELIVERY_KEYS, "drain_seconds"))
+        drain = d.get("drain_seconds", 5.0)
+        if isinstance(drain, bool) or not isinstance(drain, int | float) or drain < 0:
+            raise self.fail("delivery.drain_seconds", f"expected a number of seconds >= 0, got {drain!r}")
+        return DeliveryConfig(self.limits(d, "delivery", DeliveryLimits()), float(drain))
+
+    def limits(self, d: Mapping[str, Any], path: str, base: DeliveryLimits) -> DeliveryLimits:
+        dead_letter = self.string(d, "dead_letter", path, base.dead_letter)
+        limits = DeliveryLimits(
+            max_attempts=self.integer(d, "max_attempts", path, base.max_attempts, 1, nullable=True)
+            if "max_attempts" in d else base.max_attempts,
+            max_age_seconds=self.number(d, "max_age_seconds", path, base.max_age_seconds)
+            if "max_age_seconds" in d else base.max_age_seconds,
+            backoff_base_seconds=self.number(d, "backoff_base_seconds", path, base.backoff_base_seconds)
+            or base.backoff_base_seconds,
+            backoff_cap_seconds=self.number(d, "backoff_cap_seconds", path, base.backoff_cap_seconds)
+            or base.backoff_cap_seconds,
+            dead_letter=dead_letter.strip(),
+        )
+        if limits.backoff_cap_seconds < limits.backoff_base_seconds:
+            raise self.fail(f"{path}.backoff_cap_seconds",
+                            f"expected at least backoff_base_seconds ({limits.backoff_base_seconds:g}), "
+                            f"got {limits.backoff_cap_seconds:g}")
+        return limits
+
+    def delivery_limits(self, raw: Any, destinations: dict[str, DestinationConfig], defaults: DeliveryLimits,
+                        store: StoreConfig) -> dict[str, DestinationConfig]:
+        """Each destination's retry limits: the `delivery:` defaults with its own `delivery:` keys on top."""
+        out: dict[str, DestinationConfig] = {}
+        specs = raw if isinstance(raw, dict) else {}
+        for name, dest in destinations.items():
+            spec = specs.get(name)
+            path = f"destinations.{name}.delivery"
+            own = self.section(spec, "delivery", DELIVERY_KEYS, f"destinations.{name}") \
+                if isinstance(spec, dict) else {}
+            limits = self.limits(own, path, defaults) if own else defaults
+            where = path if "dead_letter" in own else "delivery"
+            target = limits.dead_letter
+            if target != DEAD_LETTER:
+                if target not in destinations:
+                    raise self.fail(f"{where}.dead_letter", f"expected {DEAD_LETTER} or a configured destination "
+                                                            f"name, got {target!r}")
+                if target == name and not dest.is_local:
+                    raise self.fail(f"{where}.dead_letter",
+                                    f"destination {name!r} cannot be its own dead-letter destination")
+            if not dest.is_local and store.max_age_seconds is not None and (
+                    limits.max_age_seconds is None or limits.max_age_seconds > store.max_age_seconds):
+                where = path if "max_age_seconds" in own else "delivery"
+                raise self.fail(f"{where}.max_age_seconds",
+                                f"expected at most store.max_age_seconds ({store.max_age_seconds:g}): store "
+                                f"retention would delete undelivered events silently, got {limits.max_age_seconds}")
+            out[name] = DestinationConfig(dest.name, dest.url, dest.scheme, dest.topic, dest.options, limits)
+        return out
 
     def dedup(self, raw: Mapping[str, Any]) -> DedupConfig:
         d = self.section(raw, "dedup", ("store", "url", "window_seconds", "max_entries"))
@@ -331,6 +411,16 @@ class _Parser:
             return parse(raw, {name: d.url for name, d in destinations.items()}, default)
         except RouterConfigError as exc:
             raise self.fail(exc.path, exc.reason) from None
+
+
+def _without_delivery_keys(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The mapping the router parses: destinations without their `delivery:` key (ours, not the router's)."""
+    specs = raw.get("destinations")
+    if not isinstance(specs, dict):
+        return dict(raw)
+    stripped = {name: {k: v for k, v in spec.items() if k != "delivery"} if isinstance(spec, dict) else spec
+                for name, spec in specs.items()}
+    return {**raw, "destinations": stripped}
 
 
 def _kind(value: Any) -> str:

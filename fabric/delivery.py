@@ -2,9 +2,18 @@
 
 The spool is a topic of the local store (`_spool.<destination>`), written in the same group commit
 that made the event durable for its 202. The worker publishes a page at a time, retries what failed
-with exponential backoff and full jitter, dead-letters what the broker can never take, and only then
-moves its cursor: after a crash everything not yet acknowledged by the broker is delivered again
-(at-least-once; consumers dedup on `source` + `id`).
+with exponential backoff and full jitter, dead-letters what the broker can never take (at once) or
+what ran out of attempts or age (per-destination limits), and only then moves its cursor: after a
+crash everything not yet acknowledged by the broker is delivered again (at-least-once; consumers
+dedup on `source` + `id`).
+
+Failover (issue 5 §4): while the estimator has the destination ejected the worker does not publish;
+it asks its `Failover` hook to re-decide each pending event with the router (the ejected destination
+is out, residency is enforced as at ingress). Events whose matching routes *choose* (`best`,
+`failover`, `split`) are appended to the new destinations' spools in one durable write, and only then
+leave this page (the cursor moves past them with the page). Events of an `all` route stay. Events
+with no allowed, healthy destination wait, bounded by the maximum age, then are dead-lettered with
+the reason `no allowed destination healthy: ...`.
 """
 
 from __future__ import annotations
@@ -13,19 +22,26 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
-from umcef.adapters.contract import Adapter, AdapterError, Throttled
-from umcef.adapters.local import LocalStore, StoredEvent
+from umcef.adapters.contract import Adapter, AdapterError, PublishOutcome, Throttled, Transient
+from umcef.adapters.local import LocalStore, Record, StoredEvent
 from umcef.fabric.deadletter import DeadLetterQueue
 from umcef.fabric.errors import EventError
 from umcef.fabric.event import Event
 from umcef.fabric.formats import json_format
 
+if TYPE_CHECKING:
+    from umcef.router.decide import Router
+
 log = logging.getLogger("umcef.delivery")
 CURSOR_GROUP = "delivery"
 SPOOL_PREFIX = "_spool."
+NO_HEALTHY = "no allowed destination healthy: "
+MAX_EJECTED_WAIT = 1.0  # seconds between two looks at an ejected destination (re-admission, failover targets)
 
 
 def spool_topic(destination: str) -> str:
@@ -37,15 +53,102 @@ class RetryPolicy:
     base_seconds: float = 0.1
     cap_seconds: float = 30.0
     max_attempts: int | None = None  # None: retry transient failures until the broker takes the event
+    max_age_seconds: float | None = None  # since the event was accepted (spool `stored_at`); None: no limit
 
     def backoff(self, attempt: int, floor: float = 0.0) -> float:
         """Full jitter: uniform(0, min(cap, base * 2^attempt)), never below a broker-given floor."""
-        return max(floor, random.uniform(0, min(self.cap_seconds, self.base_seconds * 2**attempt)))
+        return max(floor, random.uniform(0, min(self.cap_seconds, self.base_seconds * 2 ** min(attempt, 64))))
+
+    def expires_at(self, stored_at: float) -> float:
+        return float("inf") if self.max_age_seconds is None else stored_at + self.max_age_seconds
+
+
+@dataclass(frozen=True, slots=True)
+class Reroute:
+    """What failover decided for one event of an ejected destination's spool."""
+
+    action: str  # "stay" (an `all` route, or chosen again) | "move" | "wait" (no allowed healthy destination)
+    destinations: tuple[str, ...] = ()  # move: where to
+    reason: str = ""  # wait: why nothing is allowed and healthy
+
+
+STAY = Reroute("stay")
+
+
+class Failover(Protocol):
+    """The worker's view of the router during an ejection (implemented by `RouterFailover`)."""
+
+    def ejected(self) -> str | None:
+        """Why the worker's destination is ejected now, or None while it is up (or on probation)."""
+
+    def reroute(self, event: Event) -> Reroute: ...
+
+    async def move(self, moves: Sequence[tuple[Event, tuple[str, ...]]]) -> None:
+        """One durable append of every event to its new destinations (spools or local topics)."""
+
+
+class RouterFailover:
+    """`Failover` backed by the live router: re-decides the event with the explain records (per route),
+    so only the routes that contain this destination count, and residency is the router's own check."""
+
+    def __init__(self, destination: str, router: Router, store: LocalStore, topics: dict[str, str],
+                 spooled: Callable[[int], None] = lambda n: None) -> None:
+        self.destination = destination
+        self.router = router
+        self.store = store
+        self.topics = topics  # destination name -> topic (local topic, or the `_spool.` topic of a remote one)
+        self.spooled = spooled  # told how many records went to delivery spools (backpressure gauge)
+        self.slot = router.estimator.slot(destination)
+
+    def ejected(self) -> str | None:
+        estimator = self.router.estimator
+        estimator.tick()  # an ejection whose time is up turns into probation here, not only at the next probe
+        return None if estimator.up[self.slot] else estimator.describe_down(self.slot)
+
+    def reroute(self, event: Event) -> Reroute:
+        decision = self.router.decide(event, explain=True)
+        mine = [rec for rec in decision.explain or ()
+                if any(c.destination == self.destination for c in rec.candidates)]
+        if not mine or any(rec.mode == "all" for rec in mine):
+            # An `all` route keeps its copy here until the destination is back (docs/router.md); a
+            # destination no matching route names any more (a table swap) is left to the delivery-time
+            # residency re-check.
+            return STAY
+        targets: list[str] = []
+        reasons: list[str] = []
+        for rec in mine:
+            if self.destination in rec.destinations:
+                return STAY  # chosen again (back on probation meanwhile)
+            targets.extend(d for d in rec.destinations if d not in targets)
+            if not rec.destinations:
+                reasons.append(rec.reason or f"route {rec.route!r} chose nothing")
+        if targets:
+            return Reroute("move", tuple(targets))
+        return Reroute("wait", reason="; ".join(reasons))
+
+    async def move(self, moves: Sequence[tuple[Event, tuple[str, ...]]]) -> None:
+        records: list[Record] = []
+        for event, names in moves:
+            payload = json_format.encode(event)
+            key = str(event.attributes.get("partitionkey") or event.id)
+            records.extend(Record(self.topics[name], payload, key) for name in names)
+        await self.store.append(records)
+        self.spooled(sum(r.topic.startswith(SPOOL_PREFIX) for r in records))
+        for event, names in moves:
+            log.warning("%s is ejected: event %s moved to %s", self.destination, event.id, ", ".join(names))
+
+
+@dataclass(slots=True)
+class _Pending:
+    event: Event
+    expires_at: float  # unix seconds
+    waiting: str | None = None  # why no allowed destination is healthy (failover found nowhere to go)
 
 
 class DeliveryWorker:
     def __init__(self, destination: str, adapter: Adapter, store: LocalStore, dead_letters: DeadLetterQueue, *,
-                 policy: RetryPolicy = RetryPolicy(), page_size: int = 500) -> None:
+                 policy: RetryPolicy = RetryPolicy(), page_size: int = 500, failover: Failover | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.destination = destination
         self.adapter = adapter
         self.store = store
@@ -53,8 +156,16 @@ class DeliveryWorker:
         self.policy = policy
         self.page_size = page_size
         self.dead_letters = dead_letters
+        self.failover = failover
+        self.clock = clock  # wall clock: compared with the spool's `stored_at`
         self.delivered = 0
+        self.moved = 0  # events that left this spool by failover to other destinations
         self._stopping = asyncio.Event()
+
+    @property
+    def drained(self) -> int:
+        """Events that left this spool in this run other than by dead-lettering (backpressure gauge)."""
+        return self.delivered + self.moved
 
     async def run(self) -> None:
         after = self.store.cursor(CURSOR_GROUP, self.topic)
@@ -83,49 +194,130 @@ class DeliveryWorker:
             await pages.aclose()
 
     async def stop(self) -> None:
+        """Take no new page and abandon retry waits; a publish in flight completes (the gateway bounds
+        it with `delivery.drain_seconds`) and its page's cursor moves if the whole page is done."""
         self._stopping.set()
 
     async def _deliver(self, page: Sequence[StoredEvent]) -> bool:
-        """True once every event of the page is acknowledged by the broker or dead-lettered."""
-        pending: list[Event] = []
+        """True once every event of the page is acknowledged, moved elsewhere or dead-lettered."""
+        pending: list[_Pending] = []
         for stored in page:
             try:
-                pending.append(json_format.decode(stored.payload))
+                pending.append(_Pending(json_format.decode(stored.payload), self.policy.expires_at(stored.stored_at)))
             except EventError as exc:  # cannot happen for spooled events; never block the spool on one
                 await self.dead_letters.put_raw(stored.payload, stored.key, f"undecodable spool record: {exc}")
         attempt = 0
+        waits = 0
+        last: AdapterError | None = None
         while pending:
-            outcomes = await self.adapter.publish(pending)
-            retry: list[Event] = []
+            pending = await self._expire(pending, attempt, last)
+            if not pending:
+                return True
+            if self.failover is not None:
+                down = self.failover.ejected()
+                if down is not None:
+                    pending = await self._fail_over(pending)
+                    if not pending:
+                        return True
+                    # Still ejected: publish nothing; look again shortly (re-admission, a target back up).
+                    waits += 1
+                    delay = min(self.policy.cap_seconds, MAX_EJECTED_WAIT,
+                                self.policy.base_seconds * 2 ** min(waits, 20))
+                    if await self._pause(self._until_expiry(pending, delay)):
+                        return False
+                    continue
+            for p in pending:
+                p.waiting = None
+            try:
+                outcomes = await self.adapter.publish([p.event for p in pending])
+            except Exception as exc:  # an adapter bug or an unclassified client error: retry, never lose the page
+                log.exception("%s: publish raised", self.destination)
+                failed = Transient(f"publish raised {type(exc).__name__}: {exc}")
+                outcomes = [PublishOutcome(p.event.id, failed) for p in pending]
+            retry: list[_Pending] = []
             floor = 0.0
-            for event, outcome in zip(pending, outcomes, strict=True):
+            for p, outcome in zip(pending, outcomes, strict=True):
                 error = outcome.error
                 if error is None:
                     self.delivered += 1
                 elif not error.retryable:
-                    await self._dead_letter(event, error, attempt + 1)
+                    await self._dead_letter(p.event, f"{type(error).__name__}: {error}", attempt + 1)
                 else:
-                    retry.append(event)
+                    retry.append(p)
+                    last = error
                     if isinstance(error, Throttled):
                         floor = max(floor, error.retry_after)
             if not retry:
                 return True
             attempt += 1
-            last = next(o.error for o in outcomes if o.error is not None and o.error.retryable)
             if self.policy.max_attempts is not None and attempt >= self.policy.max_attempts:
-                for event in retry:
-                    await self._dead_letter(event, last, attempt)
+                for p in retry:
+                    await self._dead_letter(p.event, _describe(last), attempt)
                 return True
+            pending = retry
+            if self.failover is not None and self.failover.ejected() is not None:
+                continue  # this failure ejected the destination: fail over now rather than after a backoff
             delay = self.policy.backoff(attempt, floor)
             log.warning("%s: %d events failed (%s); retry %d in %.2fs", self.destination, len(retry), last,
                         attempt, delay)
-            try:
-                await asyncio.wait_for(self._stopping.wait(), delay)
+            if await self._pause(self._until_expiry(pending, delay)):
                 return False
-            except TimeoutError:
-                pending = retry
         return True
 
-    async def _dead_letter(self, event: Event, error: AdapterError | None, attempts: int) -> None:
-        reason = f"{type(error).__name__}: {error}" if error is not None else "unknown"
+    async def _pause(self, delay: float) -> bool:
+        """Sleep `delay` seconds; True when stop() came first."""
+        try:
+            await asyncio.wait_for(self._stopping.wait(), max(delay, 0.0))
+            return True
+        except TimeoutError:
+            return False
+
+    def _until_expiry(self, pending: list[_Pending], delay: float) -> float:
+        """Wake up no later than the first expiry, so the maximum age is honoured on time."""
+        first = min(p.expires_at for p in pending)
+        return min(delay, max(first - self.clock(), 0.0) + 0.01)
+
+    async def _expire(self, pending: list[_Pending], attempts: int, last: AdapterError | None) -> list[_Pending]:
+        """Dead-letter the events older than the maximum age; the rest stay pending."""
+        if self.policy.max_age_seconds is None:
+            return pending
+        now = self.clock()
+        keep: list[_Pending] = []
+        for p in pending:
+            if now < p.expires_at:
+                keep.append(p)
+            elif p.waiting is not None:
+                await self._dead_letter(p.event, NO_HEALTHY + p.waiting, attempts)
+            else:
+                why = f"maximum age {self.policy.max_age_seconds:g} s exceeded after {attempts} attempts"
+                await self._dead_letter(p.event, why if last is None else f"{why}; last error: {_describe(last)}",
+                                        attempts)
+        return keep
+
+    async def _fail_over(self, pending: list[_Pending]) -> list[_Pending]:
+        """Move what may move (one durable append), keep the rest pending (`all` routes, nowhere to go)."""
+        assert self.failover is not None
+        moves: list[tuple[Event, tuple[str, ...]]] = []
+        keep: list[_Pending] = []
+        for p in pending:
+            try:
+                decision = self.failover.reroute(p.event)
+            except Exception as exc:  # a router bug must not lose or block the event: it stays here
+                log.exception("failover decision failed for %s", p.event.id)
+                decision = Reroute("wait", reason=f"router error: {type(exc).__name__}: {exc}")
+            if decision.action == "move":
+                moves.append((p.event, decision.destinations))
+                continue
+            p.waiting = decision.reason if decision.action == "wait" else None
+            keep.append(p)
+        if moves:
+            await self.failover.move(moves)  # durable before the events leave the page (and the cursor moves)
+            self.moved += len(moves)
+        return keep
+
+    async def _dead_letter(self, event: Event, reason: str, attempts: int) -> None:
         await self.dead_letters.put(event, reason, destination=self.destination, attempts=attempts)
+
+
+def _describe(error: AdapterError | None) -> str:
+    return f"{type(error).__name__}: {error}" if error is not None else "unknown"

@@ -15,10 +15,10 @@ from umcef.adapters import open_adapter
 from umcef.adapters.contract import Adapter, Handler, PublishOutcome, Rejected, Throttled
 from umcef.adapters.local import LocalStore, Retention
 from umcef.fabric.backpressure import SpoolGauge
-from umcef.fabric.config import Config
+from umcef.fabric.config import DEAD_LETTER, Config, DeliveryLimits
 from umcef.fabric.deadletter import DeadLetterQueue
 from umcef.fabric.dedup import DedupStore, DedupWindow
-from umcef.fabric.delivery import CURSOR_GROUP, DeliveryWorker, spool_topic
+from umcef.fabric.delivery import CURSOR_GROUP, SPOOL_PREFIX, DeliveryWorker, RetryPolicy, RouterFailover, spool_topic
 from umcef.fabric.event import Event
 from umcef.fabric.ingress.http_server import start_http_server
 from umcef.fabric.pipeline import LocalSpool, Pipeline
@@ -115,15 +115,27 @@ def build_dedup(config: Config) -> DedupStore:
 
 def build_pipeline(config: Config, store: LocalStore, router: Router | None = None,
                    gauge: SpoolGauge | None = None) -> Pipeline:
-    # Local destinations are written to their topic; remote ones to the spool topic their worker drains.
-    topics = {name: d.topic for name, d in config.destinations.items()}
     return Pipeline(
         build_dedup(config),
         router if router is not None else build_router(config),
-        LocalSpool(store, topics, gauge),
+        LocalSpool(store, destination_topics(config), gauge),
         config.limits,
         backpressure=gauge,
     )
+
+
+def destination_topics(config: Config) -> dict[str, str]:
+    """Destination name -> topic: local destinations are written to their topic, remote ones to the spool
+    topic their worker drains; `_deadletter` (router refusals) to the configured dead-letter destination."""
+    topics = {name: d.topic for name, d in config.destinations.items()}
+    target = config.delivery.defaults.dead_letter
+    topics[DEAD_LETTER] = DEAD_LETTER if target == DEAD_LETTER else config.destinations[target].topic
+    return topics
+
+
+def retry_policy(limits: DeliveryLimits) -> RetryPolicy:
+    return RetryPolicy(limits.backoff_base_seconds, limits.backoff_cap_seconds, limits.max_attempts,
+                       limits.max_age_seconds)
 
 
 def spool_depth(store: LocalStore, destination: str, cap: int) -> int:
@@ -152,6 +164,7 @@ class Gateway:
         self.router = build_router(config)
         self.adapters: dict[str, Adapter] = {}
         self.workers: dict[str, DeliveryWorker] = {}
+        self.topics = destination_topics(config)
         bp = config.backpressure
         self.spool_gauge = SpoolGauge(bp.max_spooled_events, bp.retry_after_seconds, self._drained)
         if bp.max_spooled_events is not None:
@@ -161,6 +174,7 @@ class Gateway:
         self.probes: ProbeLoop | None = None
         self.dead_letters = DeadLetterQueue(self.store)
         self._worker_dead_letters: list[DeadLetterQueue] = []
+        self._dead_letter_spools: list[DeadLetterQueue] = []
         self.sources: dict[str, SourceRunner] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._http: Any = None
@@ -174,10 +188,16 @@ class Gateway:
                 self.adapters[name] = adapter
                 page = self.config.routing.destination(name).max_in_flight
                 # A DLQ per worker: its count is what left this spool by dead-lettering (backpressure).
-                dead_letters = DeadLetterQueue(self.store)
+                limits = dest.delivery
+                dlq_topic = self.topics[DEAD_LETTER if limits.dead_letter == DEAD_LETTER else limits.dead_letter]
+                dead_letters = DeadLetterQueue(self.store, dlq_topic)
                 self._worker_dead_letters.append(dead_letters)
+                if dlq_topic.startswith(SPOOL_PREFIX):  # dead letters to a remote destination wait in its spool
+                    self._dead_letter_spools.append(dead_letters)
+                failover = RouterFailover(name, self.router, self.store, self.topics, self.spool_gauge.add)
                 self.workers[name] = DeliveryWorker(name, RoutedAdapter(adapter, name, self.router), self.store,
-                                                    dead_letters, page_size=page)
+                                                    dead_letters, policy=retry_policy(limits), page_size=page,
+                                                    failover=failover)
                 self._spawn(self.workers[name].run(), f"deliver:{name}")
         if self.adapters:
             self.probes = ProbeLoop(self.router.estimator, {n: a.probe for n, a in self.adapters.items()})
@@ -201,8 +221,10 @@ class Gateway:
         return self.endpoints
 
     def _drained(self) -> int:
-        """Events that left the delivery spools in this run: acknowledged or dead-lettered."""
-        return sum(w.delivered for w in self.workers.values()) + sum(d.count for d in self._worker_dead_letters)
+        """Events that left the delivery spools in this run: acknowledged, moved by failover (the move adds
+        them to their new spool) or dead-lettered (minus dead letters that went into another spool)."""
+        return (sum(w.drained for w in self.workers.values()) + sum(d.count for d in self._worker_dead_letters)
+                - sum(d.count for d in self._dead_letter_spools))
 
     def _spawn(self, work: Any, name: str) -> None:
         task = asyncio.create_task(work, name=name)
@@ -214,9 +236,12 @@ class Gateway:
         if not task.cancelled() and task.exception() is not None:
             log.error("%s stopped: %r", task.get_name(), task.exception())
 
-    async def stop(self, grace: float = 5.0) -> None:
-        """Stop accepting, let in-flight publishes finish (they are durable on return), stop sources and
-        delivery workers (undelivered events stay in the spool), close adapters and the store."""
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful shutdown (issue 5 §6): stop accepting, let in-flight publishes finish (they are durable
+        on return), stop sources, let delivery workers finish the publish they have in flight for up to
+        `grace` seconds (default `delivery.drain_seconds`) and cancel what is still running then; every
+        event not acknowledged stays in the spool for the next start. Then close adapters and the store."""
+        grace = self.config.delivery.drain_seconds if grace is None else grace
         self.pipeline.closing = True
         if self._grpc is not None:
             await self._grpc.stop(grace)
