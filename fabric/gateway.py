@@ -77,7 +77,7 @@ class RoutedAdapter:
             raise
         elapsed = time.perf_counter() - started
         if any(r.error is None for r in results):
-            estimator.observe(self.name, elapsed)
+            estimator.delivered(self.name, elapsed)
         else:
             failures = [r.error for r in results if not isinstance(r.error, Rejected | Throttled)]
             if failures:

@@ -48,6 +48,7 @@ class Estimator:
         self.names: list[str] = []
         self._slots: dict[str, int] = {}
         self._sampled: list[bool] = []
+        self._warm: list[bool] = []  # a destination's first delivery (connection set-up) has happened
         self._pinned: list[bool] = []
         self._last: list[float] = []
         self._failures: list[int] = []
@@ -68,6 +69,7 @@ class Estimator:
             self.up.append(1)
             self.admit.append(1.0)
             self._sampled.append(False)
+            self._warm.append(False)
             self._pinned.append(False)
             self._last.append(0.0)
             self._failures.append(0)
@@ -102,6 +104,26 @@ class Estimator:
             self.rtt_ms[s] = estimate * keep + sample * (1.0 - keep)
         self._sampled[s] = True
         self._last[s] = now
+        self._failures[s] = 0
+        self._advance(s, now)
+
+    def delivered(self, name: str, seconds: float, now: float | None = None) -> None:
+        """A delivery the broker acknowledged, taking `seconds` for the whole publish call.
+
+        A page publish is not comparable with a probe (it grows with the page and the first one
+        includes connecting), and scoring compares destinations by one number; so deliveries clear the
+        failure count always but move the RTT only as a peak — when a call took longer than twice the
+        current estimate, real traffic has seen the broker slow down before the next probe would.
+        The first delivery (connection and producer set-up) is never a sample.
+        """
+        s = self.slot(name)
+        if self._pinned[s]:
+            return
+        now = self.clock() if now is None else now
+        if self._warm[s] and self._sampled[s] and seconds * 1000.0 > 2.0 * self.rtt_ms[s]:
+            self.observe(name, seconds, now)
+            return
+        self._warm[s] = True
         self._failures[s] = 0
         self._advance(s, now)
 

@@ -138,3 +138,17 @@ async def test_probe_loop_feeds_the_estimator() -> None:
     assert est.up[est.slot("bad")] == 0 and "no route to host" in est.describe_down(est.slot("bad"))
     assert est.up[est.slot("slow")] == 0 and "timed out" in est.describe_down(est.slot("slow"))
     assert calls["ok"] >= 2
+
+
+def test_deliveries_clear_failures_and_move_the_rtt_only_as_a_peak() -> None:
+    est = Estimator(SETTINGS)
+    est.observe("d", 0.002, now=0.0)  # probes: 2 ms
+    est.delivered("d", 0.500, now=0.1)  # the first delivery includes connecting: never a sample
+    assert rtt(est) == pytest.approx(2.0)
+    est.delivered("d", 0.003, now=0.2)  # a page of 3 ms is not slower than the broker: no sample
+    assert rtt(est) == pytest.approx(2.0)
+    est.failure("d", "x", now=0.3)
+    est.delivered("d", 0.001, now=0.4)
+    assert est._failures[est.slot("d")] == 0  # a delivery proves the destination alive
+    est.delivered("d", 0.300, now=0.5)  # real traffic saw the broker slow down: fast rise
+    assert rtt(est) == pytest.approx(300.0)

@@ -1,0 +1,88 @@
+"""Helpers shared by the chaos tests: read a Kafka topic back with aiokafka (not through the gateway)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aiokafka import AIOKafkaConsumer, TopicPartition  # type: ignore[import-untyped]
+
+
+@dataclass
+class Record:
+    partition: int
+    offset: int
+    key: bytes | None
+    headers: dict[str, str]
+    value: bytes
+
+    @property
+    def ce_id(self) -> str:
+        return self.headers["ce_id"]
+
+    @property
+    def ce_source(self) -> str:
+        return self.headers["ce_source"]
+
+
+@dataclass
+class TopicReader:
+    """Reads a topic from the beginning (no group) and keeps every record, duplicates included."""
+
+    bootstrap: str
+    topic: str
+    records: list[Record] = field(default_factory=list)
+    consumer: AIOKafkaConsumer | None = None
+    next_offset: dict[int, int] = field(default_factory=dict)
+
+    async def __aenter__(self) -> TopicReader:
+        self.consumer = AIOKafkaConsumer(self.topic, bootstrap_servers=self.bootstrap,
+                                         auto_offset_reset="earliest", enable_auto_commit=False,
+                                         request_timeout_ms=10_000, retry_backoff_ms=200)
+        await self.consumer.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.consumer is not None
+        await self.consumer.stop()
+
+    def keys(self) -> set[tuple[str, str]]:
+        """Distinct (source, id): the consumer-side dedup the delivery contract asks for."""
+        return {(r.ce_source, r.ce_id) for r in self.records}
+
+    async def poll(self, timeout_ms: int = 300) -> int:
+        assert self.consumer is not None
+        got = 0
+        batches = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=5000)
+        for tp, recs in batches.items():
+            for r in recs:
+                self.records.append(Record(tp.partition, r.offset, r.key,
+                                           {k: v.decode() for k, v in (r.headers or ())}, r.value))
+                self.next_offset[tp.partition] = max(self.next_offset.get(tp.partition, 0), r.offset + 1)
+                got += 1
+        return got
+
+    async def until(self, done: Callable[[], bool], seconds: float, what: str) -> None:
+        """Poll until `done()` or fail after `seconds` (no blind sleep: the deadline is the bound)."""
+        deadline = time.monotonic() + seconds
+        while not done():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {seconds:.0f} s waiting for {what}")
+            await self.poll()
+
+    async def to_end(self, seconds: float = 30) -> None:
+        """Read everything the topic holds right now (up to its current end offsets)."""
+        assert self.consumer is not None
+        parts = [TopicPartition(self.topic, p) for p in (self.consumer.partitions_for_topic(self.topic) or ())]
+        end = await self.consumer.end_offsets(parts)
+        deadline = time.monotonic() + seconds
+
+        def caught_up() -> bool:
+            return all(self.next_offset.get(tp.partition, 0) >= end[tp] for tp in parts)
+
+        while not caught_up():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"could not read {self.topic} to its end offsets {end} in {seconds} s")
+            await self.poll()
+
