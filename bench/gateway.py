@@ -1,0 +1,956 @@
+"""The gateway side by side with the Kafka client and a naive bridge, on one Tansu broker (issue 5).
+
+    python bench/gateway.py            # full run (under 3 minutes)
+    python bench/gateway.py --quick    # smaller runs (under 60 s)
+    python bench/gateway.py --profile  # afterwards, cProfile the gateway's main thread (not in the figures)
+
+Run from the repo root. It starts Tansu (`tests/brokers.py`, memory storage), then, each in its own process
+so that nothing shares a GIL with the server under test:
+
+- the gateway: `umcef serve --config <tmp yaml>` routing the order events to `kafka://.../gw` with
+  `store: {sync: full}` (accepted = fsynced in the durable spool; a delivery worker drains it to Kafka);
+- a naive bridge written here (`--role bridge`): aiohttp, `POST` -> `produce()` every event of the body
+  (the whole JSON event as the record value, `partitionkey` as key) -> await every delivery report -> 202.
+  confluent-kafka, idempotent, acks=all, linger.ms=0 (the gateway's client and settings), plain asyncio;
+- load generators (`--role load`): HTTP clients (aiohttp) posting `application/cloudevents-batch+json`,
+  or the Kafka client producing directly (confluent-kafka idempotent as the gateway's adapter; aiokafka
+  not idempotent, as it fails on Tansu, for the saturation figure only);
+- a consumer (`--role consume`, confluent-kafka, fetch.wait.max.ms=5) for the latency runs.
+
+Measured:
+
+- saturation: events/s with CONCURRENCY concurrent senders, batches of BATCH, for a fixed duration.
+  "delivered" is events in Kafka (sum of the topic's high watermarks, polled every 10 ms) divided by the
+  time from the first send until the last one was in Kafka; for the gateway, "accepted" (its 202s, = on
+  disk) is shown alongside since a 202 does not wait for Kafka. The direct producer and the bridge only
+  answer once Kafka acknowledged, so for them both are the same.
+- latency: open-loop offered loads; every event carries `benchts` (wall-clock ns at send time, taken just
+  before the request / produce()) and the consumer computes consume time - benchts. p50/p99 per run.
+  1,000 events/s as single-event batches (1,000 requests/s); the higher load as batches of 10.
+  added p99 = system p99 - direct producer p99 in the same round.
+
+Rounds are interleaved (the order rotates); figures are medians over rounds, min/max in the JSON. Every
+process shares the machine's CPUs with Tansu and with whatever else runs there: the load average is
+printed and stored. Writes bench/results/gateway.json and gateway.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(1, str(ROOT))
+
+import orjson  # noqa: E402
+from _sample import ATTRIBUTES, ORDER  # noqa: E402
+
+BATCH = 100
+KEYS = 64
+PARTITIONS = 4
+BASE: dict[str, Any] = {k: v for k, v in ATTRIBUTES.items() if k not in ("id", "partitionkey")}
+BATCH_CT = "application/cloudevents-batch+json"
+NOISE_FLOOR_MS = 5.0  # direct producer p99 above this: the added-p99 verdict is "inconclusive"
+SYSTEMS_SAT = ["direct confluent", "direct aiokafka", "naive bridge", "gateway"]
+SYSTEMS_LAT = ["direct confluent", "naive bridge", "gateway"]
+
+
+def producer_conf(bootstrap: str) -> dict[str, Any]:
+    return {
+        "bootstrap.servers": bootstrap,
+        "acks": "all",
+        "enable.idempotence": True,
+        "linger.ms": 0,
+        "log.connection.close": False,
+    }
+
+
+# ==================================================================================================
+# events
+
+
+def event_dicts(tag: str, start: int, n: int) -> list[dict[str, Any]]:
+    now = f"{tag}.{time.time_ns()}"
+    return [
+        {**BASE, "id": f"{tag}-{i}", "partitionkey": f"customer-{i % KEYS}", "benchts": now, "data": ORDER}
+        for i in range(start, start + n)
+    ]
+
+
+class BinaryRecords:
+    """The records the gateway's adapter writes (binary mode), built from a template per event."""
+
+    def __init__(self) -> None:
+        from umcef.fabric.bindings import kafka as binding
+        from umcef.fabric.event import Event
+
+        attrs = {**BASE, "id": "x", "partitionkey": "k", "benchts": "t"}
+        message = binding.to_binary(Event(attrs, orjson.dumps(ORDER)), binding.partitionkey_mapper)
+        self.value = message.value
+        self.base = [(k, v) for k, v in message.headers if k not in ("ce_id", "ce_partitionkey", "ce_benchts")]
+
+    def batch(self, tag: str, start: int, n: int) -> list[tuple[bytes, bytes, list[tuple[str, bytes]]]]:
+        ts = f"{tag}.{time.time_ns()}".encode()
+        out = []
+        for i in range(start, start + n):
+            key = f"customer-{i % KEYS}".encode()
+            out.append(
+                (
+                    key,
+                    self.value,
+                    [*self.base, ("ce_id", f"{tag}-{i}".encode()), ("ce_partitionkey", key), ("ce_benchts", ts)],
+                )
+            )
+        return out
+
+
+# ==================================================================================================
+# role: load generator
+
+
+class HttpSender:
+    def __init__(self, url: str, limit: int) -> None:
+        import aiohttp
+
+        self.url = url
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=limit), timeout=aiohttp.ClientTimeout(total=60)
+        )
+        self.statuses: dict[int, int] = {}
+
+    async def send(self, tag: str, start: int, n: int) -> bool:
+        body = orjson.dumps(event_dicts(tag, start, n))
+        async with self.session.post(self.url, data=body, headers={"content-type": BATCH_CT}) as resp:
+            await resp.read()
+            self.statuses[resp.status] = self.statuses.get(resp.status, 0) + 1
+            return resp.status == 202
+
+    def fire(self, tag: str, start: int, n: int) -> asyncio.Future[bool]:
+        return asyncio.ensure_future(self.send(tag, start, n))
+
+    async def close(self) -> None:
+        await self.session.close()
+
+
+class ConfluentSender:
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        from confluent_kafka import Producer
+
+        self.producer = Producer(producer_conf(bootstrap))
+        self.topic = topic
+        self.records = BinaryRecords()
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.producer.poll(0.05)
+
+    def fire(self, tag: str, start: int, n: int) -> asyncio.Future[bool]:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[bool] = loop.create_future()
+        remaining = [n]
+        failed = [False]
+
+        def delivered(err: Any, msg: Any) -> None:  # poll thread
+            if err is not None:
+                failed[0] = True
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                loop.call_soon_threadsafe(done.set_result, not failed[0])
+
+        produce, topic = self.producer.produce, self.topic
+        for key, value, headers in self.records.batch(tag, start, n):
+            produce(topic, value, key, headers=headers, on_delivery=delivered)  # type: ignore[arg-type]
+        return done
+
+    async def send(self, tag: str, start: int, n: int) -> bool:
+        return await self.fire(tag, start, n)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.producer.flush, 10)
+        self._stop.set()
+        self._thread.join(2)
+
+
+class AiokafkaSender:
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.bootstrap, self.topic = bootstrap, topic
+        self.records = BinaryRecords()
+        self.producer: Any = None
+
+    async def start(self) -> None:
+        from aiokafka import AIOKafkaProducer
+
+        self.producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap,
+            acks="all",
+            enable_idempotence=False,
+            linger_ms=0,
+            max_batch_size=512 * 1024,
+        )
+        await self.producer.start()
+
+    async def send(self, tag: str, start: int, n: int) -> bool:
+        futures = [
+            await self.producer.send(self.topic, value, key, headers=headers)
+            for key, value, headers in self.records.batch(tag, start, n)
+        ]
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        return not any(isinstance(r, BaseException) for r in results)
+
+    def fire(self, tag: str, start: int, n: int) -> asyncio.Future[bool]:
+        return asyncio.ensure_future(self.send(tag, start, n))
+
+    async def close(self) -> None:
+        await self.producer.stop()
+
+
+async def load_main(spec: dict[str, Any]) -> dict[str, Any]:
+    kind, tag = spec["kind"], spec["tag"]
+    if kind == "http":
+        sender: Any = HttpSender(spec["url"], max(spec.get("concurrency", 1), 64) * 2)
+    elif kind == "confluent":
+        sender = ConfluentSender(spec["bootstrap"], spec["topic"])
+    else:
+        sender = AiokafkaSender(spec["bootstrap"], spec["topic"])
+        await sender.start()
+    # warm-up (connections, metadata), untimed and not counted by the consumer (other tag)
+    for w in range(3):
+        await sender.send(f"{tag}w", w * 10, 10)
+    errors = 0
+    sent = 0
+    lags: list[float] = []
+    started = time.time()
+    if spec["mode"] == "saturate":
+        batch, deadline = spec["batch"], time.perf_counter() + spec["duration"]
+        counter = [0]
+
+        async def worker() -> None:
+            nonlocal sent, errors
+            while time.perf_counter() < deadline:
+                start = counter[0]
+                counter[0] += batch
+                if await sender.send(tag, start, batch):
+                    sent += batch
+                else:
+                    errors += 1
+
+        await asyncio.gather(*(worker() for _ in range(spec["concurrency"])))
+    else:  # open loop at `rate` events/s, `batch` events per request
+        rate, batch, duration = spec["rate"], spec["batch"], spec["duration"]
+        requests = int(rate * duration / batch)
+        interval = batch / rate
+        pending: set[asyncio.Future[bool]] = set()
+        t0 = time.perf_counter() + 0.02
+        for r in range(requests):
+            delay = t0 + r * interval - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            lags.append(max(0.0, -delay) * 1e3)
+            fut = sender.fire(tag, r * batch, batch)
+            pending.add(fut)
+            fut.add_done_callback(pending.discard)
+        results = await asyncio.gather(*list(pending), return_exceptions=True) if pending else []
+        del results
+        sent = requests * batch  # failures are counted by statuses / the consumer's count
+    finished = time.time()
+    out: dict[str, Any] = {"started": started, "finished": finished, "sent": sent, "errors": errors}
+    if lags:
+        lags.sort()
+        out["send_lag_ms_p50"] = lags[len(lags) // 2]
+        out["send_lag_ms_p99"] = lags[int(len(lags) * 0.99)]
+    if isinstance(sender, HttpSender):
+        out["statuses"] = {str(k): v for k, v in sender.statuses.items()}
+    await sender.close()
+    return out
+
+
+# ==================================================================================================
+# role: naive bridge (what a user would write instead of the gateway)
+
+
+def bridge_main(bootstrap: str, topic: str) -> None:
+    from aiohttp import web
+    from confluent_kafka import Producer
+
+    producer = Producer(producer_conf(bootstrap))
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            producer.poll(0.05)
+
+    threading.Thread(target=poll, daemon=True).start()
+
+    async def publish(request: web.Request) -> web.Response:
+        body = await request.read()
+        events = orjson.loads(body)
+        if isinstance(events, dict):
+            events = [events]
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        remaining = [len(events)]
+        failures: list[Any] = []
+
+        def delivered(err: Any, msg: Any) -> None:
+            if err is not None:
+                failures.append(err)
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                loop.call_soon_threadsafe(done.set_result, None)
+
+        for event in events:
+            key = event.get("partitionkey")
+            producer.produce(topic, orjson.dumps(event), key.encode() if key else None, on_delivery=delivered)
+        await done
+        if failures:
+            return web.json_response({"error": str(failures[0])}, status=503)
+        return web.json_response({"accepted": [e.get("id") for e in events]}, status=202)
+
+    async def main() -> None:
+        app = web.Application(client_max_size=8 * 1024 * 1024)
+        app.router.add_post("/v1/events", publish)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        print(f"BRIDGE http://127.0.0.1:{port}/v1/events", flush=True)
+        ended = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, ended.set)
+        await ended.wait()
+        await runner.cleanup()
+
+    asyncio.run(main())
+    stop.set()
+    producer.flush(5)
+
+
+# ==================================================================================================
+# role: consumer (end-to-end latency)
+
+
+def consume_main(spec: dict[str, Any]) -> dict[str, Any]:
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": spec["bootstrap"],
+            "group.id": f"bench-{os.getpid()}",
+            "enable.auto.commit": False,
+            "fetch.wait.max.ms": 5,
+            "fetch.min.bytes": 1,
+            "log.connection.close": False,
+        }
+    )
+    consumer.assign([TopicPartition(spec["topic"], int(p), int(o)) for p, o in spec["offsets"].items()])
+    consumer.consume(1, 0.5)  # connect (the topic only has older records before the offsets)
+    print("READY", flush=True)
+    deadline = time.monotonic() + spec["timeout"]
+    if spec["expected"] is None:  # count everything; the total arrives on stdin once the load has ended
+        total = [1 << 62]
+        threading.Thread(target=lambda: total.__setitem__(0, int(sys.stdin.readline())), daemon=True).start()
+        count, last = 0, 0.0
+        while count < total[0] and time.monotonic() < deadline:
+            first = consumer.poll(0.05)
+            msgs = [first, *consumer.consume(1000, 0)] if first is not None else []
+            if msgs:
+                count += sum(1 for m in msgs if not m.error())
+                last = time.time()
+        consumer.close()
+        return {"count": count, "last": last}
+    prefix = spec["tag"].encode() + b"."
+    expected = spec["expected"]
+    lat: list[float] = []
+    other = 0
+    while len(lat) < expected and time.monotonic() < deadline:
+        # poll() returns as soon as one record is there (consume(n, t) would wait for n or t), then
+        # take what else is already fetched without waiting
+        first = consumer.poll(0.05)
+        now = time.time_ns()
+        if first is None:
+            continue
+        msgs = [first, *consumer.consume(500, 0)]
+        for m in msgs:
+            if m.error():
+                continue
+            ts = None
+            for k, v in m.headers() or []:  # type: ignore[str-unpack]
+                if k == "ce_benchts":
+                    ts = v
+                    break
+            if ts is None:
+                with contextlib.suppress(Exception):
+                    ts = orjson.loads(m.value() or b"{}").get("benchts", "").encode()
+            if ts and ts.startswith(prefix):
+                lat.append((now - int(ts[len(prefix) :])) / 1e6)
+            else:
+                other += 1
+    consumer.close()
+    return {"latencies_ms": lat, "other": other}
+
+
+# ==================================================================================================
+# orchestration
+
+
+def spawn_role(role: str, spec: dict[str, Any], *, stdin: Any = subprocess.DEVNULL) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--role",
+            role,
+            "--spec",
+            orjson.dumps(spec, option=orjson.OPT_NON_STR_KEYS).decode(),
+        ],
+        stdin=stdin,
+        stdout=subprocess.PIPE,
+        stderr=None,
+        text=True,
+        cwd=ROOT,
+    )
+
+
+def run_role(role: str, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    proc = spawn_role(role, spec)
+    out, _ = proc.communicate(timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{role} failed ({proc.returncode}): {out[-2000:]}")
+    result: dict[str, Any] = orjson.loads(out.strip().splitlines()[-1])
+    return result
+
+
+class Watermarks:
+    def __init__(self, bootstrap: str) -> None:
+        from confluent_kafka import Consumer
+
+        self.consumer = Consumer(
+            {"bootstrap.servers": bootstrap, "group.id": "bench-watermarks", "log.connection.close": False}
+        )
+
+    def offsets(self, topic: str) -> dict[int, int]:
+        from confluent_kafka import TopicPartition
+
+        return {
+            p: self.consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=5, cached=False)[1]
+            for p in range(PARTITIONS)
+        }
+
+    def total(self, topic: str) -> int:
+        return sum(self.offsets(topic).values())
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+class Gateway:
+    """`umcef serve --config FILE` in its own process; stderr to a file (never a pipe nobody reads)."""
+
+    def __init__(self, config: Path, data_dir: Path, log: Path, profile_to: Path | None = None) -> None:
+        prefix = ["-m", "cProfile", "-o", str(profile_to)] if profile_to else []
+        args = [
+            sys.executable,
+            *prefix,
+            "-m",
+            "umcef.fabric.cli",
+            "serve",
+            "--config",
+            str(config),
+            "--port",
+            "0",
+            "--data-dir",
+            str(data_dir),
+        ]
+        self.log = log
+        self.errfile = log.open("w")
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=self.errfile, cwd=ROOT)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            text = log.read_text()
+            if "HTTP on http://" in text:
+                port = int(text.split("HTTP on http://")[1].split(":")[1].split(",")[0].split(";")[0].split()[0])
+                self.url = f"http://127.0.0.1:{port}/v1/events"
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        self.proc.kill()
+        raise RuntimeError("gateway did not start: " + log.read_text()[-3000:])
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.errfile.close()
+
+
+def cpu_busy() -> tuple[int, int]:
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
+def thread_cpu(pid: int | None) -> dict[str, float]:
+    """CPU seconds per thread name (comm) of a process, all its threads."""
+    out: dict[str, float] = {}
+    if pid is None:
+        return out
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            stat = (task / "stat").read_text()
+            comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+            fields = stat[stat.rindex(")") + 2 :].split()
+            name = "main (event loop)" if task.name == str(pid) else f"other {comm} threads"
+            out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float], events: int) -> dict[str, Any]:
+    """µs of CPU per event, per thread name and in total (threads that came and went are approximate)."""
+    per = {k: (after.get(k, 0.0) - before.get(k, 0.0)) / max(events, 1) * 1e6 for k in after}
+    per = {k: round(v, 1) for k, v in sorted(per.items(), key=lambda kv: -kv[1]) if v > 0}
+    return {"total_us_per_event": round(sum(per.values()), 1), "by_thread_us_per_event": per}
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * q))]
+
+
+def med(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.quick = args.quick
+        self.sat_rounds = 2 if args.quick else 3
+        self.sat_seconds = 1.0 if args.quick else 2.0
+        self.lat_rounds = 1 if args.quick else 2
+        self.lat_seconds = 2.0 if args.quick else 4.0
+        self.concurrency = args.concurrency
+        self.loads = [(1000, 1), (args.high_load, 10)]
+        self.tmp = Path(tempfile.mkdtemp(prefix="umcef-bench-gw-"))
+        self.seq = 0
+
+    def log(self, msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    def tag(self) -> str:
+        self.seq += 1
+        return f"r{self.seq}"
+
+    def target(self, system: str) -> dict[str, Any]:
+        if system == "direct confluent":
+            return {"kind": "confluent", "bootstrap": self.bootstrap, "topic": self.topics[system]}
+        if system == "direct aiokafka":
+            return {"kind": "aiokafka", "bootstrap": self.bootstrap, "topic": self.topics[system]}
+        if system == "naive bridge":
+            return {"kind": "http", "url": self.bridge_url}
+        assert self.gateway is not None
+        return {"kind": "http", "url": self.gateway.url}
+
+    def server_pid(self, system: str) -> int | None:
+        if system == "gateway":
+            return self.gateway.proc.pid if self.gateway is not None else None
+        return self.bridge.pid if system == "naive bridge" and self.bridge is not None else None
+
+    def saturate(self, system: str) -> dict[str, Any]:
+        # Tansu's high watermarks lag the records actually stored (seen: 86,141 vs 86,930 consumed), so
+        # "in Kafka" is counted by a consumer: it reports when it has read everything that was acked.
+        topic = self.topics[system]
+        consumer = spawn_role(
+            "consume",
+            {
+                "bootstrap": self.bootstrap,
+                "topic": topic,
+                "offsets": self.wm.offsets(topic),
+                "tag": "",
+                "expected": None,
+                "timeout": self.sat_seconds + 40,
+            },
+            stdin=subprocess.PIPE,
+        )
+        assert consumer.stdout is not None and consumer.stdin is not None
+        if consumer.stdout.readline().strip() != "READY":
+            raise RuntimeError("consumer did not start")
+        busy0 = cpu_busy()
+        server = self.server_pid(system)
+        cpu0 = thread_cpu(server)
+        out = run_role(
+            "load",
+            {
+                **self.target(system),
+                "mode": "saturate",
+                "tag": self.tag(),
+                "batch": BATCH,
+                "concurrency": self.concurrency,
+                "duration": self.sat_seconds,
+            },
+            60,
+        )
+        busy1 = cpu_busy()
+        consumer.stdin.write(f"{out['sent'] + 30}\n")  # + the load generator's 3 warm-up batches of 10
+        consumer.stdin.flush()
+        text, _ = consumer.communicate(timeout=60)
+        got = orjson.loads(text.strip().splitlines()[-1])
+        if got["count"] < out["sent"] + 30:
+            raise RuntimeError(f"{system}: only {got['count']} of {out['sent'] + 30} events reached Kafka")
+        cpu1 = thread_cpu(server)
+        elapsed = out["finished"] - out["started"]
+        delivered_at = got["last"]
+        return {
+            "server_cpu": cpu_delta(cpu0, cpu1, out["sent"] + 30) if server else None,
+            "server_cpu_share_of_one_core": (sum(cpu1.values()) - sum(cpu0.values()))
+            / (max(delivered_at, out["finished"]) - out["started"])
+            if server
+            else None,
+            "accepted_per_s": out["sent"] / elapsed,
+            "delivered_per_s": out["sent"] / (max(delivered_at, out["finished"]) - out["started"]),
+            "errors": out["errors"],
+            "drain_after_last_ack_s": max(0.0, delivered_at - out["finished"]),
+            "statuses": out.get("statuses"),
+            "events": out["sent"],
+            "machine_cpu_busy_during_load": (busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1]),
+        }
+
+    def latency(self, system: str, rate: int, batch: int) -> dict[str, Any]:
+        topic = self.topics[system]
+        tag = self.tag()
+        expected = int(rate * self.lat_seconds / batch) * batch
+        offsets = self.wm.offsets(topic)
+        consumer = spawn_role(
+            "consume",
+            {
+                "bootstrap": self.bootstrap,
+                "topic": topic,
+                "offsets": offsets,
+                "tag": tag,
+                "expected": expected,
+                "timeout": self.lat_seconds + 15,
+            },
+        )
+        assert consumer.stdout is not None
+        if consumer.stdout.readline().strip() != "READY":
+            raise RuntimeError("consumer did not start")
+        busy0 = cpu_busy()
+        out = run_role(
+            "load",
+            {
+                **self.target(system),
+                "mode": "rate",
+                "tag": tag,
+                "batch": batch,
+                "rate": rate,
+                "concurrency": 1,
+                "duration": self.lat_seconds,
+            },
+            60,
+        )
+        busy1 = cpu_busy()
+        text, _ = consumer.communicate(timeout=60)
+        got = orjson.loads(text.strip().splitlines()[-1])
+        lat = got["latencies_ms"]
+        if not lat:
+            raise RuntimeError(f"{system}: no event consumed")
+        return {
+            "p50_ms": pct(lat, 0.5),
+            "p99_ms": pct(lat, 0.99),
+            "max_ms": max(lat),
+            "consumed": len(lat),
+            "expected": expected,
+            "send_lag_ms_p99": out.get("send_lag_ms_p99"),
+            "statuses": out.get("statuses"),
+            "machine_cpu_busy": (busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1]),
+        }
+
+    def run(self, profile: bool) -> dict[str, Any]:
+        from tests import brokers
+
+        sys.path.insert(0, str(HERE))
+        from adapters import create_topics
+
+        t = time.perf_counter()
+        self.broker = brokers.start_kafka(log_dir=self.tmp / "tansu")
+        self.bootstrap = self.broker.bootstrap
+        self.log(f"Tansu on {self.bootstrap} ({time.perf_counter() - t:.1f} s)")
+        self.topics = {s: brokers.unique_name("bgw") for s in SYSTEMS_SAT}
+        asyncio.run(create_topics(self.bootstrap, list(self.topics.values())))
+        self.wm = Watermarks(self.bootstrap)
+        config = self.tmp / "umcef.yaml"
+        config.write_text(
+            "server: {host: 127.0.0.1, port: 0, grpc_port: null}\n"
+            "store: {sync: full}\n"
+            "limits: {max_batch: 1000}\n"
+            "destinations:\n"
+            f'  kafka: {{url: "kafka://{self.bootstrap}/{self.topics["gateway"]}"}}\n'
+            "routes:\n"
+            '  - {name: orders, filter: {prefix: {type: "com.example.shop."}}, to: [kafka]}\n'
+            "default: kafka\n"
+        )
+        bridge = self.bridge = None
+        self.gateway: Gateway | None = None
+        results: dict[str, Any] = {
+            "saturation": {s: [] for s in SYSTEMS_SAT},
+            "latency": {f"{r}/s": {s: [] for s in SYSTEMS_LAT} for r, _ in self.loads},
+        }
+        try:
+            self.gateway = Gateway(config, self.tmp / "data", self.tmp / "gateway.log")
+            bridge = self.bridge = spawn_role(
+                "bridge", {"bootstrap": self.bootstrap, "topic": self.topics["naive bridge"]}
+            )
+            assert bridge.stdout is not None
+            line = bridge.stdout.readline()
+            if not line.startswith("BRIDGE "):
+                raise RuntimeError(f"bridge did not start: {line!r}")
+            self.bridge_url = line.split()[1]
+            self.log(f"gateway {self.gateway.url}, bridge {self.bridge_url}")
+            for r in range(self.sat_rounds):
+                order = SYSTEMS_SAT[r % 4 :] + SYSTEMS_SAT[: r % 4]
+                for s in order:
+                    results["saturation"][s].append(self.saturate(s))
+                self.log(
+                    f"saturation round {r + 1}/{self.sat_rounds}: "
+                    + ", ".join(f"{s} {results['saturation'][s][-1]['delivered_per_s']:,.0f}/s" for s in SYSTEMS_SAT)
+                )
+            for r in range(self.lat_rounds):
+                for rate, batch in self.loads:
+                    order = SYSTEMS_LAT[r % 3 :] + SYSTEMS_LAT[: r % 3]
+                    for s in order:
+                        results["latency"][f"{rate}/s"][s].append(self.latency(s, rate, batch))
+                    self.log(
+                        f"latency round {r + 1}/{self.lat_rounds} at {rate}/s: "
+                        + ", ".join(
+                            f"{s} p50 {results['latency'][f'{rate}/s'][s][-1]['p50_ms']:.2f} "
+                            f"p99 {results['latency'][f'{rate}/s'][s][-1]['p99_ms']:.2f} ms"
+                            for s in SYSTEMS_LAT
+                        )
+                    )
+            if profile:
+                results["profile"] = self.profile(config)
+        finally:
+            if self.gateway is not None:
+                self.gateway.stop()
+            if bridge is not None:
+                bridge.terminate()
+                with contextlib.suppress(Exception):
+                    bridge.wait(10)
+            self.wm.close()
+            self.broker.stop()
+            shutil.rmtree(self.tmp, ignore_errors=True)  # spool, logs, profile (its top is in the JSON)
+        return results
+
+    def profile(self, config: Path) -> dict[str, Any]:
+        """A separate gateway under cProfile (main thread only): one saturation run and one 1,000/s run."""
+        import io
+        import pstats
+
+        assert self.gateway is not None
+        self.gateway.stop()
+        prof = self.tmp / "gateway.prof"
+        self.gateway = Gateway(config, self.tmp / "data-prof", self.tmp / "gateway-prof.log", profile_to=prof)
+        out: dict[str, Any] = {"saturation": self.saturate("gateway"), "latency_1000": self.latency("gateway", 1000, 1)}
+        self.gateway.stop()
+        self.gateway = None
+        stream = io.StringIO()
+        stats = pstats.Stats(str(prof), stream=stream)
+        stats.sort_stats("tottime").print_stats(30)
+        stats.sort_stats("cumulative").print_stats(45)
+        out["top"] = stream.getvalue()
+        print(out["top"])
+        return out
+
+
+def summarize(results: dict[str, Any]) -> dict[str, Any]:
+    sat = {
+        s: {
+            "delivered_per_s": med([r["delivered_per_s"] for r in runs]),
+            "accepted_per_s": med([r["accepted_per_s"] for r in runs]),
+            "min": min(r["delivered_per_s"] for r in runs),
+            "max": max(r["delivered_per_s"] for r in runs),
+            "server_cpu_us_per_event": med([r["server_cpu"]["total_us_per_event"] for r in runs])
+            if runs[0].get("server_cpu")
+            else None,
+            "server_cpu_share_of_one_core": med([r["server_cpu_share_of_one_core"] for r in runs])
+            if runs[0].get("server_cpu")
+            else None,
+        }
+        for s, runs in results["saturation"].items()
+    }
+    lat: dict[str, Any] = {}
+    for load, systems in results["latency"].items():
+        lat[load] = {}
+        direct = systems["direct confluent"]
+        for s, runs in systems.items():
+            entry = {
+                "p50_ms": med([r["p50_ms"] for r in runs]),
+                "p99_ms": med([r["p99_ms"] for r in runs]),
+                "p99_min": min(r["p99_ms"] for r in runs),
+                "p99_max": max(r["p99_ms"] for r in runs),
+            }
+            if s != "direct confluent":
+                entry["added_p50_ms"] = med([r["p50_ms"] - d["p50_ms"] for r, d in zip(runs, direct, strict=True)])
+                entry["added_p99_ms"] = med([r["p99_ms"] - d["p99_ms"] for r, d in zip(runs, direct, strict=True)])
+            lat[load][s] = entry
+    direct = sat["direct confluent"]["delivered_per_s"]
+    gw = sat["gateway"]
+    first_load = next(iter(lat))
+    added = lat[first_load]["gateway"]["added_p99_ms"]
+    direct_p99 = lat[first_load]["direct confluent"]["p99_ms"]
+    targets = {
+        "gateway delivered / direct confluent >= 0.80": {
+            "value": gw["delivered_per_s"] / direct,
+            "met": gw["delivered_per_s"] / direct >= 0.8,
+        },
+        "gateway accepted (202) / direct confluent (for reference)": {"value": gw["accepted_per_s"] / direct},
+        "gateway delivered > naive bridge": {
+            "value": gw["delivered_per_s"] / sat["naive bridge"]["delivered_per_s"],
+            "met": gw["delivered_per_s"] > sat["naive bridge"]["delivered_per_s"],
+        },
+        # With the direct producer's own p99 far above the 2 ms budget, the machine (CPU contention) is
+        # the noise floor and a difference of p99s cannot say whether 2 ms are met.
+        f"gateway added p99 at {first_load} <= 2 ms": {
+            "value": added,
+            "met": added <= 2.0 if direct_p99 <= NOISE_FLOOR_MS else None,
+            "direct_p99_ms": direct_p99,
+        },
+    }
+    return {"saturation": sat, "latency": lat, "targets": targets}
+
+
+def print_table(summary: dict[str, Any]) -> None:
+    print("\nSaturation (medians; delivered = in Kafka):")
+    print(
+        f"  {'system':<22}{'delivered/s':>13}{'accepted/s':>13}{'min':>10}{'max':>10}"
+        f"{'server CPU µs/ev':>18}{'server cores':>14}"
+    )
+    for s, e in summary["saturation"].items():
+        cpu = (
+            f"{e['server_cpu_us_per_event']:>18.1f}{e['server_cpu_share_of_one_core']:>14.2f}"
+            if e.get("server_cpu_us_per_event") is not None
+            else ""
+        )
+        print(
+            f"  {s:<22}{e['delivered_per_s']:>13,.0f}{e['accepted_per_s']:>13,.0f}{e['min']:>10,.0f}"
+            f"{e['max']:>10,.0f}{cpu}"
+        )
+    for load, systems in summary["latency"].items():
+        print(f"\nEnd-to-end latency at {load} (publish -> consumed), ms (medians of rounds):")
+        print(f"  {'system':<22}{'p50':>8}{'p99':>8}{'added p50':>11}{'added p99':>11}{'p99 range':>16}")
+        for s, e in systems.items():
+            print(
+                f"  {s:<22}{e['p50_ms']:>8.2f}{e['p99_ms']:>8.2f}{e.get('added_p50_ms', 0):>11.2f}"
+                f"{e.get('added_p99_ms', 0):>11.2f}   {e['p99_min']:.2f}-{e['p99_max']:.2f}"
+            )
+    print("\nTargets:")
+    for name, t in summary["targets"].items():
+        met = "" if "met" not in t else {True: "  MET", False: "  NOT MET", None: ""}[t["met"]]
+        if "met" in t and t["met"] is None:
+            met = f"  INCONCLUSIVE (direct producer p99 {t['direct_p99_ms']:.1f} ms > {NOISE_FLOOR_MS:g} ms: machine)"
+        print(f"  {name:<58}{t['value']:8.2f}{met}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--concurrency", type=int, default=8, help="concurrent senders at saturation")
+    parser.add_argument("--high-load", type=int, default=5000, help="the higher offered load, events/s")
+    parser.add_argument("--role", choices=["load", "bridge", "consume"], help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.role:
+        spec = orjson.loads(args.spec)
+        if args.role == "bridge":
+            bridge_main(spec["bootstrap"], spec["topic"])
+        elif args.role == "consume":
+            print(orjson.dumps(consume_main(spec)).decode(), flush=True)
+        else:
+            with contextlib.suppress(ImportError):
+                import uvloop  # the load generator should be as cheap as possible
+
+                asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+            print(orjson.dumps(asyncio.run(load_main(spec))).decode(), flush=True)
+        return
+
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    bench = Bench(args)
+    results = bench.run(args.profile)
+    elapsed = time.perf_counter() - started
+    load_after = os.getloadavg()
+    summary = summarize(results)
+    print_table(summary)
+    print(
+        f"\ntotal {elapsed:.0f} s; {os.cpu_count()} CPUs; load average before {load_before[0]:.2f}, "
+        f"after {load_after[0]:.2f}"
+    )
+    from _plot import write_results
+
+    payload = {
+        "benchmark": "gateway",
+        "mode": "quick" if args.quick else "full",
+        "method": {
+            "broker": "Tansu 0.6.0, memory storage, 4-partition topics (one per system)",
+            "saturation": f"{args.concurrency} concurrent senders, batches of {BATCH}, "
+            f"{bench.sat_seconds:g} s per run, {bench.sat_rounds} interleaved rounds",
+            "latency": f"open loop; {bench.loads[0][0]}/s as single-event batches, {bench.loads[1][0]}/s "
+            f"as batches of {bench.loads[1][1]}; {bench.lat_seconds:g} s per run, "
+            f"{bench.lat_rounds} rounds; consumer: confluent-kafka, fetch.wait.max.ms=5",
+            "gateway": "umcef serve subprocess, store sync=full (durable spool on), route to kafka://",
+            "naive bridge": "aiohttp + confluent-kafka (idempotent, linger 0), plain asyncio, one process",
+            "event": "shared OrderPlaced (bench/_sample.py) + benchts extension",
+        },
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "load_average": {"before": load_before[0], "after": load_after[0]},
+        "seconds": round(elapsed, 1),
+        "summary": summary,
+        "runs": {k: v for k, v in results.items() if k != "profile"},
+    }
+    if "profile" in results:
+        payload["profile"] = {k: v for k, v in results["profile"].items()}
+    sat = summary["saturation"]
+    lat = summary["latency"]
+    groups = ["saturation, delivered\n(k events/s)"] + [f"p99 at {load} (ms)" for load in lat]
+    series = {
+        s: [sat[s]["delivered_per_s"] / 1000] + [lat[load].get(s, {}).get("p99_ms") for load in lat]
+        for s in SYSTEMS_SAT
+    }
+    json_path, png_path = write_results(
+        "gateway",
+        payload,
+        groups=groups,
+        series=series,
+        title=f"Gateway vs direct Kafka client vs naive bridge on Tansu ({payload['mode']} run)",
+        ylabel="k events/s (higher better) | ms (lower better)",
+        log=True,
+    )
+    print(f"wrote {json_path} and {png_path}")
+
+
+if __name__ == "__main__":
+    main()
