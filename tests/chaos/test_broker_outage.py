@@ -82,10 +82,16 @@ async def test_broker_outage_spool_holds_everything_and_429_only_when_full(
     answers: list[Answer] = []
     accepted: set[str] = set()
     timeline: dict[str, float] = {}
+    # The load pauses at the outage point until the broker is really down: otherwise, on a loaded
+    # machine, the rest of the load can finish while the broker is still stopping, and the outage
+    # would test nothing.
+    broker_down = asyncio.Event()
 
     async def publisher() -> None:
         async with httpx.AsyncClient(base_url=http_url(gateway), timeout=30) as client:
             for b in range(EVENTS // BATCH):
+                if len(accepted) >= BEFORE_OUTAGE and not broker_down.is_set():
+                    await asyncio.wait_for(broker_down.wait(), 60)
                 while True:
                     d0, n = drained(), len(accepted)
                     response = await client.post("/v1/events", content=orjson.dumps(make_batch(b)),
@@ -110,6 +116,7 @@ async def test_broker_outage_spool_holds_everything_and_429_only_when_full(
         await broker.astop()
         phase = "down"
         timeline["down"] = time.monotonic()
+        broker_down.set()
         await asyncio.sleep(OUTAGE_SECONDS)  # the outage itself: a duration under test, not a wait for a state
         phase = "starting"
         await broker.astart()
