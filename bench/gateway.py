@@ -779,7 +779,8 @@ class Bench:
         stats = pstats.Stats(str(prof), stream=stream)
         stats.sort_stats("tottime").print_stats(30)
         stats.sort_stats("cumulative").print_stats(45)
-        out["top"] = stream.getvalue()
+        # Repository-relative paths: results are committed and must not name this machine's checkout.
+        out["top"] = stream.getvalue().replace(str(ROOT) + "/", "")
         print(out["top"])
         return out
 
