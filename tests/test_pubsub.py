@@ -34,6 +34,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from tests.brokers import PubsubEmulator, unique_name
+from tests.roundtrip import canonical
 from umcef.adapters import open_adapter
 from umcef.adapters import pubsub as adapter_mod
 from umcef.adapters.contract import (
@@ -45,17 +46,12 @@ from umcef.adapters.contract import (
     Unauthorized,
 )
 from umcef.fabric.bindings import pubsub as binding
-from umcef.fabric.bindings.http import attribute_to_string, data_to_bytes
 from umcef.fabric.errors import EventError, InvalidAttribute, UnsupportedMediaType
 from umcef.fabric.event import Event
 from umcef.fabric.formats import json_format
 from umcef.fabric.validation import validate_attributes
 
 pure_twin = pytest.mark.pure_twin  # the binding tests run again on the pure-Python validator in CI
-
-
-def canonical(event: Event) -> tuple[dict[str, str], bytes]:
-    return ({k: attribute_to_string(v) for k, v in event.attributes.items()}, data_to_bytes(event))
 
 
 def base_attributes(**extra: Any) -> dict[str, Any]:

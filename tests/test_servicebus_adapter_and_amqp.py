@@ -29,6 +29,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from proton import Data
 
+from tests.roundtrip import canonical
+from tests.roundtrip import spec_example as ev
 from tests.servicebus_broker import ServiceBusTestBroker
 from tests.test_interop_sdk import CASES, SDK_JSON, assert_same, events, to_sdk
 from umcef.adapters.contract import Delivery, NotFound, Rejected, Transient, Unauthorized
@@ -40,7 +42,6 @@ from umcef.adapters.servicebus import (
 )
 from umcef.fabric.bindings import amqp
 from umcef.fabric.bindings.amqp import AmqpMessage
-from umcef.fabric.bindings.http import attribute_to_string, data_to_bytes
 from umcef.fabric.errors import InvalidAttribute, MalformedBody, UnsupportedMediaType
 from umcef.fabric.event import Event
 from umcef.fabric.formats import json_format
@@ -48,23 +49,6 @@ from umcef.fabric.limits import Limits
 
 pure_twin = pytest.mark.pure_twin  # codec-facing tests: CI runs them again on the pure-Python validator
 MODES = ["binary", "structured"]
-
-
-def ev(data: Any = None, **attrs: Any) -> Event:
-    base = {"specversion": "1.0", "id": "1234-1234-1234", "source": "/mycontext/subcontext",
-            "type": "com.example.someevent", "time": "2018-04-05T03:56:24Z"}  # fmt: skip
-    base.update(attrs)
-    return Event({k: v for k, v in base.items() if v is not None}, data)
-
-
-def canonical(event: Event, mode: str = "binary") -> tuple[dict[str, str], Any]:
-    """What a round trip promises: attributes as canonical strings; data as its bytes, except JSON data
-    in structured mode, which the JSON format carries as a JSON value."""
-    attributes = {k: attribute_to_string(v) for k, v in event.attributes.items()}
-    raw = data_to_bytes(event)
-    if mode == "structured" and raw and json_format.is_json_media_type(event.datacontenttype):
-        return attributes, json.loads(raw)
-    return attributes, raw
 
 
 def encode(event: Event, mode: str) -> AmqpMessage:

@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 
 from tests.conformance.targets import Entity, Target
+from tests.roundtrip import canonical
 from umcef.adapters.contract import Adapter, Delivery, NotFound, Rejected, Transient
-from umcef.fabric.bindings.http import attribute_to_string, data_to_bytes
+from umcef.fabric.bindings.http import attribute_to_string
 from umcef.fabric.event import Event
 
 # Backends join this list as their adapters land.
@@ -40,10 +41,6 @@ async def opened(target: Target, url: str) -> AsyncIterator[Adapter]:
         yield adapter
     finally:
         await adapter.close()
-
-
-def canonical(event: Event) -> tuple[dict[str, str], bytes]:
-    return ({k: attribute_to_string(v) for k, v in event.attributes.items()}, data_to_bytes(event))
 
 
 def sample_events(run: str, count: int) -> list[Event]:
