@@ -2,7 +2,8 @@
 
 One SQLite database in WAL mode per store directory. A single writer thread owns the write connection and
 group-commits whatever callers have queued into one transaction, so N concurrent appends cost one fsync,
-not N. Readers (this process or others) use their own connections and never block the writer.
+not N (``sync="interval"``: one fsync per interval, however many commits it covers). Readers (this
+process or others) use their own connections and never block the writer.
 Measurements and the reasons for SQLite over hand-rolled segments are in ``docs/local-store.md``.
 """
 
@@ -20,13 +21,13 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Final, Literal
 
-__all__ = ["DB_FILENAME", "LocalStore", "Record", "Retention", "StoredEvent"]
+__all__ = ["DB_FILENAME", "Committed", "LocalStore", "Record", "Retention", "StoredEvent", "SyncPolicy"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,11 @@ _MAX_GROUP_RECORDS: Final = 10_000
 # must not stall ingestion for seconds.
 _RETENTION_CHUNK: Final = 5_000
 _BUSY_TIMEOUT_S: Final = 10.0
+# sync="interval": the longest fsync interval accepted (a second of unacknowledged appends is plenty).
+MAX_FSYNC_INTERVAL: Final = 1.0
+
+SyncPolicy = Literal["full", "normal", "interval"]
+_SYNC_POLICIES: Final = ("full", "normal", "interval")
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS events (
@@ -72,6 +78,16 @@ class Record:
     topic: str
     payload: bytes  # the event in structured JSON (opaque to the store)
     key: str | None = None  # partition key / event id, stored for inspection
+    # Not stored: handed to this process's commit listeners with the record (the event object the payload
+    # was encoded from, so an in-process consumer need not decode it again).
+    carry: object = field(default=None, compare=False)
+
+
+# What a commit listener receives per record: (seq, stored_at, record), in seq order.
+Committed = tuple[int, float, Record]
+# (records committed to the topic, gap): gap is True when another writer (process or LocalStore instance)
+# appended since this store's previous commit, so records may exist that no listener was given.
+CommitListener = Callable[[list[Committed], bool], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +109,7 @@ class Retention:
 class _Append:
     rows: list[tuple[str, str | None, bytes]]
     future: concurrent.futures.Future[list[int]]
+    records: Sequence[Record]
 
 
 @dataclass(slots=True)
@@ -113,8 +130,29 @@ class _Stop:
     pass
 
 
+class _FsyncFailed(BaseException):
+    """sync="interval": the writer's fsync failed. A BaseException so that no handler on the way (retention
+    logs and carries on after its own errors) can swallow it: the writer must stop."""
+
+
 _STOP: Final = _Stop()
 _Op = _Append | _Cursor | _Retain | _Stop
+
+
+# One group commit that sync="interval" has not fsynced yet: its futures, listener hand-off and wake-ups
+# wait for the fsync. (appends, their seqs, cursor moves, stored_at, gap): _resolve's arguments.
+_Unsynced = tuple[list[_Append], list[list[int]], list[_Cursor], float, bool]
+
+
+def _fsync_file(fd: int) -> None:
+    """Flushes a file to stable storage, as SQLite's own sync would (F_FULLFSYNC on macOS, like
+    ``PRAGMA fullfsync``: plain fsync there does not flush the drive cache)."""
+    if sys.platform == "darwin":
+        import fcntl
+
+        fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
+    else:
+        os.fsync(fd)
 
 
 def _open_error(db: Path, exc: sqlite3.Error) -> Exception:
@@ -128,7 +166,10 @@ class LocalStore:
     """Durable, append-only, multi-topic event log in ``<path>/events.db``.
 
     ``sync="full"`` fsyncs the WAL on every group commit (survives power loss); ``"normal"`` skips that fsync
-    (survives a crash of this process, not of the machine). ``read_only=True`` opens an existing store
+    (survives a crash of this process, not of the machine); ``"interval"`` commits without fsync and has the
+    writer fsync the WAL itself at most once per ``fsync_interval`` seconds, resolving every append (and
+    calling commit listeners) only once an fsync covers it: as durable as ``"full"``, with fewer fsyncs
+    under load and up to one interval of added latency. ``read_only=True`` opens an existing store
     without a writer thread, for inspecting a store another process is writing.
     """
 
@@ -136,13 +177,20 @@ class LocalStore:
         self,
         path: str | os.PathLike[str],
         *,
-        sync: Literal["full", "normal"] = "full",
+        sync: SyncPolicy = "full",
         retention: Retention = Retention(),  # frozen, so one shared default is safe
         retention_interval: float = 60.0,
         read_only: bool = False,
+        fsync_interval: float = 0.005,  # seconds; sync="interval" only
     ) -> None:
-        if sync not in ("full", "normal"):
-            raise ValueError(f"sync must be 'full' or 'normal', not {sync!r}")
+        if sync not in _SYNC_POLICIES:
+            raise ValueError(f"sync must be 'full', 'normal' or 'interval', not {sync!r}")
+        if isinstance(fsync_interval, bool) or not isinstance(fsync_interval, int | float) or not (
+            0 < fsync_interval <= MAX_FSYNC_INTERVAL
+        ):
+            raise ValueError(
+                f"fsync_interval must be above 0 and at most {MAX_FSYNC_INTERVAL:g} seconds, not {fsync_interval!r}"
+            )
         self.path = Path(path)
         self.db_path = self.path / DB_FILENAME
         self.sync = sync
@@ -152,10 +200,19 @@ class LocalStore:
         self._lock = threading.Lock()  # guards _closed, _waiters
         self._closed = False
         self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
+        # topic -> (loop, callback); replaced, never mutated, so the writer thread reads it without the lock
+        self._listeners: dict[str, tuple[asyncio.AbstractEventLoop, CommitListener]] = {}
         self._queue: queue.SimpleQueue[_Op] = queue.SimpleQueue()
         self._deferred: list[_Op] = []
         self._commits = 0
         self._writer: threading.Thread | None = None
+        self._last_written = 0
+        # sync="interval" only (None otherwise): commits waiting for the writer's next fsync of the WAL.
+        self._unsynced: list[_Unsynced] | None = [] if sync == "interval" else None
+        self.fsync_interval = float(fsync_interval)
+        self._last_fsync = -float("inf")  # time.monotonic() when the writer's last fsync started
+        self._wal_fd: int | None = None
+        self._fsyncs = 0
 
         if read_only:
             if not self.db_path.is_file():
@@ -165,6 +222,7 @@ class LocalStore:
                 raise NotADirectoryError(errno.ENOTDIR, "local store path is not a directory", str(self.path))
             self.path.mkdir(parents=True, exist_ok=True)
             self._wconn = self._connect(read_only=False)
+            self._last_written = self._last_seq_counter(self._wconn)  # to notice other writers' appends
         try:
             self._rconn = self._connect(read_only=True)
         except BaseException:
@@ -225,8 +283,9 @@ class LocalStore:
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode != "wal":
             raise OSError(errno.EINVAL, f"filesystem does not support SQLite WAL (got {mode})", str(db))
-        conn.execute(f"PRAGMA synchronous = {self.sync.upper()}")
-        if sys.platform == "darwin" and self.sync == "full":
+        # "interval": SQLite does not sync at commit; the writer fsyncs the WAL itself (_sync_unsynced).
+        conn.execute(f"PRAGMA synchronous = {'NORMAL' if self.sync == 'interval' else self.sync.upper()}")
+        if sys.platform == "darwin" and self.sync in ("full", "interval"):
             # macOS fsync() does not flush the drive cache; F_FULLFSYNC does.
             conn.execute("PRAGMA fullfsync = ON")
             conn.execute("PRAGMA checkpoint_fullfsync = ON")
@@ -246,6 +305,10 @@ class LocalStore:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+
+    @staticmethod
+    def _last_seq_counter(conn: sqlite3.Connection) -> int:
+        return int(conn.execute("SELECT value FROM counters WHERE name = 'last_seq'").fetchone()[0])
 
     # -- writing ---------------------------------------------------------------------------------------------
 
@@ -276,11 +339,11 @@ class LocalStore:
 
     def _append_future(self, records: Sequence[Record]) -> concurrent.futures.Future[list[int]]:
         future: concurrent.futures.Future[list[int]] = concurrent.futures.Future()
-        self._submit(_Append(self._rows(records), future))
+        self._submit(_Append(self._rows(records), future, records))
         return future
 
     async def append(self, records: Sequence[Record]) -> list[int]:
-        """Seq of each record, returned only once the records are committed (and fsynced if sync="full")."""
+        """Seq of each record, returned only once the records are committed (and fsynced, unless sync="normal")."""
         if not records:
             return []
         return await asyncio.wrap_future(self._append_future(records))
@@ -297,6 +360,28 @@ class LocalStore:
     async def commit_cursor_async(self, consumer: str, topic: str, seq: int) -> None:
         await asyncio.wrap_future(self._cursor_future(consumer, topic, seq))
 
+    def commit_cursor_later(self, consumer: str, topic: str, seq: int) -> concurrent.futures.Future[None]:
+        """Queues the cursor move into the next group commit without waiting for it (a lost cursor move
+        only means redelivery after a crash, so delivery need not pay an fsync round trip per page)."""
+        return self._cursor_future(consumer, topic, seq)
+
+    def listen(self, topic: str, callback: CommitListener) -> Callable[[], None]:
+        """Calls `callback` on the calling event loop with every record this store commits to `topic`, once
+        per group commit, in seq order; returns the function that stops it. Records appended by other
+        writers are not handed over: the next commit here reports that they happened (`gap`), and an
+        appended record with no commit here after it is only found by reading. One listener per topic."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if topic in self._listeners:
+                raise ValueError(f"{topic!r} already has a commit listener")
+            self._listeners = {**self._listeners, topic: (loop, callback)}
+
+        def unlisten() -> None:
+            with self._lock:
+                self._listeners = {t: v for t, v in self._listeners.items() if t != topic}
+
+        return unlisten
+
     def _cursor_future(self, consumer: str, topic: str, seq: int) -> concurrent.futures.Future[None]:
         future: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._submit(_Cursor(consumer, topic, int(seq), future))
@@ -309,9 +394,21 @@ class LocalStore:
         return future.result()
 
     @property
+    def last_seq_written_here(self) -> int:
+        """The highest seq as of this store's last commit (its own records, or seen at its last commit): a
+        stored record above it was appended by another writer since."""
+        return self._last_written
+
+    @property
     def commit_count(self) -> int:
         """Group commits (write transactions) so far; appends / commit_count is the mean group size."""
         return self._commits
+
+    @property
+    def fsync_count(self) -> int:
+        """Fsyncs of the WAL that acknowledged commits so far: one per group commit with sync="full", at most
+        one per interval with "interval" (done by the writer itself), none with "normal"."""
+        return self._commits if self.sync == "full" else self._fsyncs
 
     # -- writer thread ---------------------------------------------------------------------------------------
 
@@ -320,8 +417,16 @@ class LocalStore:
         next_retention = time.monotonic()
         try:
             while True:
-                ops = self._take(max(0.0, next_retention - time.monotonic()))
+                wait = next_retention - time.monotonic()
+                fsync_due = next_retention
+                if self._unsynced:  # sync="interval" with commits to fsync: wake up for that too
+                    fsync_due = self._last_fsync + self.fsync_interval
+                    wait = min(wait, fsync_due - time.monotonic())
+                ops = self._take(max(0.0, wait))
                 if not ops:
+                    if self._unsynced and fsync_due <= next_retention:
+                        self._sync_unsynced()  # idle since those commits: the interval is up
+                        continue
                     try:
                         self._retain(None)
                     except Exception:
@@ -329,6 +434,8 @@ class LocalStore:
                     next_retention = time.monotonic() + self._retention_interval
                     continue
                 self._commit_writes(ops)
+                if self._unsynced:
+                    self._sync_if_due()
                 for op in ops:
                     if isinstance(op, _Retain) and op.future.set_running_or_notify_cancel():
                         try:
@@ -336,6 +443,8 @@ class LocalStore:
                         except Exception as exc:
                             op.future.set_exception(exc)
                 if ops[-1] is _STOP:  # close() guarantees nothing is queued after the stop
+                    if self._unsynced:
+                        self._sync_unsynced()
                     return
         except BaseException as exc:
             log.exception("writer thread of %s died", self.db_path)
@@ -343,6 +452,8 @@ class LocalStore:
             raise
         finally:
             self._wconn.close()
+            if self._wal_fd is not None:
+                os.close(self._wal_fd)
 
     def _take(self, timeout: float) -> list[_Op]:
         ops, self._deferred = self._deferred, []
@@ -364,6 +475,58 @@ class LocalStore:
             ops.append(op)
             if isinstance(op, _Append):
                 n += len(op.rows)
+
+    def _sync_if_due(self) -> None:
+        if self._unsynced and time.monotonic() - self._last_fsync >= self.fsync_interval:
+            self._sync_unsynced()
+
+    def _sync_unsynced(self) -> None:
+        """sync="interval": fsyncs the WAL once for every commit since the last fsync, then resolves their
+        futures, hands their records to the commit listeners and wakes followers, in commit order.
+
+        A failed fsync fails those futures and kills the writer (the store closes): after a failed fsync the
+        kernel may have dropped the dirty pages and a later fsync can succeed without them, and WAL recovery
+        stops at the first missing frame, so nothing committed after it could honestly be acknowledged."""
+        assert self._unsynced is not None
+        groups, self._unsynced = self._unsynced, []
+        self._last_fsync = time.monotonic()
+        try:
+            self._fsync_wal()
+        except Exception as exc:
+            with self._lock:  # first: whoever sees these failures finds the store refusing new work
+                self._closed = True
+            for appends, _, cursors, _, _ in groups:
+                failed: list[_Append | _Cursor] = [*appends, *cursors]
+                for op in failed:
+                    op.future.set_exception(exc)
+            raise _FsyncFailed(f"fsync of {self.db_path}-wal failed: {exc!r}") from exc
+        self._fsyncs += 1
+        for appends, results, cursors, now, gap in groups:
+            self._resolve(appends, results, cursors, now, gap, notify=False)
+        if any(group[0] for group in groups):
+            self._notify()
+
+    def _fsync_wal(self) -> None:
+        if self._wal_fd is None:
+            # The WAL exists from the first commit on and lives as long as our connection (SQLite deletes it
+            # only when the last connection closes), so one fd serves for good: fsync on any fd of the inode
+            # flushes it.
+            fd = os.open(f"{self.db_path}-wal", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            try:
+                _fsync_file(fd)
+                # SQLite syncs the WAL's directory entry at its first sync of a new WAL, which with
+                # synchronous=NORMAL is the first checkpoint: do it now, once.
+                dfd = os.open(self.path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._wal_fd = fd
+            return
+        _fsync_file(self._wal_fd)
 
     def _fail_pending(self, exc: BaseException) -> None:
         with self._lock:
@@ -403,7 +566,8 @@ class LocalStore:
         results: list[list[int]] = []
         try:
             with self._transaction() as conn:
-                last: int = conn.execute("SELECT value FROM counters WHERE name = 'last_seq'").fetchone()[0]
+                last = self._last_seq_counter(conn)
+                gap = last != self._last_written
                 now = time.time()
                 rows: list[tuple[int, str, float, str | None, bytes]] = []
                 per_topic: Counter[str] = Counter()
@@ -434,18 +598,55 @@ class LocalStore:
                 op.future.set_exception(exc)
             return
         self._commits += 1
+        self._last_written = last
+        if self._unsynced is not None:  # sync="interval": nothing is acknowledged or handed over before fsync
+            self._unsynced.append((appends, results, cursors, now, gap))
+            return
+        self._resolve(appends, results, cursors, now, gap)
+
+    def _resolve(
+        self,
+        appends: list[_Append],
+        results: list[list[int]],
+        cursors: list[_Cursor],
+        now: float,
+        gap: bool,
+        notify: bool = True,
+    ) -> None:
+        """A durable group commit: resolves its futures, hands its records to the commit listeners."""
         for a, seqs in zip(appends, results, strict=True):
             a.future.set_result(seqs)
         for c in cursors:
             c.future.set_result(None)
         if appends:
-            self._notify()
+            self._tell_listeners(appends, results, now, gap)
+            if notify:
+                self._notify()
+
+    def _tell_listeners(self, appends: list[_Append], results: list[list[int]], now: float, gap: bool) -> None:
+        # Looked up after COMMIT: a listener registered before it hears these records, one registered after it
+        # finds them by reading the store (SpoolFeed reads before trusting memory).
+        listeners = self._listeners
+        if not listeners:
+            return
+        heard: dict[str, list[Committed]] = {}
+        for a, seqs in zip(appends, results, strict=True):
+            for seq, record in zip(seqs, a.records, strict=True):
+                if record.topic in listeners:
+                    heard.setdefault(record.topic, []).append((seq, now, record))
+        for topic, (loop, callback) in listeners.items():
+            committed = heard.get(topic)
+            if committed or gap:
+                with contextlib.suppress(RuntimeError):  # that loop is closed; its listener is gone
+                    loop.call_soon_threadsafe(callback, committed or [], gap)
 
     def _serve_writes(self) -> None:
         """Between retention chunks: commit queued appends now, keep anything else for the main loop."""
         ops: list[_Op] = []
         self._drain(ops)
         self._commit_writes(ops)
+        if self._unsynced:
+            self._sync_if_due()
         self._deferred.extend(op for op in ops if isinstance(op, _Retain | _Stop))
 
     def _retain(self, now: float | None) -> int:

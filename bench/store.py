@@ -1,9 +1,11 @@
 """Benchmark of the embedded event log (adapters/local.py).
 
-Prints appends/s for batch sizes 1, 10, 100 with sync full vs normal, 1 vs 8 concurrent appenders; a
-raw append-only segment file (write + fdatasync per group, the ceiling any hand-rolled segment log could
-reach) for comparison; read throughput; and recovery time after SIGKILL. Writes bench/results/store.json
-and bench/results/store.png.  Run: .venv/bin/python bench/store.py [--seconds 1.0]
+Prints appends/s for batch sizes 1, 10, 100 with sync full vs interval vs normal, 1 vs 8 concurrent
+appenders; the three fsync policies at batch 1 with 1, 8 and 64 appenders (appends/s, p50/p99 latency,
+fsyncs/s), also on a simulated slow disk; a raw append-only segment file (write + fdatasync per group,
+the ceiling any hand-rolled segment log could reach) for comparison; read throughput; and recovery time
+after SIGKILL. Writes bench/results/store.json and bench/results/store.png.
+Run: .venv/bin/python bench/store.py [--seconds 1.0] [--fsync-interval-ms 5]
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from umcef.adapters.local import LocalStore, Record
+from umcef.adapters.local import LocalStore, Record, SyncPolicy
 
 RESULTS = Path(__file__).resolve().parent / "results"
+SYNC_MODES: tuple[SyncPolicy, ...] = ("full", "interval", "normal")
+POLICY_CONCURRENCY = (1, 8, 64)  # the fsync policy comparison (batch 1)
 PAYLOAD = json.dumps(
     {
         "specversion": "1.0",
@@ -53,6 +57,8 @@ class Sample:
     latencies: list[float] = field(default_factory=list)  # seconds per append call, pooled over rounds
     records: int = 0
     commits: int = 0
+    fsyncs: int = 0  # LocalStore.fsync_count: per commit (full), per interval at most (interval), 0 (normal)
+    seconds: float = 0.0
 
     def summary(self) -> dict[str, float]:
         lat = sorted(self.latencies)
@@ -61,6 +67,8 @@ class Sample:
             "appends_per_s_min": min(self.rates),
             "appends_per_s_max": max(self.rates),
             "records_per_commit": self.records / max(self.commits, 1),
+            "commits_per_s": self.commits / self.seconds,
+            "fsyncs_per_s": self.fsyncs / self.seconds,
             "p50_ms": 1000 * lat[len(lat) // 2],
             "p99_ms": 1000 * lat[int(len(lat) * 0.99)],
         }
@@ -78,12 +86,15 @@ async def appenders(store: LocalStore, batch: int, concurrency: int, seconds: fl
             n += 1
         return n
 
-    commits0 = store.commit_count
+    commits0, fsyncs0 = store.commit_count, store.fsync_count
     t0 = time.perf_counter()
     calls = sum(await asyncio.gather(*(one(w) for w in range(concurrency))))
-    into.rates.append(calls * batch / (time.perf_counter() - t0))
+    took = time.perf_counter() - t0
+    into.rates.append(calls * batch / took)
     into.records += calls * batch
     into.commits += store.commit_count - commits0
+    into.fsyncs += store.fsync_count - fsyncs0
+    into.seconds += took
 
 
 def fsync_probe_ms(directory: Path) -> float:
@@ -236,7 +247,7 @@ int fdatasync(int fd) {
 """
 
 
-def slow_disk(delay_ms: float, directory: Path, seconds: float) -> dict[str, float] | None:
+def slow_disk(delay_ms: float, directory: Path, seconds: float, fsync_interval: float) -> dict[str, float] | None:
     """Re-runs a few points with every fsync made `delay_ms` slower (LD_PRELOAD shim), i.e. on a disk like
     a cloud volume, where group commit matters most. Needs a C compiler; skipped without one."""
     if sys.platform != "linux":
@@ -250,25 +261,29 @@ def slow_disk(delay_ms: float, directory: Path, seconds: float) -> dict[str, flo
         return None
     env = {**os.environ, "LD_PRELOAD": str(shim), "UMCEF_FSYNC_DELAY_US": str(int(delay_ms * 1000))}
     child = subprocess.run(
-        [sys.executable, __file__, "--slow-disk-child", "--seconds", str(seconds), "--dir", str(directory)],
+        [sys.executable, __file__, "--slow-disk-child", "--seconds", str(seconds), "--dir", str(directory),
+         "--fsync-interval-ms", str(1000 * fsync_interval)],
         env=env, capture_output=True, text=True, check=True,
     )
     result: dict[str, float] = json.loads(child.stdout)
     return result
 
 
-def slow_disk_child(directory: Path, seconds: float) -> None:
+def slow_disk_child(directory: Path, seconds: float, fsync_interval: float) -> None:
     out: dict[str, float] = {"fsync_probe_ms": fsync_probe_ms(directory)}
     out["raw_fdatasync/b1"] = raw_segment(1, True, seconds, directory)
-    for batch, conc in ((1, 1), (1, 8), (1, 64), (10, 8)):
-        with LocalStore(directory / f"slow-{batch}-{conc}", sync="full") as store:
+    points: list[tuple[SyncPolicy, int, int]] = [("full", b, c) for b, c in ((1, 1), (1, 8), (1, 64), (10, 8))]
+    points += [("interval", 1, c) for c in (1, 8, 64)]
+    for sync, batch, conc in points:
+        with LocalStore(directory / f"slow-{sync}-{batch}-{conc}", sync=sync, fsync_interval=fsync_interval) as store:
             store.append_sync(batch_of(1, -1))
             sample = Sample()
             asyncio.run(appenders(store, batch, conc, seconds, sample))
             r = sample.summary()
-            out[f"full/b{batch}/c{conc}"] = r["appends_per_s"]
-            out[f"full/b{batch}/c{conc}/p50_ms"] = r["p50_ms"]
-            out[f"full/b{batch}/c{conc}/records_per_commit"] = r["records_per_commit"]
+            name = f"{sync}/b{batch}/c{conc}"
+            out[name] = r["appends_per_s"]
+            for k in ("p50_ms", "p99_ms", "records_per_commit", "fsyncs_per_s"):
+                out[f"{name}/{k}"] = r[k]
     print(json.dumps(out))
 
 
@@ -279,11 +294,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     slow = results.get("slow_disk")
-    ratios = [3, 1, 1] if slow else [3, 1]
-    size = (16 if slow else 13, 5)
+    ratios = [3, 1, 1.4, 1.4] if slow else [3, 1, 1.4]
+    size = (22 if slow else 17, 5.5)
     fig, axes = plt.subplots(1, len(ratios), figsize=size, gridspec_kw={"width_ratios": ratios})
     ax, ax2 = axes[0], axes[1]
-    groups = [(s, c) for s in ("full", "normal") for c in (1, 8)]
+    groups = [(s, c) for s in SYNC_MODES for c in (1, 8)]
     width = 0.8 / (len(groups) + 2)
     batches = [1, 10, 100]
     for gi, (sync, conc) in enumerate(groups):
@@ -310,14 +325,34 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax2.set_ylabel("events read / s")
     ax2.set_title("reads")
     ax2.tick_params(axis="x", rotation=45)
+    interval_ms = results["env"]["fsync_interval_ms"]
+
+    def policies(axis: Any, point: Any, modes: tuple[str, ...], title: str) -> None:
+        """Batch 1, 1/8/64 appenders: appends/s per fsync policy, p50/p99 latency written on the bars."""
+        w = 0.8 / len(modes)
+        for gi, sync in enumerate(modes):
+            ps = [point(sync, c) for c in POLICY_CONCURRENCY]
+            xs = [i + gi * w for i in range(len(POLICY_CONCURRENCY))]
+            bars = axis.bar(xs, [p["appends_per_s"] for p in ps], w, label=f"sync={sync}")
+            for bar, p in zip(bars, ps, strict=True):
+                axis.annotate(f"{p['p50_ms']:.2g}/{p['p99_ms']:.2g}", (bar.get_x() + w / 2, bar.get_height()),
+                              ha="center", va="bottom", fontsize=6, rotation=90)
+        axis.set_xticks([i + 0.4 - w / 2 for i in range(len(POLICY_CONCURRENCY))],
+                        [str(c) for c in POLICY_CONCURRENCY])
+        axis.set_xlabel("appenders (batch 1); labels: p50/p99 ms")
+        axis.set_ylabel("records / s (log)")
+        axis.set_yscale("log")
+        axis.set_title(title, fontsize=10)
+        axis.legend(fontsize=7, loc="upper left")
+
+    a = results["append"]
+    policies(axes[2], lambda sync, c: a[f"{sync}/b1/c{c}"], SYNC_MODES, f"fsync policy (interval {interval_ms:g} ms)")
     if slow:
-        ax3 = axes[2]
-        labels = ["raw seg\n1", "SQLite\n1", "SQLite\n8", "SQLite\n64"]
-        keys = ["raw_fdatasync/b1", "full/b1/c1", "full/b1/c8", "full/b1/c64"]
-        ax3.bar(labels, [slow[k] for k in keys], color=["tab:purple", "tab:blue", "tab:orange", "tab:red"])
-        ax3.set_ylabel("records / s (batch 1)")
-        ax3.set_title(f"fsync +{slow['added_fsync_ms']:g} ms: group commit", fontsize=10)
-        ax3.set_xlabel("appenders")
+        def slow_point(sync: str, c: int) -> dict[str, float]:
+            k = f"{sync}/b1/c{c}"
+            return {"appends_per_s": slow[k], "p50_ms": slow[f"{k}/p50_ms"], "p99_ms": slow[f"{k}/p99_ms"]}
+
+        policies(axes[3], slow_point, ("full", "interval"), f"every fsync +{slow['added_fsync_ms']:g} ms")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -329,10 +364,12 @@ def main() -> None:
     parser.add_argument("--read-events", type=int, default=200_000)
     parser.add_argument("--dir", default=None, help="where to put the stores (default: system temp dir)")
     parser.add_argument("--slow-fsync-ms", type=float, default=2.0, help="fsync delay added on the slow disk")
+    parser.add_argument("--fsync-interval-ms", type=float, default=5.0, help="sync=interval's fsync interval")
     parser.add_argument("--slow-disk-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    fsync_interval = args.fsync_interval_ms / 1000
     if args.slow_disk_child:
-        slow_disk_child(Path(args.dir), args.seconds)
+        slow_disk_child(Path(args.dir), args.seconds, fsync_interval)
         return
     RESULTS.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
@@ -344,19 +381,21 @@ def main() -> None:
             "payload_bytes": len(PAYLOAD),
             "seconds_per_point": args.seconds,
             "rounds": args.rounds,
+            "fsync_interval_ms": args.fsync_interval_ms,
         },
         "append": {},
         "raw_segment": {},
     }
     started = time.perf_counter()
     batches = (1, 10, 100)
-    modes: tuple[Literal["full", "normal"], ...] = ("full", "normal")
-    configs = [(sync, b, c) for sync in modes for b in batches for c in (1, 8)]
+    configs = [(sync, b, c) for sync in SYNC_MODES for b in batches for c in (1, 8)]
+    configs += [(sync, 1, c) for sync in SYNC_MODES for c in POLICY_CONCURRENCY if c not in (1, 8)]
     per_round = args.seconds / args.rounds
     print(f"payload {len(PAYLOAD)} B; {args.rounds} interleaved rounds of {per_round:.2f}s/point; medians")
     with tempfile.TemporaryDirectory(prefix="umcef-bench-", dir=args.dir) as tmp:
         base = Path(tmp)
-        stores = {cfg: LocalStore(base / "-".join(map(str, cfg)), sync=cfg[0]) for cfg in configs}
+        stores = {cfg: LocalStore(base / "-".join(map(str, cfg)), sync=cfg[0], fsync_interval=fsync_interval)
+                  for cfg in configs}
         samples = {cfg: Sample() for cfg in configs}
         raw: dict[str, list[float]] = {f"{n}/b{b}": [] for n in ("fdatasync", "nosync") for b in batches}
         fsync_ms: list[float] = []
@@ -377,13 +416,14 @@ def main() -> None:
                 store.close()
         results["env"]["fsync_probe_ms_per_round"] = fsync_ms
         print(f"fdatasync of 4 KiB, median per round (ms): {', '.join(f'{x:.2f}' for x in fsync_ms)}")
-        print(f"{'sync':6} {'batch':>5} {'conc':>4} {'appends/s':>11} {'(min - max)':>21} {'rec/commit':>10} "
-              f"{'p50 ms':>7} {'p99 ms':>7}")
-        for (sync, batch, conc), sample in samples.items():
+        print(f"sync=interval fsyncs at most every {args.fsync_interval_ms:g} ms")
+        print(f"{'sync':8} {'batch':>5} {'conc':>4} {'appends/s':>11} {'(min - max)':>21} {'rec/commit':>10} "
+              f"{'fsyncs/s':>9} {'p50 ms':>7} {'p99 ms':>7}")
+        for (sync, batch, conc), sample in sorted(samples.items()):
             r = results["append"][f"{sync}/b{batch}/c{conc}"] = sample.summary()
             spread = f"({r['appends_per_s_min']:,.0f} - {r['appends_per_s_max']:,.0f})"
-            print(f"{sync:6} {batch:5} {conc:4} {r['appends_per_s']:11,.0f} {spread:>21} "
-                  f"{r['records_per_commit']:10.1f} {r['p50_ms']:7.2f} {r['p99_ms']:7.2f}")
+            print(f"{sync:8} {batch:5} {conc:4} {r['appends_per_s']:11,.0f} {spread:>21} "
+                  f"{r['records_per_commit']:10.1f} {r['fsyncs_per_s']:9,.0f} {r['p50_ms']:7.2f} {r['p99_ms']:7.2f}")
         print("raw segment file (framed + CRC, one writer, no index/cursors/retention), records/s, median:")
         for key, values in raw.items():
             results["raw_segment"][key] = statistics.median(values)
@@ -391,10 +431,10 @@ def main() -> None:
         results["read"] = reads(base / "read", args.read_events)
         for k, v in results["read"].items():
             print(f"  {k:34} {v:12,.1f}")
-        slow = slow_disk(args.slow_fsync_ms, base, 0.6)
+        slow = slow_disk(args.slow_fsync_ms, base, 0.6, fsync_interval)
         if slow is not None:
             results["slow_disk"] = {"added_fsync_ms": args.slow_fsync_ms, **slow}
-            print(f"simulated slow disk (every fsync +{args.slow_fsync_ms} ms, sync=full), records/s:")
+            print(f"simulated slow disk (every fsync +{args.slow_fsync_ms} ms), records/s unless named:")
             for k, v in slow.items():
                 print(f"  {k:34} {v:12,.2f}")
         results["recovery"] = {}
@@ -407,6 +447,11 @@ def main() -> None:
         "group_commit_gain_full_batch1": a["full/b1/c8"]["appends_per_s"] / a["full/b1/c1"]["appends_per_s"],
         "sqlite_vs_raw_fdatasync_batch1_1_appender": (
             a["full/b1/c1"]["appends_per_s"] / results["raw_segment"]["fdatasync/b1"]
+        ),
+        # What sync=interval buys and costs at 64 appenders, batch 1 (the many-requests case).
+        "interval_vs_full_fsyncs_batch1_c64": a["interval/b1/c64"]["fsyncs_per_s"] / a["full/b1/c64"]["fsyncs_per_s"],
+        "interval_vs_full_throughput_batch1_c64": (
+            a["interval/b1/c64"]["appends_per_s"] / a["full/b1/c64"]["appends_per_s"]
         ),
     }
     print("summary:", ", ".join(f"{k}={v:.2f}" for k, v in results["summary"].items()))

@@ -22,6 +22,7 @@ from umcef.fabric import config as config_mod
 
 if TYPE_CHECKING:
     from umcef.adapters.local import LocalStore
+    from umcef.fabric import dlq
 
 err = Console(stderr=True)
 
@@ -232,26 +233,57 @@ def route_explain(config: Path, assume_rtt: tuple[str, ...], assume_down: tuple[
     click.echo(explain_mod.render_json(decision) if as_json else explain_mod.render_text(decision))
 
 
-@app.group("dlq", help="Inspect and re-drive the dead-letter queue (the _deadletter topic of the store).")
+@app.group("dlq", help="Inspect and re-drive the dead-letter queues: _deadletter and the destinations named by "
+                       "delivery.dead_letter in the configuration.")
 def dlq_app() -> None:
     pass
 
 
-_DATA_DIR = click.option("--data-dir", "data_dir", type=click.Path(path_type=Path), default=Path("umcef-data"),
-                         show_default=True, help="the gateway's store directory (running or stopped)")
+_DATA_DIR = click.option("--data-dir", "data_dir", type=click.Path(path_type=Path),
+                         help="the gateway's store directory, running or stopped (default: the configuration's "
+                              "data_dir, umcef-data)")
+_DLQ_CONFIG = click.option("--config", "-c", "config", type=click.Path(path_type=Path),
+                           help="the gateway's YAML configuration (as umcef serve takes): data_dir, dead-letter "
+                                "destinations, local destinations' topics")
+_DLQ_NAME = click.option("--dlq", "dlqs", multiple=True, metavar="NAME",
+                         help="only this dead-letter destination: _deadletter or a configured one (repeatable; "
+                              "default: all)")
+
+
+def _dlq_setup(config: Path | None, data_dir: Path | None,
+               dlqs: tuple[str, ...]) -> tuple[config_mod.Config, Path, list[dlq.DlqTarget]]:
+    """The configuration (defaults and UMCEF_* overrides without --config, as `serve`), the store directory
+    (--data-dir wins over the configuration's data_dir) and the dead-letter destinations asked for."""
+    from umcef.fabric import dlq
+
+    cfg = _load_config(config, data_dir=data_dir)
+    try:
+        chosen = dlq.choose(dlq.targets(cfg), dlqs, None if config is None else str(config))
+    except dlq.DlqError as exc:
+        raise CliError(str(exc)) from None
+    return cfg, cfg.data_dir, chosen
+
+
+def _plural(n: int) -> str:
+    return f"{n} dead letter{'' if n == 1 else 's'}"
 
 
 @dlq_app.command("list")
+@_DLQ_CONFIG
 @_DATA_DIR
+@_DLQ_NAME
 @click.option("--destination", help="only events dead-lettered from this destination")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
-def dlq_list(data_dir: Path, destination: str | None, as_json: bool) -> None:
-    """Dead-lettered events not replayed yet: entry, id, type, destination, attempts, reason."""
+def dlq_list(config: Path | None, data_dir: Path | None, dlqs: tuple[str, ...], destination: str | None,
+             as_json: bool) -> None:
+    """Dead letters not replayed yet (and those still waiting in a remote dead-letter destination's spool):
+    entry, dead-letter destination, id, type, destination, attempts, reason."""
     from umcef.fabric import dlq
 
+    _cfg, data_dir, targets = _dlq_setup(config, data_dir, dlqs)
     store = _dlq_store(data_dir, write=False)
     try:
-        letters = dlq.pending(store, destination)
+        letters = dlq.pending(store, destination, targets)
     finally:
         store.close()
     for letter in letters:
@@ -259,45 +291,62 @@ def dlq_list(data_dir: Path, destination: str | None, as_json: bool) -> None:
         if as_json:
             click.echo(orjson.dumps(row).decode())
         else:
-            click.echo(f"#{row['seq']}\t{row['id']}\t{row['type']}\t{row['destination']}\t"
+            click.echo(f"#{row['seq']}\t{row['dlq']}\t{row['id']}\t{row['type']}\t{row['destination']}\t"
                        f"attempts={row['attempts']}\t{row['reason']}")
-    if not as_json:
-        err.print(f"{len(letters)} dead letters pending in {data_dir}", highlight=False)
+    for target in targets:
+        n = sum(1 for letter in letters if letter.dlq is target)
+        if target.remote:
+            err.print(f"{target.name}: {_plural(n)} waiting in spool {target.topic} for {target.url}; those "
+                      f"already delivered are in the broker, not listed here (read them there)",
+                      highlight=False, markup=False, soft_wrap=True)
+        else:
+            err.print(f"{target.name}: {_plural(n)} pending ({target.where})", highlight=False, markup=False,
+                      soft_wrap=True)
+    err.print(f"{_plural(len(letters))} listed from {data_dir}", highlight=False, markup=False, soft_wrap=True)
 
 
 @dlq_app.command("replay")
+@_DLQ_CONFIG
 @_DATA_DIR
+@_DLQ_NAME
 @click.option("--destination", help="only events dead-lettered from this destination")
 @click.option("--id", "ids", multiple=True, help="event id to replay (repeatable)")
-@click.option("--all", "replay_all", is_flag=True, help="replay every pending dead letter (after --destination)")
+@click.option("--all", "replay_all", is_flag=True,
+              help="replay every pending dead letter of the local dead-letter queues (after --dlq, --destination)")
 @click.option("--to", "to", help="send them to this destination (or local://TOPIC) instead of their own")
-@click.option("--config", "-c", "config", type=click.Path(path_type=Path),
-              help="the gateway's YAML configuration, to resolve local destinations to their topics")
-def dlq_replay(data_dir: Path, destination: str | None, ids: tuple[str, ...], replay_all: bool, to: str | None,
-               config: Path | None) -> None:
+def dlq_replay(config: Path | None, data_dir: Path | None, dlqs: tuple[str, ...], destination: str | None,
+               ids: tuple[str, ...], replay_all: bool, to: str | None) -> None:
     """Re-drive dead-lettered events into their destination's spool, once: replayed entries leave the list."""
     from umcef.fabric import dlq
 
-    local_topics: dict[str, str] = {}
+    cfg, data_dir, targets = _dlq_setup(config, data_dir, dlqs)
     if config is not None:
-        cfg = config_mod.load(config)
-        local_topics = {name: d.topic for name, d in cfg.destinations.items()}
         for name in (to, destination):
             if name is not None and not name.startswith(dlq.LOCAL_PREFIX) and name not in cfg.destinations:
                 raise CliError(f"destination {name!r} is not in {config}")
     if ids and replay_all:
         raise CliError("give --id or --all, not both")
+    remote = [t for t in targets if t.remote]
+    if dlqs and remote:  # asked for by name: say we cannot, rather than skip it
+        raise CliError(dlq.not_replayable(remote[0]))
+    local_topics = {name: d.topic for name, d in cfg.destinations.items()}
     store = _dlq_store(data_dir, write=True)
     try:
-        chosen = dlq.select(dlq.pending(store, destination), ids, replay_all)
+        letters = dlq.pending(store, destination, targets)
+        chosen = dlq.select(letters, ids, replay_all, targets)
         plan = dlq.replay(store, chosen, to, local_topics)
     except dlq.DlqError as exc:
         raise CliError(str(exc)) from None
     finally:
         store.close()
     for letter, topic in plan:
-        click.echo(f"#{letter.seq}\t{letter.id}\t-> {topic}")
-    err.print(f"replayed {len(plan)} dead letters", highlight=False)
+        click.echo(f"#{letter.seq}\t{letter.dlq.name}\t{letter.id}\t-> {topic}")
+    for target in remote if replay_all else ():
+        waiting = sum(1 for letter in letters if letter.dlq is target)
+        if waiting:
+            err.print(f"{target.name}: {_plural(waiting)} waiting in spool {target.topic} not replayed: "
+                      + dlq.not_replayable(target), highlight=False, markup=False, soft_wrap=True)
+    err.print(f"replayed {_plural(len(plan))}", highlight=False, markup=False, soft_wrap=True)
 
 
 def _dlq_store(data_dir: Path, *, write: bool) -> LocalStore:

@@ -40,11 +40,21 @@ class ServerConfig:
     grpc_port: int | None = 8081  # None disables gRPC ingress
 
 
+SYNC_POLICIES = ("full", "normal", "interval")  # store.sync (docs/local-store.md, "Durability contract")
+MAX_FSYNC_INTERVAL_MS = 1000
+
+
 @dataclass(frozen=True, slots=True)
 class StoreConfig:
     sync: str = "full"
     max_age_seconds: float | None = 7 * 24 * 3600
     max_events_per_topic: int | None = None
+    fsync_interval_ms: float = 5.0  # sync: interval only: the writer fsyncs the WAL at most this often
+
+    @property
+    def fsync_interval(self) -> float:
+        """`fsync_interval_ms` in seconds, as LocalStore takes it."""
+        return self.fsync_interval_ms / 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,13 +66,33 @@ class DedupConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SpoolLimit:
+    """One remote destination's own watermarks (`destinations.<name>.max_spooled_events/_bytes`)."""
+
+    max_spooled_events: int | None = None
+    max_spooled_bytes: int | None = None
+
+
+PRIORITY_CLASSES = ("low", "normal", "high")
+MAX_IN_FLIGHT_BYTES = 256 * 1024 * 1024  # 64 requests at the default max_body_bytes
+SPOOL_LIMIT_KEYS = ("max_spooled_events", "max_spooled_bytes")
+
+
+@dataclass(frozen=True, slots=True)
 class BackpressureConfig:
     max_spooled_events: int | None = None  # undelivered events in the delivery spools; None: unbounded
+    max_spooled_bytes: int | None = None  # their encoded size
     retry_after_seconds: float = 1.0
+    shed_low_at: float = 0.5  # low priority is refused above this fraction of a watermark
+    shed_normal_at: float = 1.0  # normal above this one (1: the watermark, as for high)
+    max_in_flight_bytes: int | None = MAX_IN_FLIGHT_BYTES  # request bodies being published (HTTP)
+    destinations: dict[str, SpoolLimit] = field(default_factory=dict)  # per remote destination
+    route_classes: dict[str, str] = field(default_factory=dict)  # routes[].priority_class by route name
 
 
 DEAD_LETTER = "_deadletter"  # the local dead-letter topic (`umcef dlq` reads it)
-DELIVERY_KEYS = ("max_attempts", "max_age_seconds", "backoff_base_seconds", "backoff_cap_seconds", "dead_letter")
+DELIVERY_KEYS = ("max_attempts", "max_age_seconds", "backoff_base_seconds", "backoff_cap_seconds", "dead_letter",
+                 "pages_in_flight", "memory_events")
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +104,8 @@ class DeliveryLimits:
     backoff_base_seconds: float = 0.1
     backoff_cap_seconds: float = 30.0
     dead_letter: str = DEAD_LETTER  # `_deadletter` (local topic) or a configured destination name
+    pages_in_flight: int = 4  # pages published at once (pages sharing a partitionkey wait for each other)
+    memory_events: int = 20_000  # spooled events handed to the worker in memory before it reads the store
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,27 +271,78 @@ class _Parser:
             max_attribute_bytes=self.integer(
                 lim, "max_attribute_bytes", "limits", DEFAULT_LIMITS.max_attribute_bytes, 1),
         )
-        st = self.section(raw, "store", ("sync", "max_age_seconds", "max_events_per_topic"))
-        store = StoreConfig(
-            sync=self.string(st, "sync", "store", "full", ("full", "normal")),
-            max_age_seconds=self.number(st, "max_age_seconds", "store", 7 * 24 * 3600.0),
-            max_events_per_topic=self.integer(st, "max_events_per_topic", "store", None, 1, nullable=True),
-        )
+        store = self.store(raw)
         dedup = self.dedup(raw)
-        bp = self.section(raw, "backpressure", ("max_spooled_events", "retry_after_seconds"))
-        backpressure = BackpressureConfig(
-            max_spooled_events=self.integer(bp, "max_spooled_events", "backpressure", None, 1, nullable=True),
-            retry_after_seconds=self.number(bp, "retry_after_seconds", "backpressure", 1.0) or 1.0,
-        )
         delivery = self.delivery_defaults(raw)
         destinations = self.destinations(raw.get("destinations") or {})
         default = self.string(raw, "default", "", "local://" + DEFAULT_TOPIC)
         default_name = self.default_destination(default, destinations)
         destinations = self.delivery_limits(raw.get("destinations") or {}, destinations, delivery.defaults, store)
+        backpressure = self.backpressure(raw, destinations)
         routing = self.routing(_without_delivery_keys(raw), destinations, default_name)
         sources = self.sources(raw.get("sources") or [])
         return Config(self.source, data_dir, server, limits, store, dedup, backpressure, destinations,
                       routing.routes, default_name, sources, routing, delivery)
+
+    def store(self, raw: Mapping[str, Any]) -> StoreConfig:
+        st = self.section(raw, "store", ("sync", "max_age_seconds", "max_events_per_topic", "fsync_interval_ms"))
+        sync = self.string(st, "sync", "store", "full", SYNC_POLICIES)
+        interval = st.get("fsync_interval_ms", StoreConfig().fsync_interval_ms)
+        if "fsync_interval_ms" in st and sync != "interval":
+            raise self.fail("store.fsync_interval_ms", f"only used with sync: interval, got sync: {sync}")
+        if isinstance(interval, bool) or not isinstance(interval, int | float) or not (
+                0 < interval <= MAX_FSYNC_INTERVAL_MS):
+            raise self.fail("store.fsync_interval_ms", f"expected a number of milliseconds above 0 and at most "
+                                                       f"{MAX_FSYNC_INTERVAL_MS}, got {interval!r}")
+        return StoreConfig(
+            sync=sync,
+            max_age_seconds=self.number(st, "max_age_seconds", "store", 7 * 24 * 3600.0),
+            max_events_per_topic=self.integer(st, "max_events_per_topic", "store", None, 1, nullable=True),
+            fsync_interval_ms=float(interval),
+        )
+
+    def backpressure(self, raw: Mapping[str, Any], destinations: dict[str, DestinationConfig]) -> BackpressureConfig:
+        bp = self.section(raw, "backpressure", ("max_spooled_events", "max_spooled_bytes", "retry_after_seconds",
+                                                "shed_low_at", "shed_normal_at", "max_in_flight_bytes"))
+        path = "backpressure"
+        shed_normal = self.fraction(bp, "shed_normal_at", path, 1.0, 1.0, "1")
+        shed_low = self.fraction(bp, "shed_low_at", path, 0.5, shed_normal, f"shed_normal_at ({shed_normal:g})")
+        limits: dict[str, SpoolLimit] = {}
+        specs = raw.get("destinations")
+        for name, spec in (specs.items() if isinstance(specs, dict) else ()):
+            if not isinstance(spec, dict) or not any(key in spec for key in SPOOL_LIMIT_KEYS):
+                continue
+            where = f"destinations.{name}"
+            if destinations[str(name)].is_local:
+                key = next(key for key in SPOOL_LIMIT_KEYS if key in spec)
+                raise self.fail(f"{where}.{key}", "only for remote destinations: a local:// destination has no "
+                                                  "delivery spool (the durable write is the delivery)")
+            limits[str(name)] = SpoolLimit(self.integer(spec, "max_spooled_events", where, None, 1, nullable=True),
+                                           self.integer(spec, "max_spooled_bytes", where, None, 1, nullable=True))
+        routes = raw.get("routes")
+        classes: dict[str, str] = {}
+        for i, route in enumerate(routes if isinstance(routes, list) else ()):
+            if isinstance(route, dict) and "priority_class" in route:
+                cls = self.string(route, "priority_class", f"routes[{i}]", "normal", PRIORITY_CLASSES)
+                classes[str(route.get("name", f"route{i}"))] = cls
+        return BackpressureConfig(
+            max_spooled_events=self.integer(bp, "max_spooled_events", path, None, 1, nullable=True),
+            max_spooled_bytes=self.integer(bp, "max_spooled_bytes", path, None, 1, nullable=True),
+            retry_after_seconds=self.number(bp, "retry_after_seconds", path, 1.0) or 1.0,
+            shed_low_at=shed_low,
+            shed_normal_at=shed_normal,
+            max_in_flight_bytes=self.integer(bp, "max_in_flight_bytes", path, MAX_IN_FLIGHT_BYTES,
+                                             1, nullable=True),
+            destinations=limits,
+            route_classes=classes,
+        )
+
+    def fraction(self, raw: Mapping[str, Any], key: str, path: str, default: float, high: float,
+                 bound: str) -> float:
+        value = raw.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= high:
+            raise self.fail(f"{path}.{key}", f"expected a fraction above 0 and at most {bound}, got {value!r}")
+        return float(value)
 
     def delivery_defaults(self, raw: Mapping[str, Any]) -> DeliveryConfig:
         d = self.section(raw, "delivery", (*DELIVERY_KEYS, "drain_seconds"))
@@ -280,6 +363,8 @@ class _Parser:
             backoff_cap_seconds=self.number(d, "backoff_cap_seconds", path, base.backoff_cap_seconds)
             or base.backoff_cap_seconds,
             dead_letter=dead_letter.strip(),
+            pages_in_flight=self.integer(d, "pages_in_flight", path, base.pages_in_flight, 1, 64),
+            memory_events=self.integer(d, "memory_events", path, base.memory_events, 0),
         )
         if limits.backoff_cap_seconds < limits.backoff_base_seconds:
             raise self.fail(f"{path}.backoff_cap_seconds",
@@ -414,13 +499,19 @@ class _Parser:
 
 
 def _without_delivery_keys(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """The mapping the router parses: destinations without their `delivery:` key (ours, not the router's)."""
+    """The mapping the router parses: destinations without their `delivery:` and spool watermark keys and
+    routes without `priority_class` (ours, not the router's)."""
+    out = dict(raw)
     specs = raw.get("destinations")
-    if not isinstance(specs, dict):
-        return dict(raw)
-    stripped = {name: {k: v for k, v in spec.items() if k != "delivery"} if isinstance(spec, dict) else spec
-                for name, spec in specs.items()}
-    return {**raw, "destinations": stripped}
+    if isinstance(specs, dict):
+        ours = ("delivery", *SPOOL_LIMIT_KEYS)
+        out["destinations"] = {name: {k: v for k, v in spec.items() if k not in ours}
+                               if isinstance(spec, dict) else spec for name, spec in specs.items()}
+    routes = raw.get("routes")
+    if isinstance(routes, list):
+        out["routes"] = [{k: v for k, v in route.items() if k != "priority_class"} if isinstance(route, dict)
+                         else route for route in routes]
+    return out
 
 
 def _kind(value: Any) -> str:

@@ -1,11 +1,13 @@
 """Deliver step: one worker per remote destination drains its durable spool into the broker adapter.
 
 The spool is a topic of the local store (`_spool.<destination>`), written in the same group commit
-that made the event durable for its 202. The worker publishes a page at a time, retries what failed
-with exponential backoff and full jitter, dead-letters what the broker can never take (at once) or
-what ran out of attempts or age (per-destination limits), and only then moves its cursor: after a
-crash everything not yet acknowledged by the broker is delivered again (at-least-once; consumers
-dedup on `source` + `id`).
+that made the event durable for its 202; a `SpoolFeed` hands its pages to the worker, from memory while
+caught up. The worker publishes up to `pages_in_flight` pages at once — a page that shares a
+`partitionkey` with a page in flight waits for it, so per-key order holds — retries what failed with
+exponential backoff and full jitter, dead-letters what the broker can never take (at once) or what ran
+out of attempts or age (per-destination limits), and only then moves its cursor, past the finished pages
+at the head (lazily: the move rides on the next group commit). After a crash everything not yet
+acknowledged by the broker is delivered again (at-least-once; consumers dedup on `source` + `id`).
 
 Failover (issue 5 §4): while the estimator has the destination ejected the worker does not publish;
 it asks its `Failover` hook to re-decide each pending event with the router (the ejected destination
@@ -19,20 +21,23 @@ the reason `no allowed destination healthy: ...`.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from collections import Counter, deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 from umcef.adapters.contract import Adapter, AdapterError, PublishOutcome, Throttled, Transient
-from umcef.adapters.local import LocalStore, Record, StoredEvent
+from umcef.adapters.local import LocalStore, Record
 from umcef.fabric.deadletter import DeadLetterQueue
 from umcef.fabric.errors import EventError
 from umcef.fabric.event import Event
 from umcef.fabric.formats import json_format
+from umcef.fabric.spool_feed import Spooled, SpoolFeed
 
 if TYPE_CHECKING:
     from umcef.router.decide import Router
@@ -92,12 +97,12 @@ class RouterFailover:
     so only the routes that contain this destination count, and residency is the router's own check."""
 
     def __init__(self, destination: str, router: Router, store: LocalStore, topics: dict[str, str],
-                 spooled: Callable[[int], None] = lambda n: None) -> None:
+                 spooled: Callable[[Mapping[str, int]], None] = lambda n: None) -> None:
         self.destination = destination
         self.router = router
         self.store = store
         self.topics = topics  # destination name -> topic (local topic, or the `_spool.` topic of a remote one)
-        self.spooled = spooled  # told how many records went to delivery spools (backpressure gauge)
+        self.spooled = spooled  # told how many records went to which delivery spools (backpressure gauge)
         self.slot = router.estimator.slot(destination)
 
     def ejected(self) -> str | None:
@@ -131,11 +136,27 @@ class RouterFailover:
         for event, names in moves:
             payload = json_format.encode(event)
             key = str(event.attributes.get("partitionkey") or event.id)
-            records.extend(Record(self.topics[name], payload, key) for name in names)
+            records.extend(Record(self.topics[name], payload, key, event) for name in names)
         await self.store.append(records)
-        self.spooled(sum(r.topic.startswith(SPOOL_PREFIX) for r in records))
+        spooled = (name for _, names in moves for name in names if self.topics[name].startswith(SPOOL_PREFIX))
+        self.spooled(Counter(spooled))
         for event, names in moves:
             log.warning("%s is ejected: event %s moved to %s", self.destination, event.id, ", ".join(names))
+
+
+@dataclass(slots=True)
+class _Flight:
+    last_seq: int  # the page's last spool seq: where the cursor goes once this page and all before it are done
+    keys: set[str]  # partition keys in the page (per-key order)
+    before: list[asyncio.Future[bool]]  # earlier pages in flight sharing a key: this one publishes after them
+    size: int
+    parked: bool = False  # ejected, only waiting events left: not counted against pages_in_flight
+    task: asyncio.Future[bool] = field(init=False)  # set right after construction (it needs the flight)
+
+
+def _order_key(event: Event) -> str | None:
+    key = event.attributes.get("partitionkey")
+    return None if key is None else str(key)
 
 
 @dataclass(slots=True)
@@ -148,13 +169,19 @@ class _Pending:
 class DeliveryWorker:
     def __init__(self, destination: str, adapter: Adapter, store: LocalStore, dead_letters: DeadLetterQueue, *,
                  policy: RetryPolicy = RetryPolicy(), page_size: int = 500, failover: Failover | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, memory_capacity: int = 20_000,
+                 pages_in_flight: int = 4) -> None:
         self.destination = destination
         self.adapter = adapter
         self.store = store
         self.topic = spool_topic(destination)
         self.policy = policy
         self.page_size = page_size
+        self.memory_capacity = memory_capacity  # spooled events held in memory for the worker (SpoolFeed)
+        self.feed: SpoolFeed | None = None
+        self.pages_in_flight = max(1, pages_in_flight)  # pages with different keys published concurrently
+        self._cursor: concurrent.futures.Future[None] | None = None
+        self._parking = asyncio.Event()  # a page parked or unparked: the run loop may take another page
         self.dead_letters = dead_letters
         self.failover = failover
         self.clock = clock  # wall clock: compared with the spool's `stored_at`
@@ -168,44 +195,96 @@ class DeliveryWorker:
         return self.delivered + self.moved
 
     async def run(self) -> None:
-        after = self.store.cursor(CURSOR_GROUP, self.topic)
-        pages = self.store.follow_batches(self.topic, after, batch=self.page_size)
+        feed = SpoolFeed(self.store, self.topic, self.store.cursor(CURSOR_GROUP, self.topic),
+                         page_size=self.page_size, capacity=self.memory_capacity)
+        self.feed = feed
         stopping = asyncio.ensure_future(self._stopping.wait())
+        flights: deque[_Flight] = deque()  # pages being delivered, oldest first
+        next_page: asyncio.Future[list[Spooled]] | None = None
         try:
             while not self._stopping.is_set():
-                # Wait for the next page or for stop(), whichever comes first: an idle spool must not
-                # keep a stopping worker alive.
-                next_page = asyncio.ensure_future(anext(pages))
-                await asyncio.wait({next_page, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                if not next_page.done():
-                    next_page.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                        await next_page
-                    return
+                if not self._land(flights):
+                    return  # a page gave up because we are stopping
+                self._parking.clear()
+                active = sum(not (f.parked or f.task.done()) for f in flights)
+                parked = sum(f.size for f in flights if f.parked)
+                # Parked pages (an ejected destination, events that can only wait) do not hold back later
+                # pages, whose events may fail over, up to `memory_capacity` parked events.
+                if next_page is None and active < self.pages_in_flight and parked < max(self.memory_capacity, 1):
+                    next_page = asyncio.ensure_future(feed.next_page())
+                # Wake for a new page, a finished or parked page, or stop(): an idle spool must not keep a
+                # stopping worker alive.
+                parking = asyncio.ensure_future(self._parking.wait())
+                wake: set[asyncio.Future[Any]] = {stopping, parking, *(f.task for f in flights)}
+                if next_page is not None:
+                    wake.add(next_page)
+                await asyncio.wait(wake, return_when=asyncio.FIRST_COMPLETED)
+                parking.cancel()
+                if next_page is None or not next_page.done() or self._stopping.is_set():
+                    continue
                 try:
                     page = next_page.result()
-                except StopAsyncIteration:  # the store was closed
+                except RuntimeError:  # the store was closed
                     return
-                if not await self._deliver(page):
-                    return  # stopping mid-retry: the page stays in the spool for the next start
-                await self.store.commit_cursor_async(CURSOR_GROUP, self.topic, page[-1].seq)
+                next_page = None
+                pending = await self._pending(page)
+                keys = {k for p in pending if (k := _order_key(p.event)) is not None}
+                # Per-key order: the page publishes only after the pages in flight that hold any of its keys
+                # (it may fail over meanwhile).
+                before = [f.task for f in flights if not f.task.done() and not keys.isdisjoint(f.keys)]
+                flight = _Flight(page[-1].seq, keys, before, len(pending))
+                flight.task = asyncio.ensure_future(self._deliver(pending, flight))
+                flights.append(flight)
+            # stop(): pages in flight finish their publish (bounded by the gateway's drain deadline) or give
+            # up their retry wait; the cursor moves past every page that finished.
+            if flights:
+                await asyncio.wait([f.task for f in flights])
+            self._land(flights)
         finally:
             stopping.cancel()
-            await pages.aclose()
+            if next_page is not None:
+                next_page.cancel()
+            for flight in flights:
+                flight.task.cancel()
+            feed.close()
+            if self._cursor is not None:
+                with contextlib.suppress(Exception):  # the store closing under us: redelivery, not loss
+                    await asyncio.wrap_future(self._cursor)
+
+    def _land(self, flights: deque[_Flight]) -> bool:
+        """Move the cursor past the finished pages at the head; False if one gave up (stopping)."""
+        last = None
+        while flights and flights[0].task.done():
+            if not flights[0].task.result():  # an exception here is a bug: let it stop the worker loudly
+                return False
+            last = flights.popleft().last_seq
+        if last is not None:
+            # Not awaited: the move rides on the next group commit (a lost move = redelivery only).
+            self._cursor = self.store.commit_cursor_later(CURSOR_GROUP, self.topic, last)
+        return True
 
     async def stop(self) -> None:
         """Take no new page and abandon retry waits; a publish in flight completes (the gateway bounds
         it with `delivery.drain_seconds`) and its page's cursor moves if the whole page is done."""
         self._stopping.set()
 
-    async def _deliver(self, page: Sequence[StoredEvent]) -> bool:
-        """True once every event of the page is acknowledged, moved elsewhere or dead-lettered."""
+    async def _pending(self, page: Sequence[Spooled]) -> list[_Pending]:
+        """The page's events with their expiry; a record that does not decode is dead-lettered raw."""
         pending: list[_Pending] = []
-        for stored in page:
-            try:
-                pending.append(_Pending(json_format.decode(stored.payload), self.policy.expires_at(stored.stored_at)))
-            except EventError as exc:  # cannot happen for spooled events; never block the spool on one
-                await self.dead_letters.put_raw(stored.payload, stored.key, f"undecodable spool record: {exc}")
+        expires_at = self.policy.expires_at
+        for spooled in page:
+            event = spooled.event
+            if event is None:
+                try:
+                    event = json_format.decode(spooled.payload)
+                except EventError as exc:  # cannot happen for spooled events; never block the spool on one
+                    await self.dead_letters.put_raw(spooled.payload, None, f"undecodable spool record: {exc}")
+                    continue
+            pending.append(_Pending(event, expires_at(spooled.stored_at)))
+        return pending
+
+    async def _deliver(self, pending: list[_Pending], flight: _Flight | None = None) -> bool:
+        """True once every event of the page is acknowledged, moved elsewhere or dead-lettered."""
         attempt = 0
         waits = 0
         last: AdapterError | None = None
@@ -220,12 +299,19 @@ class DeliveryWorker:
                     if not pending:
                         return True
                     # Still ejected: publish nothing; look again shortly (re-admission, a target back up).
+                    self._park(flight, True)
                     waits += 1
                     delay = min(self.policy.cap_seconds, MAX_EJECTED_WAIT,
                                 self.policy.base_seconds * 2 ** min(waits, 20))
                     if await self._pause(self._until_expiry(pending, delay)):
                         return False
                     continue
+            self._park(flight, False)
+            if flight is not None and not all(t.done() for t in flight.before):
+                await asyncio.wait([t for t in flight.before if not t.done()])
+                continue  # time passed: look at ages and ejection again
+            if self._stopping.is_set():
+                return False  # stop() came while this page waited: it stays in the spool
             for p in pending:
                 p.waiting = None
             try:
@@ -263,6 +349,11 @@ class DeliveryWorker:
             if await self._pause(self._until_expiry(pending, delay)):
                 return False
         return True
+
+    def _park(self, flight: _Flight | None, parked: bool) -> None:
+        if flight is not None and flight.parked != parked:
+            flight.parked = parked
+            self._parking.set()
 
     async def _pause(self, delay: float) -> bool:
         """Sleep `delay` seconds; True when stop() came first."""

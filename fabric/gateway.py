@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import time
@@ -14,9 +15,9 @@ from typing import Any
 from umcef.adapters import open_adapter
 from umcef.adapters.contract import Adapter, Handler, PublishOutcome, Rejected, Throttled
 from umcef.adapters.local import LocalStore, Retention
-from umcef.fabric.backpressure import SpoolGauge
-from umcef.fabric.config import DEAD_LETTER, Config, DeliveryLimits
-from umcef.fabric.deadletter import DeadLetterQueue
+from umcef.fabric.backpressure import CLASSES, Lane, SpoolGauge, backlog
+from umcef.fabric.config import DEAD_LETTER, Config, DeliveryLimits, SpoolLimit
+from umcef.fabric.deadletter import DEAD_LETTER_TOPIC, DeadLetterQueue
 from umcef.fabric.dedup import DedupStore, DedupWindow
 from umcef.fabric.delivery import CURSOR_GROUP, SPOOL_PREFIX, DeliveryWorker, RetryPolicy, RouterFailover, spool_topic
 from umcef.fabric.event import Event
@@ -100,7 +101,8 @@ class RoutedAdapter:
 
 def open_store(config: Config) -> LocalStore:
     retention = Retention(config.store.max_age_seconds, config.store.max_events_per_topic)
-    return LocalStore(config.data_dir, sync=config.store.sync, retention=retention)  # type: ignore[arg-type]
+    return LocalStore(config.data_dir, sync=config.store.sync, retention=retention,  # type: ignore[arg-type]
+                      fsync_interval=config.store.fsync_interval)
 
 
 def build_dedup(config: Config) -> DedupStore:
@@ -138,19 +140,6 @@ def retry_policy(limits: DeliveryLimits) -> RetryPolicy:
                        limits.max_age_seconds)
 
 
-def spool_depth(store: LocalStore, destination: str, cap: int) -> int:
-    """Undelivered events an earlier run left in a destination's spool, counted up to `cap` (only the
-    watermark matters, so a huge backlog is not read in full at start)."""
-    topic, after, depth = spool_topic(destination), store.cursor(CURSOR_GROUP, spool_topic(destination)), 0
-    while depth <= cap:
-        page = store.read(topic, after, 1000)
-        if not page:
-            break
-        depth += len(page)
-        after = page[-1].seq
-    return depth
-
-
 @dataclass
 class Endpoints:
     http_port: int
@@ -165,11 +154,7 @@ class Gateway:
         self.adapters: dict[str, Adapter] = {}
         self.workers: dict[str, DeliveryWorker] = {}
         self.topics = destination_topics(config)
-        bp = config.backpressure
-        self.spool_gauge = SpoolGauge(bp.max_spooled_events, bp.retry_after_seconds, self._drained)
-        if bp.max_spooled_events is not None:
-            self.spool_gauge.add(sum(spool_depth(self.store, name, bp.max_spooled_events)
-                                     for name, dest in config.destinations.items() if not dest.is_local))
+        self.spool_gauge = self._spool_gauge()
         self.pipeline = build_pipeline(config, self.store, self.router, self.spool_gauge)
         self.probes: ProbeLoop | None = None
         self.dead_letters = DeadLetterQueue(self.store)
@@ -189,7 +174,9 @@ class Gateway:
                 page = self.config.routing.destination(name).max_in_flight
                 # A DLQ per worker: its count is what left this spool by dead-lettering (backpressure).
                 limits = dest.delivery
-                dlq_topic = self.topics[DEAD_LETTER if limits.dead_letter == DEAD_LETTER else limits.dead_letter]
+                # `_deadletter` named here means the local topic itself, not the global target (which may be
+                # a remote destination whose own dead letters would otherwise loop back into its spool).
+                dlq_topic = DEAD_LETTER_TOPIC if limits.dead_letter == DEAD_LETTER else self.topics[limits.dead_letter]
                 dead_letters = DeadLetterQueue(self.store, dlq_topic)
                 self._worker_dead_letters.append(dead_letters)
                 if dlq_topic.startswith(SPOOL_PREFIX):  # dead letters to a remote destination wait in its spool
@@ -197,7 +184,8 @@ class Gateway:
                 failover = RouterFailover(name, self.router, self.store, self.topics, self.spool_gauge.add)
                 self.workers[name] = DeliveryWorker(name, RoutedAdapter(adapter, name, self.router), self.store,
                                                     dead_letters, policy=retry_policy(limits), page_size=page,
-                                                    failover=failover)
+                                                    failover=failover, memory_capacity=limits.memory_events,
+                                                    pages_in_flight=limits.pages_in_flight)
                 self._spawn(self.workers[name].run(), f"deliver:{name}")
         if self.adapters:
             self.probes = ProbeLoop(self.router.estimator, {n: a.probe for n, a in self.adapters.items()})
@@ -219,6 +207,42 @@ class Gateway:
             self._spawn(runner.run(), f"source:{source.name}")
         self.endpoints = Endpoints(http_port, grpc_port)
         return self.endpoints
+
+    def _spool_gauge(self) -> SpoolGauge:
+        """Backpressure: a lane per remote destination's spool, seeded with what an earlier run left."""
+        bp = self.config.backpressure
+        gauge = SpoolGauge(bp.max_spooled_events, bp.retry_after_seconds, self._drained,
+                           max_spooled_bytes=bp.max_spooled_bytes, shed_low_at=bp.shed_low_at,
+                           shed_normal_at=bp.shed_normal_at, max_in_flight_bytes=bp.max_in_flight_bytes,
+                           route_classes={name: CLASSES[cls] for name, cls in bp.route_classes.items()})
+        dead_letter_spool = self.topics[DEAD_LETTER]
+        for name, dest in self.config.destinations.items():
+            if dest.is_local:
+                continue
+            own = bp.destinations.get(name, SpoolLimit())
+            lane = gauge.lane(Lane(name, own.max_spooled_events, own.max_spooled_bytes,
+                                   functools.partial(self._lane_drained, name)),
+                              *((DEAD_LETTER,) if dest.topic == dead_letter_spool else ()))
+            # Counted only as far as the largest watermark that applies (a huge backlog is not read in full).
+            events, nbytes = self._backlog(
+                dest.topic, max((w for w in (bp.max_spooled_events, lane.max_events) if w), default=None),
+                max((w for w in (bp.max_spooled_bytes, lane.max_bytes) if w), default=None))
+            lane.add(events, nbytes)
+            gauge.add(events)
+        return gauge
+
+    def _backlog(self, topic: str, max_events: int | None, max_bytes: int | None) -> tuple[int, int]:
+        after = self.store.cursor(CURSOR_GROUP, topic)
+        return backlog(lambda seq: [(r.seq, len(r.payload)) for r in self.store.read(topic, max(seq, after), 1000)],
+                       max_events, max_bytes)
+
+    def _lane_drained(self, name: str) -> int:
+        """What left `name`'s spool in this run: its worker's drained and dead-lettered events, minus the
+        dead letters other workers appended to it (it is their dead-letter destination)."""
+        topic = spool_topic(name)
+        worker = self.workers.get(name)
+        out = worker.drained + worker.dead_letters.count if worker is not None else 0
+        return out - sum(w.dead_letters.count for w in self.workers.values() if w.dead_letters.topic == topic)
 
     def _drained(self) -> int:
         """Events that left the delivery spools in this run: acknowledged, moved by failover (the move adds

@@ -3,6 +3,10 @@
 Ingress servers decode and validate with the codec of their mode (that is the `decode`/`validate`
 step, fused for speed) and hand events to `Pipeline.publish`, which runs the rest and returns only
 once every accepted event is durable. Every ingress — HTTP, gRPC, sources, the demo — calls this.
+
+The route decision is taken just before the dedup claim (DESIGN.md's order has dedup first): backpressure
+needs each event's destinations and priority class to refuse a batch, and a refused batch must leave no
+claim behind. Routing a duplicate costs a decision (~1 µs) and writes nothing.
 """
 
 from __future__ import annotations
@@ -14,11 +18,12 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from umcef.adapters.local import LocalStore, Record
-from umcef.fabric.backpressure import SpoolGauge
+from umcef.fabric.backpressure import CLASSES, NORMAL, Lane, Load, SpoolGauge
 from umcef.fabric.bindings import http as http_binding
 from umcef.fabric.deadletter import DEAD_LETTER_TOPIC
 from umcef.fabric.dedup import Claim, DedupStore, DedupUnavailable, Key
 from umcef.fabric.delivery import SPOOL_PREFIX
+from umcef.fabric.errors import InvalidAttribute
 from umcef.fabric.event import Event
 from umcef.fabric.formats import json_format
 from umcef.fabric.limits import Limits
@@ -88,10 +93,22 @@ class LocalSpool:
         for event, names in zip(events, destinations, strict=True):
             payload = json_format.encode(event)
             key = event.attributes.get("partitionkey") or event.id
-            records.extend(Record(self.topics[name], payload, str(key)) for name in names)
+            records.extend(Record(self.topics[name], payload, str(key), event) for name in names)
         await self.store.append(records)
         if self.gauge is not None and self.spooled:
             self.gauge.add(sum(name in self.spooled for names in destinations for name in names))
+
+
+PRIORITY_ATTRIBUTE = "priorityclass"
+"""The event extension naming its priority class (low | normal | high). Not `priority`: that name is a
+route's ordering key, and producers commonly send an integer `priority` extension of their own."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Decided:
+    destinations: tuple[str, ...]
+    reason: str | None  # set: dead-letter a copy with this reason
+    priority: int  # backpressure class (umcef.fabric.backpressure.LOW/NORMAL/HIGH)
 
 
 class Pipeline:
@@ -104,61 +121,88 @@ class Pipeline:
         self.limits = limits
         self.max_in_flight = max_in_flight
         self.in_flight = 0
+        self.in_flight_bytes = 0  # request bodies being published (HTTP), against max_in_flight_bytes
         self.closing = False
 
     async def ingest_http(self, headers: Mapping[str, str], body: bytes) -> PublishResult:
         """HTTP ingress: decode + validate the request in whatever mode it uses, then publish."""
-        return await self.publish(http_binding.decode_request(headers, body, self.limits))
+        return await self.publish(http_binding.decode_request(headers, body, self.limits), len(body))
 
-    async def publish(self, events: list[Event]) -> PublishResult:
+    async def publish(self, events: list[Event], size: int = 0) -> PublishResult:
+        """`size`: the request's encoded size, counted against `max_in_flight_bytes` while it is published."""
         if self.closing:
             raise ShuttingDown("the gateway is shutting down")
         # An idle pipeline takes any batch, so a batch above the limit cannot be refused forever.
         if self.in_flight and self.in_flight + len(events) > self.max_in_flight:
             raise Overloaded(f"{self.in_flight} events in flight, limit {self.max_in_flight}")
-        if self.backpressure is not None:
-            why = self.backpressure.refuse(len(events), self.in_flight)
-            if why is not None:
-                raise Overloaded(why, self.backpressure.retry_after_seconds)
+        gauge = self.backpressure
+        if gauge is not None and gauge.max_in_flight_bytes is not None and self.in_flight_bytes \
+                and self.in_flight_bytes + size > gauge.max_in_flight_bytes:
+            raise Overloaded(f"{self.in_flight_bytes} request bytes in flight, limit {gauge.max_in_flight_bytes}",
+                             gauge.retry_after_seconds)
         self.in_flight += len(events)
+        self.in_flight_bytes += size
         try:
             return await self._publish(events)
         finally:
             self.in_flight -= len(events)
+            self.in_flight_bytes -= size
 
     async def _publish(self, events: list[Event]) -> PublishResult:
         unique: list[Event] = []
+        positions: list[int] = []  # of the unique events in the request (error messages name the index)
         duplicates: list[str] = []
         batch_keys: set[Key] = set()
-        for event in events:
+        for position, event in enumerate(events):
             key = (event.source, event.id)
             if key in batch_keys:
                 duplicates.append(event.id)
                 continue
             batch_keys.add(key)
             unique.append(event)
+            positions.append(position)
+        # Route before the dedup claim: backpressure needs the destinations, and a refused batch must
+        # leave nothing behind (no claim to release, no dead-letter copy).
+        decided = self._decide(unique, positions if len(events) > 1 else None)
+        gauge = self.backpressure
+        sizes = [len(json_format.encode(e)) for e in unique] if gauge is not None and gauge.tracks_bytes else None
+        reserved: dict[Lane, Load] = {}
+        if gauge is not None:
+            reserved = gauge.demand(*_records(decided, sizes))
+            why = gauge.reserve(reserved)
+            if why is not None:
+                raise Overloaded(why, gauge.retry_after_seconds)
         try:
-            claims: list[Claim] = await self.dedup.claim_batch([(e.source, e.id) for e in unique])
-        except DedupUnavailable as exc:
-            raise Overloaded(str(exc), retry_after=1.0) from None
-        fresh: list[Event] = []
-        claimed: list[Key] = []
-        waits: list[asyncio.Future[bool]] = []
-        for event, claim in zip(unique, claims, strict=True):
-            if claim is True:
-                fresh.append(event)
-                claimed.append((event.source, event.id))
-            elif claim is False:
-                duplicates.append(event.id)
-            else:
-                waits.append(claim)
-                duplicates.append(event.id)
-        try:
-            if fresh:
-                await self.spool.write(*self._route(fresh))
+            try:
+                claims: list[Claim] = await self.dedup.claim_batch([(e.source, e.id) for e in unique])
+            except DedupUnavailable as exc:
+                raise Overloaded(str(exc), retry_after=1.0) from None
+            fresh: list[int] = []
+            claimed: list[Key] = []
+            waits: list[asyncio.Future[bool]] = []
+            for i, (event, claim) in enumerate(zip(unique, claims, strict=True)):
+                if claim is True:
+                    fresh.append(i)
+                    claimed.append((event.source, event.id))
+                elif claim is False:
+                    duplicates.append(event.id)
+                else:
+                    waits.append(claim)
+                    duplicates.append(event.id)
+            try:
+                if fresh:
+                    await self.spool.write(*self._route([unique[i] for i in fresh], [decided[i] for i in fresh]))
+            except BaseException:
+                await self.dedup.release_batch(claimed)
+                raise
         except BaseException:
-            await self.dedup.release_batch(claimed)
+            if gauge is not None and reserved:
+                gauge.release(reserved)
             raise
+        if gauge is not None and reserved:
+            written = reserved if len(fresh) == len(unique) else gauge.demand(*_records(
+                [decided[i] for i in fresh], None if sizes is None else [sizes[i] for i in fresh]))
+            gauge.commit(reserved, written)
         if claimed:
             await self.dedup.commit_batch(claimed)
         if waits and not all(await asyncio.gather(*waits)):
@@ -166,25 +210,63 @@ class Pipeline:
             raise Overloaded("a concurrent publish of the same event failed; retry", retry_after=0.1)
         return PublishResult([e.id for e in events], duplicates)
 
-    def _route(self, events: list[Event]) -> tuple[list[Event], list[tuple[str, ...]]]:
-        """The route step: destination names per event, plus a dead-letter copy (in the same durable
-        write) for every event a decision could not fully route."""
-        out: list[Event] = []
-        targets: list[tuple[str, ...]] = []
+    def _decide(self, events: list[Event], positions: list[int] | None) -> list[_Decided]:
+        """The route step's decisions, with each event's priority class: its `priorityclass` extension,
+        else the highest `priority_class` of the routes it matched, else normal. `positions`: the events'
+        indexes in a batch request, None for a single event."""
         route = self.router.route
-        for event in events:
+        route_classes = self.backpressure.route_classes if self.backpressure is not None else {}
+        out: list[_Decided] = []
+        for i, event in enumerate(events):
             routed = route(event)
             if isinstance(routed, tuple):
+                destinations, reason, routes = routed, None, ()
+            else:
+                destinations, reason = routed.destinations, routed.reason
+                routes = getattr(routed, "routes", ())
+            value = event.attributes.get(PRIORITY_ATTRIBUTE)
+            if value is not None:
+                priority = CLASSES.get(value) if isinstance(value, str) else None
+                if priority is None:
+                    raise InvalidAttribute(f"expected one of low, normal, high, got {value!r}", PRIORITY_ATTRIBUTE,
+                                           None if positions is None else positions[i])
+            elif route_classes and routes:
+                priority = max(route_classes.get(name, NORMAL) for name in routes)
+            else:
+                priority = NORMAL
+            out.append(_Decided(destinations, reason, priority))
+        return out
+
+    def _route(self, events: list[Event], decided: list[_Decided]) -> tuple[list[Event], list[tuple[str, ...]]]:
+        """What the spool step writes: destination names per event, plus a dead-letter copy (in the same
+        durable write) for every event a decision could not fully route."""
+        out: list[Event] = []
+        targets: list[tuple[str, ...]] = []
+        for event, d in zip(events, decided, strict=True):
+            if d.destinations:
                 out.append(event)
-                targets.append(routed)
-                continue
-            if routed.destinations:
-                out.append(event)
-                targets.append(routed.destinations)
-            if routed.reason is not None:
-                out.append(dead_letter_copy(event, routed.reason))
+                targets.append(d.destinations)
+            if d.reason is not None:
+                out.append(dead_letter_copy(event, d.reason))
                 targets.append((DEAD_LETTER,))
         return out, targets
+
+
+def _records(decided: list[_Decided], sizes: list[int] | None) -> tuple[list[tuple[str, ...]], list[int],
+                                                                        list[int] | None]:
+    """The spool records of `decided` for the backpressure demand: targets, classes and sizes (a dead-letter
+    copy counts with its event's size)."""
+    targets: list[tuple[str, ...]] = []
+    classes: list[int] = []
+    out_sizes: list[int] | None = None if sizes is None else []
+    for i, d in enumerate(decided):
+        for names in (d.destinations, (DEAD_LETTER,) if d.reason is not None else ()):
+            if names:
+                targets.append(names)
+                classes.append(d.priority)
+                if out_sizes is not None and sizes is not None:
+                    out_sizes.append(sizes[i])
+    return targets, classes, out_sizes
 
 
 def dead_letter_copy(event: Event, reason: str) -> Event:

@@ -1,19 +1,31 @@
-"""Backpressure: the undelivered spool depth has a high watermark; above it ingress answers 429 + Retry-After."""
+"""Backpressure: the undelivered spool depth has high watermarks (global and per destination, events and
+bytes); above them ingress answers 429 + Retry-After, low priority first."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import grpc
 import httpx
 import orjson
 import pytest
 
+from tests.brokers import SqsServer, unique_name
 from tests.conftest import GatewayFactory, http_url
 from umcef.fabric import config as config_mod
-from umcef.fabric.backpressure import SpoolGauge
+from umcef.fabric.backpressure import HIGH, LOW, NORMAL, Lane, SpoolGauge
+from umcef.fabric.config import SpoolLimit
+from umcef.fabric.dedup import DedupWindow
 from umcef.fabric.delivery import spool_topic
+from umcef.fabric.event import Event
 from umcef.fabric.gateway import Gateway
+from umcef.fabric.grpc_client import AsyncGrpcGatewayClient, GrpcOverloaded
+from umcef.fabric.limits import NO_LIMITS
+from umcef.fabric.pipeline import Overloaded, Pipeline
 
 HEADERS = {"content-type": "application/cloudevents-batch+json"}
 
@@ -29,29 +41,112 @@ def batch(start: int, n: int) -> bytes:
                          for i in range(start, start + n)])
 
 
-def test_gauge_counts_in_flight_and_lets_an_idle_spool_take_any_batch() -> None:
+def lane_gauge(max_events: int | None = None, max_bytes: int | None = None, **kw: Any) -> tuple[SpoolGauge, list[int]]:
     drained = [0]
-    gauge = SpoolGauge(100, 2.0, lambda: drained[0])
-    assert gauge.refuse(500, 0) is None  # empty spool, nothing in flight: an oversized batch still passes
-    gauge.add(90)
-    assert gauge.refuse(10, 0) is None
-    assert gauge.refuse(11, 0) is not None
-    assert gauge.refuse(5, 6) is not None  # in-flight publishes may all be headed for the spool
+    gauge = SpoolGauge(None, 2.0, **kw)
+    gauge.lane(Lane("eu", max_events, max_bytes, lambda: drained[0]), "_deadletter")
+    return gauge, drained
+
+
+def test_reservations_count_until_commit_and_an_empty_spool_takes_any_batch() -> None:
+    gauge, drained = lane_gauge(100)
+    big = gauge.demand([("eu",)] * 500, [HIGH] * 500)
+    assert gauge.reserve(big) is None  # empty spool, nothing reserved: an oversized batch still passes
+    gauge.release(big)
+    first = gauge.demand([("eu",), ("local",)] * 90, [HIGH] * 180)  # local destinations do not count
+    assert gauge.reserve(first) is None
+    ten, eleven = gauge.demand([("eu",)] * 10, [HIGH] * 10), gauge.demand([("eu",)] * 11, [HIGH] * 11)
+    assert "'eu': 0 events wait in the delivery spool (90 more being written)" in (gauge.reserve(eleven) or "")
+    gauge.commit(first, first)
+    assert gauge.lanes["eu"].depth == 90 and gauge.lanes["eu"].reserved == 0
+    assert gauge.reserve(ten) is None and gauge.lanes["eu"].reserved == 10
+    gauge.release(ten)
     drained[0] = 50
-    assert gauge.depth == 40 and gauge.refuse(60, 0) is None
-    drained[0] = 200  # drained what another process (dlq replay) spooled: never negative
-    assert gauge.depth == 0
+    assert gauge.lanes["eu"].depth == 40 and gauge.reserve(gauge.demand([("eu",)] * 60, [HIGH] * 60)) is None
+    drained[0] = 500  # drained what another process (dlq replay) spooled: never negative
+    assert gauge.lanes["eu"].depth == 0
+    assert gauge.lanes["_deadletter"] is gauge.lanes["eu"]  # router refusals spooled to eu count there
+
+
+def test_low_priority_is_shed_first() -> None:
+    gauge, _ = lane_gauge(100, shed_low_at=0.5, shed_normal_at=0.8)
+    forty = gauge.demand([("eu",)] * 40, [HIGH] * 40)
+    assert gauge.reserve(forty) is None
+    gauge.commit(forty, forty)
+    assert gauge.reserve(gauge.demand([("eu",)] * 10, [LOW] * 10)) is None  # 50: not above 0.5 x 100
+    gauge.release(gauge.demand([("eu",)] * 10, [LOW] * 10))
+    why = gauge.reserve(gauge.demand([("eu",)] * 11, [LOW] * 11))
+    assert why == ("destination 'eu': 40 events wait in the delivery spool (0 more being written); 11 more would "
+                   "exceed 50 (low priority is shed at 0.5 x watermark 100)")
+    # A batch is all or nothing: its lowest class decides.
+    assert gauge.reserve(gauge.demand([("eu",)] * 11, [HIGH] * 10 + [LOW])) is not None
+    assert gauge.reserve(gauge.demand([("eu",)] * 41, [NORMAL] * 41)) is not None
+    assert gauge.reserve(gauge.demand([("eu",)] * 60, [HIGH] * 60)) is None
+
+
+def test_spool_bytes_follow_the_drain_in_order() -> None:
+    gauge, drained = lane_gauge(max_bytes=1000)
+    lane = gauge.lanes["eu"]
+    for sizes in ([100, 100], [300], [10, 20, 30, 40]):  # three appends
+        demand = gauge.demand([("eu",)] * len(sizes), [NORMAL] * len(sizes), sizes)
+        assert gauge.reserve(demand) is None
+        gauge.commit(demand, demand)
+    assert (lane.depth, lane.depth_bytes) == (7, 600)
+    drained[0] = 2
+    assert lane.depth_bytes == 400  # the first append left: its 200 bytes
+    drained[0] = 3
+    assert lane.depth_bytes == 100
+    drained[0] = 5
+    assert lane.depth_bytes == 50  # half of the last append, interpolated: 100 - 100 x 2/4
+    lane.add(2)  # moved in by failover, sizes unknown: the mean size so far (600 / 7)
+    assert (lane.depth, lane.depth_bytes) == (4, 50 + 2 * 600 // 7)
+    assert gauge.reserve(gauge.demand([("eu",)], [NORMAL], [900])) is not None  # 221 + 900 > 1000
 
 
 def test_backpressure_config() -> None:
-    cfg = config_mod.from_mapping({"backpressure": {"max_spooled_events": 10, "retry_after_seconds": 3}})
-    assert (cfg.backpressure.max_spooled_events, cfg.backpressure.retry_after_seconds) == (10, 3.0)
-    assert config_mod.from_mapping({}).backpressure.max_spooled_events is None
-    with pytest.raises(config_mod.ConfigError,
-                       match=r"^t: backpressure\.max_spooled_events: expected an integer at least 1, got 0$"):
-        config_mod.from_mapping({"backpressure": {"max_spooled_events": 0}}, "t")
-    with pytest.raises(config_mod.ConfigError, match=r"backpressure\.retry: unknown key"):
-        config_mod.from_mapping({"backpressure": {"retry": 1}})
+    cfg = config_mod.from_mapping({
+        "backpressure": {"max_spooled_events": 10, "retry_after_seconds": 3, "max_spooled_bytes": 5000,
+                         "shed_low_at": 0.25, "shed_normal_at": 1, "max_in_flight_bytes": None},
+        "destinations": {"eu": {"url": "kafka://127.0.0.1:9092/o", "max_spooled_events": 7},
+                         "us": {"url": "sqs://o", "max_spooled_bytes": 900, "delivery": {"max_attempts": 3}},
+                         "orders": "local://orders"},
+        "routes": [{"name": "vip", "to": ["eu"], "priority_class": "high", "priority": 3},
+                   {"to": ["us"], "priority_class": "low"}],
+    })
+    bp = cfg.backpressure
+    assert (bp.max_spooled_events, bp.max_spooled_bytes, bp.retry_after_seconds) == (10, 5000, 3.0)
+    assert (bp.shed_low_at, bp.shed_normal_at, bp.max_in_flight_bytes) == (0.25, 1.0, None)
+    assert bp.destinations == {"eu": SpoolLimit(7, None), "us": SpoolLimit(None, 900)}
+    assert bp.route_classes == {"vip": "high", "route1": "low"}
+    assert cfg.routes[0].priority == 3  # the route ordering key is untouched
+    default = config_mod.from_mapping({}).backpressure
+    assert (default.max_spooled_events, default.shed_low_at, default.shed_normal_at) == (None, 0.5, 1.0)
+    assert default.max_in_flight_bytes == 256 * 1024 * 1024
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ({"backpressure": {"max_spooled_events": 0}},
+     "backpressure.max_spooled_events: expected an integer at least 1, got 0"),
+    ({"backpressure": {"retry": 1}}, "backpressure.retry: unknown key; expected one of max_spooled_events, "
+     "max_spooled_bytes, retry_after_seconds, shed_low_at, shed_normal_at, max_in_flight_bytes"),
+    ({"backpressure": {"shed_normal_at": 1.5}},
+     "backpressure.shed_normal_at: expected a fraction above 0 and at most 1, got 1.5"),
+    ({"backpressure": {"shed_low_at": 0.9, "shed_normal_at": 0.75}},
+     "backpressure.shed_low_at: expected a fraction above 0 and at most shed_normal_at (0.75), got 0.9"),
+    ({"backpressure": {"shed_low_at": 0}},
+     "backpressure.shed_low_at: expected a fraction above 0 and at most shed_normal_at (1), got 0"),
+    ({"destinations": {"eu": {"url": "kafka://h:1/t", "max_spooled_bytes": "1MB"}}},
+     "destinations.eu.max_spooled_bytes: expected an integer, got a string '1MB'"),
+    ({"destinations": {"o": {"url": "local://o", "max_spooled_events": 5}}},
+     "destinations.o.max_spooled_events: only for remote destinations: a local:// destination has no delivery "
+     "spool (the durable write is the delivery)"),
+    ({"routes": [{"name": "r", "to": ["default"], "priority_class": "urgent"}]},
+     "routes[0].priority_class: expected one of low, normal, high, got 'urgent'"),
+])
+def test_backpressure_config_mistakes_are_exact(raw: dict[str, Any], message: str) -> None:
+    with pytest.raises(config_mod.ConfigError) as info:
+        config_mod.from_mapping(raw, "t")
+    assert str(info.value) == f"t: {message}"
 
 
 async def fill_until_429(gateway: Gateway, per_request: int = 7) -> tuple[int, httpx.Response]:
@@ -68,13 +163,14 @@ async def fill_until_429(gateway: Gateway, per_request: int = 7) -> tuple[int, h
 
 async def test_down_destination_fills_the_spool_to_the_watermark_then_429(make_gateway: GatewayFactory) -> None:
     gateway = await make_gateway(
-        destinations={"eu": f"kafka://127.0.0.1:{closed_port()}/orders"}, default="eu",
-        backpressure={"max_spooled_events": 100, "retry_after_seconds": 3})
+        destinations={"eu": {"url": f"kafka://127.0.0.1:{closed_port()}/orders", "max_spooled_events": 100}},
+        default="eu", backpressure={"retry_after_seconds": 3})
     accepted, refused = await fill_until_429(gateway)
     assert refused.status_code == 429
     assert refused.headers["Retry-After"] == "3"
     assert refused.headers["content-type"].startswith("application/problem+json")
-    assert "watermark 100" in refused.json()["detail"]
+    assert refused.json()["detail"] == ("destination 'eu': 98 events wait in the delivery spool (0 more being "
+                                        "written); 7 more would exceed watermark 100")
     assert accepted == 98  # 14 requests of 7; the 15th would have taken the depth to 105
     # Nothing accepted is lost: every 202'd event is in the spool, and nothing else is.
     spooled = [orjson.loads(s.payload)["id"] for s in gateway.store.read(spool_topic("eu"), 0, 1000)]
@@ -95,9 +191,151 @@ async def test_restart_counts_the_spool_left_by_the_previous_run(make_gateway: G
     second = Gateway(config)
     await second.start()
     try:
-        assert second.spool_gauge.depth == 50
+        assert second.spool_gauge.depth == 50 and second.spool_gauge.lanes["eu"].depth == 50
         async with httpx.AsyncClient() as client:
             answer = await client.post(http_url(second) + "/v1/events", content=batch(1000, 1), headers=HEADERS)
         assert answer.status_code == 429 and answer.headers["Retry-After"] == "1"
     finally:
         await second.stop()
+
+
+def events(start: int, n: int, kind: str = "t", **ext: Any) -> bytes:
+    return orjson.dumps([{"specversion": "1.0", "id": str(i), "source": "/bp", "type": kind, **ext}
+                         for i in range(start, start + n)])
+
+
+async def post(gateway: Gateway, body: bytes) -> httpx.Response:
+    async with httpx.AsyncClient() as client:
+        return await client.post(http_url(gateway) + "/v1/events", content=body, headers=HEADERS)
+
+
+async def test_a_dead_destination_does_not_refuse_a_healthy_ones_events(make_gateway: GatewayFactory,
+                                                                       sqs_server: SqsServer) -> None:
+    import boto3
+
+    queue = unique_name("bp")
+    boto3.client("sqs", **sqs_server.client_kwargs()).create_queue(QueueName=queue)
+    options = {"aws_access_key_id": sqs_server.access_key, "aws_secret_access_key": sqs_server.secret_key,
+               "region_name": sqs_server.region, "endpoint_url": sqs_server.endpoint_url}
+    gateway = await make_gateway(
+        destinations={"eu": {"url": f"kafka://127.0.0.1:{closed_port()}/orders", "max_spooled_events": 20},
+                      "us": {"url": f"sqs://{queue}", "options": options, "max_spooled_events": 1000}},
+        routes=[{"name": "orders", "filter": {"prefix": {"type": "order."}}, "to": ["eu"]},
+                {"name": "audit", "filter": {"prefix": {"type": "audit."}}, "to": ["us"]}])
+    n = 0
+    while (answer := await post(gateway, events(n, 7, "order.placed"))).status_code == 202:
+        n += 7
+    assert n == 14 and answer.status_code == 429  # 21 > 20
+    assert answer.json()["detail"].startswith("destination 'eu': 14 events wait")
+    for start in range(1000, 1100, 10):  # 100 events for the healthy destination: more than eu's watermark
+        assert (await post(gateway, events(start, 10, "audit.logged"))).status_code == 202
+    # Events for eu in a batch refuse the batch (all or nothing), and nothing of it is stored.
+    mixed = orjson.dumps([*orjson.loads(events(2000, 3, "audit.logged")), *orjson.loads(events(2003, 7, "order.x"))])
+    refused = await post(gateway, mixed)
+    assert refused.status_code == 429 and "destination 'eu'" in refused.json()["detail"]
+    spooled = [orjson.loads(s.payload)["id"] for s in gateway.store.read(spool_topic("us"), 0, 1000)]
+    assert sorted(spooled, key=int) == [str(i) for i in range(1000, 1100)]
+    assert gateway.spool_gauge.lanes["eu"].depth == 14
+
+
+async def test_low_priority_is_shed_while_high_keeps_flowing(make_gateway: GatewayFactory) -> None:
+    gateway = await make_gateway(
+        destinations={"eu": {"url": f"kafka://127.0.0.1:{closed_port()}/orders", "max_spooled_events": 100}},
+        default="eu", backpressure={"shed_low_at": 0.5, "shed_normal_at": 0.8},
+        routes=[{"name": "vip", "filter": {"prefix": {"type": "vip."}}, "to": ["eu"], "priority_class": "high"}])
+    n = 0
+    while (await post(gateway, events(n, 10, priorityclass="low"))).status_code == 202:
+        n += 10
+    assert n == 50  # low: refused above 50
+    assert (await post(gateway, events(n, 10))).status_code == 202  # normal still flows up to 80
+    n += 10
+    # High by its extension, or by its route's priority_class (no extension), up to the watermark itself.
+    for kind, ext in (("t", {"priorityclass": "high"}), ("vip.order", {})) * 2:
+        assert (await post(gateway, events(n, 10, kind, **ext))).status_code == 202
+        n += 10
+    assert n == 100
+    assert (await post(gateway, events(n, 1, priorityclass="high"))).status_code == 429
+    # The extension wins over the route's class: a low vip event is shed.
+    low_vip = await post(gateway, events(n, 1, "vip.x", priorityclass="low"))
+    assert "low priority is shed at 0.5 x watermark 100" in low_vip.json()["detail"]
+    assert len(gateway.store.read(spool_topic("eu"), 0, 1000)) == 100
+
+
+async def test_an_invalid_priority_class_is_a_422_naming_the_attribute(make_gateway: GatewayFactory) -> None:
+    gateway = await make_gateway()
+    ok = {"specversion": "1.0", "id": "a", "source": "/bp", "type": "t"}
+    answer = await post(gateway, orjson.dumps([ok, ok, {**ok, "id": "b", "priorityclass": "urgent"}]))
+    assert answer.status_code == 422
+    body = answer.json()
+    assert (body["attribute"], body["index"]) == ("priorityclass", 2)  # its index in the request
+    assert body["detail"] == "event[2]: attribute 'priorityclass': expected one of low, normal, high, got 'urgent'"
+    assert gateway.store.read("default", 0, 10) == []  # all or nothing
+
+
+async def test_the_bytes_watermark_bounds_the_encoded_spool(make_gateway: GatewayFactory) -> None:
+    gateway = await make_gateway(
+        destinations={"eu": {"url": f"kafka://127.0.0.1:{closed_port()}/orders", "max_spooled_bytes": 20_000}},
+        default="eu")
+    n = 0
+    while (answer := await post(gateway, events(n, 3, priorityclass="high", note="x" * (n % 7) * 100))).status_code \
+            == 202:
+        n += 3
+    spooled = sum(len(s.payload) for s in gateway.store.read(spool_topic("eu"), 0, 10_000))
+    refused = sum(len(orjson.dumps(e)) for e in orjson.loads(events(n, 3, priorityclass="high",
+                                                                     note="x" * (n % 7) * 100)))
+    assert spooled <= 20_000 < spooled + refused
+    assert answer.json()["detail"] == (f"destination 'eu': {spooled} bytes wait in the delivery spool (0 more being "
+                                       f"written); {refused} more would exceed watermark 20000")
+    assert gateway.spool_gauge.lanes["eu"].depth_bytes == spooled
+
+
+async def test_grpc_answers_resource_exhausted_above_the_global_watermark(make_gateway: GatewayFactory) -> None:
+    gateway = await make_gateway(
+        server={"port": 0, "grpc_port": 0}, default="eu",
+        destinations={"eu": f"kafka://127.0.0.1:{closed_port()}/orders"},
+        backpressure={"max_spooled_events": 10, "retry_after_seconds": 2, "shed_normal_at": 1})
+    batch = [Event({"specversion": "1.0", "id": f"g{i}", "source": "/bp", "type": "t"}) for i in range(4)]
+    async with AsyncGrpcGatewayClient(f"127.0.0.1:{gateway.endpoints.grpc_port}", timeout=10.0) as client:
+        assert await client.publish(batch[:2]) == ["g0", "g1"]
+        assert await client.publish(batch[2:]) == ["g2", "g3"]
+        with pytest.raises(GrpcOverloaded) as err:
+            await client.publish([Event({**batch[0].attributes, "id": f"x{i}"}) for i in range(8)])  # 4 + 8 > 10
+    assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and err.value.retry_after == 2.0
+    assert "the delivery spools: 4 events wait" in err.value.message
+
+
+class GatedSpool:
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.written: list[str] = []
+
+    async def write(self, events: Sequence[Event], destinations: Sequence[tuple[str, ...]]) -> None:
+        await self.gate.wait()
+        self.written.extend(e.id for e in events)
+
+
+async def test_request_bytes_in_flight_are_bounded() -> None:
+    spool = GatedSpool()
+    pipeline = Pipeline(DedupWindow(60.0), lambda_router(), spool, NO_LIMITS,
+                        backpressure=SpoolGauge(max_in_flight_bytes=300))
+    held = asyncio.create_task(pipeline.ingest_http(HEADERS, events(0, 2)))  # ~130 bytes: any size passes when idle
+    while not pipeline.in_flight:
+        await asyncio.sleep(0.01)
+    second = events(10, 2)
+    assert pipeline.in_flight_bytes + len(second) <= 300
+    big = events(20, 4)
+    assert pipeline.in_flight_bytes + len(big) > 300
+    with pytest.raises(Overloaded, match=r"^\d+ request bytes in flight, limit 300$"):
+        await pipeline.ingest_http(HEADERS, big)
+    other = asyncio.create_task(pipeline.ingest_http(HEADERS, second))
+    spool.gate.set()
+    assert (await held).ids == ["0", "1"] and (await other).ids == ["10", "11"]
+    assert pipeline.in_flight_bytes == 0
+
+
+def lambda_router() -> Any:
+    class Default:
+        def route(self, event: Event) -> tuple[str, ...]:
+            return ("default",)
+
+    return Default()

@@ -44,7 +44,7 @@ def test_good_file_and_env_overrides(tmp_path: Path) -> None:
         ("server: {port: 70000}", {}, "server.port: expected an integer between 0 and 65535, got 70000"),
         ("server: {prot: 1}", {}, "server.prot: unknown key; expected one of host, port, grpc_port"),
         ("routez: []", {}, "routez: unknown key"),
-        ("store: {sync: sometimes}", {}, "store.sync: expected one of full, normal, got 'sometimes'"),
+        ("store: {sync: sometimes}", {}, "store.sync: expected one of full, normal, interval, got 'sometimes'"),
         ("destinations: {a: {url: 'local://_spool.x'}}", {}, "not starting with '_'"),
         ("sources: [{url: 'nats://x'}]", {}, "sources[0].url: unknown scheme in 'nats://x'"),
         ("sources: [{url: 'local://t', group: g}]", {}, "sources[0].group: unknown key"),

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import httpx
 import orjson
+import pytest
 
 from tests.gateway_process import GatewayProcess
 from umcef.adapters.local import LocalStore
@@ -38,11 +39,13 @@ async def publish_until_killed(gateway: GatewayProcess, accepted: set[str], targ
     await asyncio.gather(*(worker(w) for w in range(8)))
 
 
-def test_sigkill_after_202_loses_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sync", ["full", "interval"])  # interval: the 202 waits for the writer's own fsync
+def test_sigkill_after_202_loses_nothing(tmp_path: Path, sync: str) -> None:
     data_dir = tmp_path / "store"
     accepted: set[str] = set()
+    env = {"UMCEF_STORE__SYNC": sync}
     for round_ in range(3):
-        gateway = GatewayProcess(data_dir)
+        gateway = GatewayProcess(data_dir, env=env)
         before = len(accepted)
         asyncio.run(publish_until_killed(gateway, accepted, before + 2000))
         assert gateway.proc.returncode == -9, f"round {round_}: gateway was not SIGKILLed"
@@ -57,7 +60,7 @@ def test_sigkill_after_202_loses_nothing(tmp_path: Path) -> None:
     assert not missing, f"{len(missing)} acknowledged events lost, e.g. {sorted(missing)[:5]}"
 
     # The restarted gateway serves again on the same store.
-    gateway = GatewayProcess(data_dir)
+    gateway = GatewayProcess(data_dir, env=env)
     try:
         response = httpx.post(gateway.url + "/v1/events", content=orjson.dumps(batch(99, 0, 3)),
                               headers={"content-type": "application/cloudevents-batch+json"})

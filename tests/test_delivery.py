@@ -14,7 +14,7 @@ from umcef.adapters.contract import AdapterError, Capabilities, Handler, Publish
 from umcef.adapters.local import LocalStore, Record
 from umcef.adapters.local_adapter import LocalAdapter
 from umcef.fabric.deadletter import DeadLetterQueue
-from umcef.fabric.delivery import CURSOR_GROUP, DeliveryWorker, RetryPolicy, spool_topic
+from umcef.fabric.delivery import CURSOR_GROUP, DeliveryWorker, Reroute, RetryPolicy, spool_topic
 from umcef.fabric.event import Event
 from umcef.fabric.formats import json_format
 
@@ -145,3 +145,100 @@ async def test_stopping_mid_retry_leaves_the_page_for_the_next_worker(store: Loc
     await second.stop()
     await asyncio.wait_for(task, 5)
     assert healthy.accepted == ["e0", "e1"]
+
+
+class GatedAdapter(ScriptedAdapter):
+    """Holds the publish of any batch containing a gated event until the test opens its gate."""
+
+    def __init__(self, gated: set[str]) -> None:
+        super().__init__({})
+        self.gate = asyncio.Event()
+        self.gated = gated
+        self.held = 0
+
+    async def publish(self, batch: Sequence[Event]) -> list[PublishOutcome]:
+        if any(e.id in self.gated for e in batch):
+            self.held += 1
+            await self.gate.wait()
+        return await super().publish(batch)
+
+
+def keyed(n: int, key: str) -> Event:
+    return Event({"specversion": "1.0", "id": f"e{n}", "source": "/d", "type": "t", "partitionkey": key}, None)
+
+
+async def test_pages_of_other_keys_overtake_a_held_page_but_its_own_key_waits(tmp_path: Path) -> None:
+    with LocalStore(tmp_path / "gw") as store:
+        adapter = GatedAdapter({"e0"})
+        worker = DeliveryWorker("d", adapter, store, DeadLetterQueue(store), policy=FAST, pages_in_flight=4)
+        task = asyncio.create_task(worker.run())
+        await spool(store, "d", [keyed(0, "a")])  # page 1: key a, held at the broker
+        await wait_until(lambda: adapter.held == 1)
+        await spool(store, "d", [keyed(1, "b")])  # page 2: key b, not blocked by page 1
+        await wait_until(lambda: adapter.accepted == ["e1"])
+        await spool(store, "d", [keyed(2, "a"), keyed(3, "c")])  # page 3 shares key a: waits for page 1
+        await asyncio.sleep(0.2)
+        assert adapter.accepted == ["e1"]
+        assert store.cursor(CURSOR_GROUP, spool_topic("d")) == 0  # page 2 is done, page 1 is not
+        adapter.gate.set()
+        await wait_until(lambda: len(adapter.accepted) == 4)
+        assert adapter.accepted.index("e0") < adapter.accepted.index("e2")  # per-key order held
+        await worker.stop()
+        await asyncio.wait_for(task, 5)
+        assert store.cursor(CURSOR_GROUP, spool_topic("d")) == store.last_seq(spool_topic("d"))
+
+
+async def test_one_page_in_flight_keeps_strict_spool_order(tmp_path: Path) -> None:
+    with LocalStore(tmp_path / "gw") as store:
+        adapter = GatedAdapter({"e0"})
+        worker = DeliveryWorker("d", adapter, store, DeadLetterQueue(store), policy=FAST, pages_in_flight=1)
+        task = asyncio.create_task(worker.run())
+        await spool(store, "d", [keyed(0, "a")])
+        await wait_until(lambda: adapter.held == 1)
+        await spool(store, "d", [keyed(1, "b")])
+        await asyncio.sleep(0.2)
+        assert adapter.accepted == []
+        adapter.gate.set()
+        await wait_until(lambda: adapter.accepted == ["e0", "e1"])
+        await worker.stop()
+        await asyncio.wait_for(task, 5)
+
+
+class EjectedFailover:
+    """The router's failover view, scripted: ejected while `down`; per event id "move" or "wait"."""
+
+    def __init__(self, plan: dict[str, str]) -> None:
+        self.plan = plan
+        self.down = True
+        self.moved: list[str] = []
+
+    def ejected(self) -> str | None:
+        return "down (ejected: test)" if self.down else None
+
+    def reroute(self, event: Event) -> Reroute:
+        if self.plan[event.id] == "move":
+            return Reroute("move", ("other",))
+        return Reroute("wait", reason="route 'r': residency allows only EU")
+
+    async def move(self, moves: Sequence[tuple[Event, tuple[str, ...]]]) -> None:
+        self.moved.extend(e.id for e, _ in moves)
+
+
+async def test_later_pages_fail_over_while_earlier_ones_wait_and_order_holds_on_return(tmp_path: Path) -> None:
+    with LocalStore(tmp_path / "gw") as store:
+        adapter = ScriptedAdapter({})
+        hook = EjectedFailover({"e0": "wait", "e1": "move", "e2": "wait", "e3": "move", "e4": "wait"})
+        worker = DeliveryWorker("d", adapter, store, DeadLetterQueue(store), policy=FAST, pages_in_flight=1,
+                                failover=hook)
+        task = asyncio.create_task(worker.run())
+        for n in range(5):  # five pages, one key: page 1 waits (parked), the later ones still fail over
+            await spool(store, "d", [keyed(n, "k")])
+            await asyncio.sleep(0.05)
+        await wait_until(lambda: hook.moved == ["e1", "e3"])
+        assert adapter.calls == 0
+        hook.down = False  # back: the waiting events go, in spool order
+        await wait_until(lambda: len(adapter.accepted) == 3)
+        assert adapter.accepted == ["e0", "e2", "e4"]
+        await worker.stop()
+        await asyncio.wait_for(task, 5)
+        assert store.cursor(CURSOR_GROUP, spool_topic("d")) == store.last_seq(spool_topic("d"))

@@ -188,7 +188,7 @@ _CHILD = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("sync", ["full", "normal"])
+@pytest.mark.parametrize("sync", ["full", "normal", "interval"])
 def test_sigkill_after_append_returned_loses_nothing(tmp_path: Path, sync: str) -> None:
     child = subprocess.Popen(
         [sys.executable, "-c", _CHILD, str(tmp_path), sync], stdout=subprocess.PIPE, stderr=subprocess.PIPE
@@ -432,7 +432,7 @@ def test_read_only(tmp_path: Path) -> None:
 
 
 def test_bad_sync_mode(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="sync"):
+    with pytest.raises(ValueError, match="'full', 'normal' or 'interval'"):
         LocalStore(tmp_path, sync="off")  # type: ignore[arg-type]
 
 

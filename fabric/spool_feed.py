@@ -1,0 +1,118 @@
+"""Pages of one delivery spool for its worker: from memory while caught up, from the store otherwise.
+
+The spool topic stays the durability record: the pipeline's group commit writes every event to it before
+the 202. This process's commits to the topic are also handed to the feed in memory (a store commit
+listener, in seq order, with the event object that was encoded), so a caught-up worker neither re-reads
+SQLite nor decodes JSON. The memory is only trusted while it is known to be complete:
+
+- at start (and whenever in doubt) the feed reads the store after the last seq it handed out;
+- a read that comes back empty proves everything committed so far was handed out, so from then on the
+  listener's records are the spool, in order ("live");
+- the in-memory inbox is bounded: on overflow it is dropped and the feed reads the store again;
+- another writer may append to the topic (`umcef dlq replay` in another process): the store reports
+  that at its next commit (a `gap`), and a live feed with nothing in memory looks for a stored record
+  it was not given every `poll_interval`; either way it reads the store again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from umcef.adapters.local import Committed, LocalStore
+from umcef.fabric.event import Event
+
+
+@dataclass(slots=True)
+class Spooled:
+    seq: int
+    stored_at: float  # unix seconds: when the event was accepted
+    payload: bytes  # structured JSON, as stored
+    event: Event | None  # the event object itself when it came through memory
+
+
+class SpoolFeed:
+    def __init__(self, store: LocalStore, topic: str, after: int, *, page_size: int = 500,
+                 capacity: int = 20_000, poll_interval: float = 0.5) -> None:
+        self.store = store
+        self.topic = topic
+        self.page_size = page_size
+        self.capacity = capacity
+        self.poll_interval = poll_interval
+        self.last = after  # highest seq handed out
+        self.live = False
+        self.from_memory = 0  # events handed out without a store read (for tests and benchmarks)
+        self.from_store = 0
+        self._inbox: deque[Committed] = deque()
+        self._incomplete = False
+        self._wake = asyncio.Event()
+        self._next_check = 0.0
+        self._unlisten = store.listen(topic, self._heard)
+
+    def close(self) -> None:
+        self._unlisten()
+        self._inbox.clear()
+
+    def _heard(self, committed: list[Committed], gap: bool) -> None:
+        if self._incomplete:
+            return
+        if gap or len(self._inbox) + len(committed) > self.capacity:
+            self._incomplete = True  # the store has them; the feed will read it
+            self._inbox.clear()
+        else:
+            self._inbox.extend(committed)
+        self._wake.set()
+
+    async def next_page(self) -> list[Spooled]:
+        """The next events after the last page, at most `page_size`; waits until there is one. Raises
+        RuntimeError when the store is closed."""
+        while True:
+            page = self._from_memory() if self.live else self._from_store()
+            if page:
+                self.last = page[-1].seq
+                return page
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+
+    def _from_store(self) -> list[Spooled]:
+        stored = self.store.read(self.topic, self.last, self.page_size)
+        if not stored:
+            # Everything committed so far has been handed out and no listener callback can run before this
+            # returns (same thread): whatever arrives in memory from now on is the rest of the spool.
+            self._inbox.clear()
+            self._incomplete = False
+            self.live = True
+            self._next_check = time.monotonic() + self.poll_interval
+            return []
+        self.from_store += len(stored)
+        return [Spooled(s.seq, s.stored_at, s.payload, None) for s in stored]
+
+    def _from_memory(self) -> list[Spooled]:
+        inbox, last = self._inbox, self.last
+        while inbox and inbox[0][0] <= last:  # read from the store meanwhile
+            inbox.popleft()
+        if self._incomplete or (not inbox and self._foreign_append()):
+            self.live = False
+            return self._from_store()
+        page: list[Spooled] = []
+        for _ in range(min(self.page_size, len(inbox))):
+            seq, stored_at, record = inbox.popleft()
+            carried = record.carry
+            page.append(Spooled(seq, stored_at, record.payload, carried if isinstance(carried, Event) else None))
+        self.from_memory += len(page)
+        return page
+
+    def _foreign_append(self) -> bool:
+        """Every poll interval while memory is empty: is there a stored record after `last` that another writer
+        appended after this store's last commit? (A record of our own found here is merely not handed over
+        yet; another writer's record before our last commit was reported as a gap.)"""
+        now = time.monotonic()
+        if now < self._next_check:
+            return False
+        self._next_check = now + self.poll_interval
+        stored = self.store.read(self.topic, self.last, 1)
+        return bool(stored) and stored[0].seq > self.store.last_seq_written_here

@@ -1,0 +1,100 @@
+"""SpoolFeed: a delivery spool handed over in memory while caught up, read from the store otherwise —
+every committed record exactly once, in seq order, whichever way it came."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from umcef.adapters.local import LocalStore, Record
+from umcef.fabric.event import Event
+from umcef.fabric.formats import json_format
+from umcef.fabric.spool_feed import Spooled, SpoolFeed
+
+TOPIC = "_spool.k"
+
+
+def record(n: int, topic: str = TOPIC) -> Record:
+    event = Event({"specversion": "1.0", "id": str(n), "source": "/t", "type": "t"}, None)
+    return Record(topic, json_format.encode(event), str(n), event)
+
+
+async def take(feed: SpoolFeed, count: int) -> list[Spooled]:
+    got: list[Spooled] = []
+    while len(got) < count:
+        got += await asyncio.wait_for(feed.next_page(), 5)
+    return got
+
+
+def ids(page: list[Spooled]) -> list[str]:
+    return [(s.event or json_format.decode(s.payload)).id for s in page]
+
+
+async def test_backlog_from_store_then_live_from_memory(tmp_path: Path) -> None:
+    with LocalStore(tmp_path, sync="normal") as store:
+        await store.append([record(i) for i in range(5)])
+        feed = SpoolFeed(store, TOPIC, 0, page_size=3)
+        first = await take(feed, 5)
+        assert ids(first) == [str(i) for i in range(5)]
+        assert all(s.event is None for s in first)  # the backlog came from the store
+        assert await _idle_page(feed) == []  # caught up: live from here
+        await store.append([record(i) for i in range(5, 9)] + [record(99, "_spool.other")])
+        second = await take(feed, 4)
+        assert ids(second) == ["5", "6", "7", "8"]
+        assert all(s.event is not None for s in second) and feed.from_memory == 4
+        assert [s.seq for s in first + second] == sorted({s.seq for s in first + second})
+        feed.close()
+
+
+async def test_overflow_falls_back_to_the_store_in_order(tmp_path: Path) -> None:
+    with LocalStore(tmp_path, sync="normal") as store:
+        feed = SpoolFeed(store, TOPIC, 0, page_size=50, capacity=10)
+        assert await asyncio.wait_for(_idle_page(feed), 5) == []  # caught up: live
+        for start in range(0, 200, 25):  # 25 > capacity: every commit overflows memory
+            await store.append([record(i) for i in range(start, start + 25)])
+        got = await take(feed, 200)
+        assert ids(got) == [str(i) for i in range(200)]
+        assert feed.from_store == 200
+        assert await _idle_page(feed) == []
+        await store.append([record(200)])
+        assert ids(await take(feed, 1)) == ["200"]  # live again after catching up
+        assert feed.from_memory == 1
+        feed.close()
+
+
+async def test_an_append_by_another_writer_is_found(tmp_path: Path) -> None:
+    with LocalStore(tmp_path, sync="normal") as store, LocalStore(tmp_path, sync="normal") as other:
+        feed = SpoolFeed(store, TOPIC, 0, poll_interval=0.05)
+        assert await asyncio.wait_for(_idle_page(feed), 5) == []
+        await other.append([record(1)])  # not seen by this store's listener
+        await store.append([record(2)])
+        got = await take(feed, 2)
+        assert ids(got) == ["1", "2"]
+        feed.close()
+
+
+async def test_starts_after_the_given_seq(tmp_path: Path) -> None:
+    with LocalStore(tmp_path, sync="normal") as store:
+        seqs = await store.append([record(i) for i in range(4)])
+        feed = SpoolFeed(store, TOPIC, seqs[1])
+        assert ids(await take(feed, 2)) == ["2", "3"]
+        feed.close()
+
+
+async def _idle_page(feed: SpoolFeed) -> list[Spooled]:
+    """One step of the feed on an empty spool: it turns live and waits; a short timeout returns []."""
+    try:
+        return await asyncio.wait_for(feed.next_page(), 0.2)
+    except TimeoutError:
+        assert feed.live
+        return []
+
+
+async def test_another_writers_append_alone_is_found_by_polling(tmp_path: Path) -> None:
+    with LocalStore(tmp_path, sync="normal") as store, LocalStore(tmp_path, sync="normal") as other:
+        feed = SpoolFeed(store, TOPIC, 0, poll_interval=0.05)
+        assert await _idle_page(feed) == []
+        await other.append([record(7)])  # no commit here follows: nothing tells the listener
+        assert ids(await take(feed, 1)) == ["7"]
+        assert feed.from_store == 1
+        feed.close()
