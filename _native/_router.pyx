@@ -17,7 +17,8 @@ whole decision in typed C loops:
 
 It shares the reference's cached `Decision` objects (`_Active.single`, `_Active.all_cache`), so the
 results are not only equal but the same objects. Rare paths call the reference's own code: a route
-that can route nothing (`Router._unroutable`, which writes the reason), an `all`-mode cache miss
+with no healthy allowed destination (`Router._hold`: holds for an allowed one or, when residency allows
+none, `Router._unroutable` writes the reason), an `all`-mode cache miss
 (`Router._route`), an attributes object that is not a plain `dict`, and explain records (the router
 hands `explain=True` to the pure path; explain is pure-only).
 
@@ -948,13 +949,16 @@ cdef class NativeTable:
         matched.extend(others)
         results = [self._route(router, active, rr, allowed, event, attrs, now, size) for rr in matched]
         chosen = []
+        held = None  # joined like the reference's "; ".join(...) (no allocation unless a route holds)
         for res in results:
             for d in res.destinations:
                 if d not in chosen:
                     chosen.append(d)
+            if res.held is not None:
+                held = res.held if held is None else held + "; " + res.held
         reasons = [res.reason for res in results if res.reason is not None]
         return _Decision(tuple(chosen), tuple([self.route_names[rr] for rr in matched]),
-                         "; ".join(reasons) or None, None)
+                         "; ".join(reasons) or None, None, held)
 
     cdef inline void _or_row(self, uint64_t* m, int row) noexcept:
         cdef int w
@@ -992,7 +996,7 @@ cdef class NativeTable:
                     s = self.dest_slot[d]
                     if up_b[s] and rtt_d[s] <= mx:
                         return <object>PyTuple_GET_ITEM(single, k)
-            return self._unroutable(router, active, r, allowed, attrs)
+            return self._hold(router, active, r, allowed, event, size)
         if mode == MODE_SPLIT:
             total = 0.0
             for k in range(start, end):
@@ -1002,7 +1006,7 @@ cdef class NativeTable:
                     if up_b[s] and rtt_d[s] <= mx:
                         total += self.weight[d] * admit_d[s]
             if total <= 0.0:
-                return self._unroutable(router, active, r, allowed, attrs)
+                return self._hold(router, active, r, allowed, event, size)
             point = _split_point(attrs, self._pure_split) * total
             acc = 0.0
             last = -1
@@ -1036,7 +1040,7 @@ cdef class NativeTable:
                     if lat > max_lat:
                         max_lat = lat
         if count == 0:
-            return self._unroutable(router, active, r, allowed, attrs)
+            return self._hold(router, active, r, allowed, event, size)
         if wc > 0.0 and count > 1:  # the size only matters when two or more candidates are scored
             if isize < 0:
                 isize = _event_size(event)
@@ -1103,8 +1107,9 @@ cdef class NativeTable:
         state[1] = -1.0
         return <object>PyTuple_GET_ITEM(single, best)
 
-    cdef object _unroutable(self, router, active, int r, uint64_t allowed, dict attrs):
-        return router._unroutable(active.table, r, PyLong_FromUnsignedLongLong(allowed), attrs)
+    cdef object _hold(self, router, active, int r, uint64_t allowed, event, size):
+        # no allowed destination is healthy: hold for one, or nothing is allowed (rare: the reference's code)
+        return router._hold(active, r, PyLong_FromUnsignedLongLong(allowed), event, size)
 
 
 cdef class Decider:

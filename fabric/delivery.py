@@ -121,12 +121,23 @@ class RouterFailover:
             return STAY
         targets: list[str] = []
         reasons: list[str] = []
+        holding: list[str] = []
+        estimator = self.router.estimator
         for rec in mine:
-            if self.destination in rec.destinations:
+            if rec.held is not None:
+                # No allowed destination is healthy: the route holds the event for one (docs/router.md).
+                # Held here, or for another destination that is down too: it waits. Held for one that is
+                # up (only slower than max_rtt_ms): it moves there, as a new event would go.
+                if any(d == self.destination or not estimator.up[estimator.slot(d)] for d in rec.destinations):
+                    holding.append(rec.held)
+                    continue
+            elif self.destination in rec.destinations:
                 return STAY  # chosen again (back on probation meanwhile)
             targets.extend(d for d in rec.destinations if d not in targets)
             if not rec.destinations:
                 reasons.append(rec.reason or f"route {rec.route!r} chose nothing")
+        if holding:  # a route still holding the event for this destination keeps it here: delayed, not lost
+            return Reroute("wait", reason="; ".join(holding + reasons))
         if targets:
             return Reroute("move", tuple(targets))
         return Reroute("wait", reason="; ".join(reasons))

@@ -6,8 +6,9 @@ For every route whose filter matches (all of them fan out, in priority order; no
    the `allow` lists of every residency policy it matches (or, when it matches none, everything or
    nothing per `residency.unmatched`); a destination outside them is out, always. Then, except in
    `all` mode, an ejected destination is out and one whose RTT exceeds the route's `max_rtt_ms` is
-   out. Nothing relaxes these: with no candidate left the route chooses nothing and the decision
-   carries the reason (the pipeline dead-letters the event with it).
+   out. Residency is never relaxed: when it allows none of the route's destinations the route chooses
+   nothing and the decision carries the reason (the pipeline dead-letters the event with it). When
+   residency allows some but health / RTT exclude all of them, a choosing route **holds** (below).
 2. **Mode.** `all`: every destination residency allows (health and RTT do not remove a fan-out
    subscriber: the spool holds its events while it is down). `failover`: the first candidate in the
    order written. `split`: one candidate drawn by weight (destination `weight` x admission) with a
@@ -19,6 +20,15 @@ For every route whose filter matches (all of them fan out, in priority order; no
 4. **Hysteresis** (`best`): the current choice stays unless a challenger scores below
    `current x (1 - margin)` on every decision for `min_dwell_seconds`; a current choice that fails a
    hard constraint is replaced at once. State is kept per route and per allowed-jurisdiction mask.
+5. **Holding** (`best`, `failover`, `split`, when residency allows destinations but none is healthy
+   within `max_rtt_ms`): the route still chooses one *allowed* destination, so the event is spooled there
+   and waits like the events already spooled for it (the delivery worker's failover re-decides it, moves
+   it when another allowed destination is healthy, or dead-letters it after `max_age_seconds`). The pool
+   is the allowed destinations that are up (only too slow) if any, else every allowed one; in it
+   `failover` takes the first in written order, `split` draws by weight (x admission when up) with the
+   same hash, `best` keeps its current choice when it is in the pool, else takes the lowest score (an
+   ejected destination's latency is its last RTT). The decision says so in `held` (not `reason`: the
+   pipeline does not dead-letter it), and the hysteresis state is not changed.
 
 Decisions are cached immutable objects on the common paths (one route, one destination, or a fan-out
 per allowed mask), so a decision usually allocates nothing but the event's own lookups.
@@ -72,6 +82,7 @@ class RouteExplain:
     allowed: tuple[str, ...] | None  # jurisdictions residency allows; None: unrestricted
     policies: tuple[str, ...]  # residency policies the event matched
     reason: str | None  # why this route chose nothing
+    held: str | None = None  # set: the route is holding the event for `destinations` (none is healthy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +91,9 @@ class Decision:
     routes: tuple[str, ...]  # matched routes in priority order; () when the default was used
     reason: str | None = None  # set when a matched route (or the default) could not route the event
     explain: tuple[RouteExplain, ...] | None = None
+    # set when a choosing route holds the event for an allowed destination although none is healthy
+    # (residency allows some; health / max RTT exclude all): spooled there to wait, not dead-lettered
+    held: str | None = None
 
     @property
     def dead_letter(self) -> bool:
@@ -212,12 +226,14 @@ class Router:
             if explain else None
         if len(results) == 1:
             only = results[0]
-            return Decision(only.destinations, only.routes, only.reason, records)
+            return Decision(only.destinations, only.routes, only.reason, records, only.held)
         chosen: list[str] = []
         for res in results:
             chosen.extend(d for d in res.destinations if d not in chosen)
         reasons = [res.reason for res in results if res.reason is not None]
-        return Decision(tuple(chosen), tuple(t.route_names[r] for r in matched), "; ".join(reasons) or None, records)
+        held = [res.held for res in results if res.held is not None]
+        return Decision(tuple(chosen), tuple(t.route_names[r] for r in matched), "; ".join(reasons) or None, records,
+                        "; ".join(held) or None)
 
     def _allowed(self, t: RouteTable, attrs: Mapping[str, Any]) -> int:
         """The jurisdiction mask residency allows this event."""
@@ -273,7 +289,7 @@ class Router:
                     s = slots[d]
                     if up[s] and rtt[s] <= max_rtt:
                         return act.single[k]
-            return self._unroutable(t, r, allowed, event.attributes)
+            return self._hold(act, r, allowed, event, size)
         if mode == MODE_SPLIT:
             total = 0.0
             for k in range(start, end):
@@ -283,7 +299,7 @@ class Router:
                     if up[s] and rtt[s] <= max_rtt:
                         total += t.dest_weight[d] * admit[s]
             if total <= 0.0:
-                return self._unroutable(t, r, allowed, event.attributes)
+                return self._hold(act, r, allowed, event, size)
             point = split_point(event.attributes) * total
             acc = 0.0
             last = -1
@@ -323,7 +339,7 @@ class Router:
                         if c > max_cost:
                             max_cost = c
         if count == 0:
-            return self._unroutable(t, r, allowed, event.attributes)
+            return self._hold(act, r, allowed, event, size)
         nbytes = 0 if size is None else size
         key = allowed * len(t.route_names) + r
         state = act.hysteresis.get(key)
@@ -404,11 +420,20 @@ class Router:
             return f"rtt {rtt:.1f} ms > max_rtt_ms {t.route_max_rtt_ms[r]:g}"
         return None
 
+    @staticmethod
+    def _label(t: RouteTable, r: int) -> str:
+        return "no route matched (default destination)" if r == t.default_route else f"route {t.route_names[r]!r}"
+
+    def _unavailable(self, t: RouteTable, r: int, allowed: int) -> str:
+        start = t.route_start[r]
+        why = "; ".join(f"{t.dest_names[t.route_dests[k]]}: {self._exclusion(t, r, t.route_dests[k], allowed)}"
+                        for k in range(start, start + t.route_count[r]))
+        return f"every destination residency allows is unavailable ({why})"
+
     def _unroutable(self, t: RouteTable, r: int, allowed: int, attrs: Mapping[str, Any]) -> Decision:
         start = t.route_start[r]
         ks = range(start, start + t.route_count[r])
-        label = "no route matched (default destination)" if r == t.default_route \
-            else f"route {t.route_names[r]!r}"
+        label = self._label(t, r)
         residency = self._residency_text(t, allowed, attrs)
         if allowed == 0:
             reason = f"{label}: {residency}"
@@ -418,10 +443,73 @@ class Router:
                                for k in ks)
             reason = f"{label}: {residency}, and none of its destinations is there ({places})"
         else:
-            why = "; ".join(f"{t.dest_names[t.route_dests[k]]}: {self._exclusion(t, r, t.route_dests[k], allowed)}"
-                            for k in ks)
-            reason = f"{label}: every destination residency allows is unavailable ({why})"
+            reason = f"{label}: {self._unavailable(t, r, allowed)}"
         return Decision((), () if r == t.default_route else (t.route_names[r],), reason)
+
+    def _hold(self, act: _Active, r: int, allowed: int, event: Event, size: int | None) -> Decision:
+        """A choosing route none of whose allowed destinations is healthy (within `max_rtt_ms`): hold the
+        event for one allowed destination (see the module docstring, 5.), or, when residency allows none
+        of them, choose nothing (`_unroutable`). Off the hot path; the compiled twin calls this too."""
+        t = act.table
+        start = t.route_start[r]
+        ks = [k for k in range(start, start + t.route_count[r]) if t.dest_jmask[t.route_dests[k]] & allowed]
+        if not ks:
+            return self._unroutable(t, r, allowed, event.attributes)
+        est = self.estimator
+        slots = t.dest_slot
+        live = [k for k in ks if est.up[slots[t.route_dests[k]]]]  # up, only slower than max_rtt_ms
+        pool = live or ks
+        mode = t.route_mode[r]
+        if mode == MODE_FAILOVER:
+            k = pool[0]
+        elif mode == MODE_SPLIT:
+            weights = [t.dest_weight[t.route_dests[k]] * (est.admit[slots[t.route_dests[k]]] if live else 1.0)
+                       for k in pool]
+            total = sum(weights)
+            k = pool[-1]
+            if total > 0.0:
+                point = split_point(event.attributes) * total
+                acc = 0.0
+                for k_, w in zip(pool, weights, strict=True):
+                    acc += w
+                    if point < acc:
+                        k = k_
+                        break
+        else:  # MODE_BEST: the current choice if it is in the pool, else the lowest score
+            state = act.hysteresis.get(allowed * len(t.route_names) + r)
+            current = -1 if state is None else int(state[0])
+            k = current if current in pool else self._lowest(t, r, pool, event, size)
+        name = t.dest_names[t.route_dests[k]]
+        held = f"{self._label(t, r)}: holding for {name}: {self._unavailable(t, r, allowed)}"
+        return Decision((name,), act.single[k].routes, None, None, held)
+
+    def _lowest(self, t: RouteTable, r: int, pool: list[int], event: Event, size: int | None) -> int:
+        """The lowest `best` score in `pool` (ties: written first); an ejected destination (admission 0)
+        counts with its last RTT."""
+        est = self.estimator
+        lats = []
+        costs = []
+        w_cost = t.route_w_cost[r]
+        if w_cost > 0.0 and size is None:
+            size = event_size(event)
+        for k in pool:
+            d = t.route_dests[k]
+            s = t.dest_slot[d]
+            a = est.admit[s]
+            lats.append(est.rtt_ms[s] / a if a > 0.0 else est.rtt_ms[s])
+            costs.append((size or 0) * t.dest_usd_per_byte[d] + t.dest_usd_per_request[d] if w_cost > 0.0 else 0.0)
+        max_lat = max(lats)
+        max_cost = max(costs)
+        lat_scale = t.route_w_latency[r] / max_lat if max_lat > 0.0 else 0.0
+        cost_scale = w_cost / max_cost if max_cost > 0.0 else 0.0
+        best = pool[0]
+        best_score = math.inf
+        for k, lat, cost in zip(pool, lats, costs, strict=True):
+            score = lat * lat_scale + cost * cost_scale
+            if score < best_score:
+                best_score = score
+                best = k
+        return best
 
     def _explain(self, t: RouteTable, r: int, allowed: int, event: Event, result: Decision) -> RouteExplain:
         start = t.route_start[r]
@@ -446,7 +534,7 @@ class Router:
         allowed_names = None if allowed == t.all_mask else t.jurisdiction_names(allowed)
         return RouteExplain(None if r == t.default_route else t.route_names[r], MODE_NAMES[t.route_mode[r]],
                             result.destinations, candidates, allowed_names,
-                            self.matched_policies(t, event.attributes), result.reason)
+                            self.matched_policies(t, event.attributes), result.reason, result.held)
 
     # -- delivery-time re-check -------------------------------------------------------------------------
 
@@ -477,14 +565,18 @@ def split_point(attrs: Mapping[str, Any]) -> float:
 def explain_object(decision: Decision) -> dict[str, Any]:
     """The `route explain --json` object: `{"route", "destinations", "candidates"}` of the first matched
     route (or the default: route null), `destinations` being the whole decision's. When several routes
-    matched, `routes` lists the same object for each of them."""
+    matched, `routes` lists the same object for each of them. A route holding the event (no allowed
+    destination is healthy, docs/router.md) adds `held`: for which destination, and why."""
     records = decision.explain or ()
 
     def one(rec: RouteExplain, destinations: tuple[str, ...]) -> dict[str, Any]:
-        return {"route": rec.route, "destinations": list(destinations),
-                "candidates": [{"destination": c.destination,
-                                "score": None if c.score is None else round(c.score, 6),
-                                "excluded": c.excluded} for c in rec.candidates]}
+        out: dict[str, Any] = {"route": rec.route, "destinations": list(destinations),
+                               "candidates": [{"destination": c.destination,
+                                               "score": None if c.score is None else round(c.score, 6),
+                                               "excluded": c.excluded} for c in rec.candidates]}
+        if rec.held is not None:
+            out["held"] = rec.held
+        return out
 
     if not records:
         return {"route": None, "destinations": list(decision.destinations), "candidates": []}

@@ -1,9 +1,11 @@
 """RTT and health per destination: peak-EWMA latency and outlier ejection with gradual re-admission.
 
 Fed by `probe()` on an interval (`ProbeLoop`) and by delivery acknowledgements (the gateway wraps each
-adapter so every `publish` reports its latency or failure). The decision reads three flat arrays,
-indexed by a destination's *slot* (assigned once per name, never reused, so tables compiled at
-different times can share one estimator):
+adapter so every `publish` reports its latency or failure). RTT samples come from probes only: every
+destination is measured the same way, in the same round; a slow delivery is a hint that asks for an
+early probe round (`delivered`), and a failed one counts towards ejection. The decision reads three
+flat arrays, indexed by a destination's *slot* (assigned once per name, never reused, so tables
+compiled at different times can share one estimator):
 
     rtt_ms[slot]   peak-EWMA round-trip time in milliseconds
     up[slot]       1 healthy / 0 ejected
@@ -24,7 +26,6 @@ split), and a single failure on probation ejects it again. A full ramp clears th
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -56,6 +57,9 @@ class Estimator:
         self._eject_until: list[float] = []
         self._readmit_from: list[float] = []
         self._last_error: list[str] = []
+        # Set by a running ProbeLoop: asks it for an early probe round (a delivery looked slow).
+        self.probe_soon: Callable[[], None] | None = None
+        self.suspicions = 0  # slow deliveries that asked for an early round (introspection, tests)
 
     # -- slots -----------------------------------------------------------------------------------
 
@@ -110,19 +114,24 @@ class Estimator:
     def delivered(self, name: str, seconds: float, now: float | None = None) -> None:
         """A delivery the broker acknowledged, taking `seconds` for the whole publish call.
 
-        A page publish is not comparable with a probe (it grows with the page and the first one
-        includes connecting), and scoring compares destinations by one number; so deliveries clear the
-        failure count always but move the RTT only as a peak — when a call took longer than twice the
-        current estimate, real traffic has seen the broker slow down before the next probe would.
-        The first delivery (connection and producer set-up) is never a sample.
+        A delivery proves the destination alive (it clears the failure count) but is never an RTT
+        sample: a publish call is not comparable with a probe. It grows with the page, the first one
+        includes connecting, and it includes the gateway's own scheduling delay — on a loaded machine
+        tens of milliseconds that land on whichever destination is carrying the traffic, so sampling
+        deliveries makes a busy destination look slower than an idle one (which only gets probes) and
+        `best` routes flap between equally fast destinations. A publish slower than twice the estimate
+        is a *suspicion* instead: it asks the probe loop for an early round (`probe_soon`), which measures
+        every destination the same way, so a real slowdown still shows before the next interval.
+        The first delivery (connection and producer set-up) raises no suspicion.
         """
         s = self.slot(name)
         if self._pinned[s]:
             return
         now = self.clock() if now is None else now
         if self._warm[s] and self._sampled[s] and seconds * 1000.0 > 2.0 * self.rtt_ms[s]:
-            self.observe(name, seconds, now)
-            return
+            self.suspicions += 1
+            if self.probe_soon is not None:
+                self.probe_soon()
         self._warm[s] = True
         self._failures[s] = 0
         self._advance(s, now)
@@ -205,12 +214,22 @@ Probe = Callable[[], Awaitable[float]]
 
 
 class ProbeLoop:
-    """Calls every destination's `probe()` each `probe_interval_seconds` and feeds the estimator."""
+    """Calls every destination's `probe()` each `probe_interval_seconds` and feeds the estimator.
+
+    A slow delivery (`Estimator.delivered`) asks for an early round; early rounds start no sooner than
+    `probe_interval_seconds / EARLY_FRACTION` after the previous round started, so a burst of slow
+    deliveries costs a bounded number of probes."""
+
+    EARLY_FRACTION = 4.0
 
     def __init__(self, estimator: Estimator, probes: Mapping[str, Probe]) -> None:
         self.estimator = estimator
         self.probes = dict(probes)
         self._stopping = asyncio.Event()
+        self._early = asyncio.Event()
+
+    def _soon(self) -> None:
+        self._early.set()
 
     async def probe_once(self) -> None:
         timeout = self.estimator.settings.probe_timeout_seconds
@@ -228,12 +247,33 @@ class ProbeLoop:
         await asyncio.gather(*(one(name, probe) for name, probe in self.probes.items()))
         self.estimator.tick()
 
+    async def _wait(self, event: asyncio.Event, seconds: float) -> None:
+        """Until `event` or stop, at most `seconds`."""
+        if seconds <= 0:
+            return
+        waits = [asyncio.ensure_future(self._stopping.wait()), asyncio.ensure_future(event.wait())]
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+
     async def run(self) -> None:
         interval = self.estimator.settings.probe_interval_seconds
-        while not self._stopping.is_set():
-            await self.probe_once()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), interval)
+        loop = asyncio.get_running_loop()
+        self.estimator.probe_soon = self._soon
+        try:
+            while not self._stopping.is_set():
+                began = loop.time()
+                self._early.clear()  # a suspicion raised during the round asks for the next one
+                await self.probe_once()
+                # the interval, or an early request, but not before interval / EARLY_FRACTION after this round began
+                await self._wait(self._early, began + interval - loop.time())
+                if self._early.is_set():
+                    await self._wait(self._stopping, began + interval / self.EARLY_FRACTION - loop.time())
+        finally:
+            if self.estimator.probe_soon == self._soon:
+                self.estimator.probe_soon = None
 
     async def stop(self) -> None:
         self._stopping.set()

@@ -10,6 +10,9 @@ Destinations without an assumed RTT get the estimator's prior (`router.estimator
 
 for the first matching route (null: no route matched, the default destination), with `destinations`
 being the whole decision's; when several routes match, `routes` lists that object for each of them.
+A route that holds the event (residency allows some of its destinations, but none of them is healthy
+within `max_rtt_ms`: the event is spooled for an allowed one and waits) adds `"held": "<why>"`; the
+text output marks it `(holding)` with a `held:` line.
 """
 
 from __future__ import annotations
@@ -99,7 +102,8 @@ def render_text(decision: Decision) -> str:
     lines: list[str] = []
     for rec in decision.explain or ():
         title = f"route {rec.route}" if rec.route is not None else "no route matched: default destination"
-        lines.append(f"{title} (mode {rec.mode}) -> {', '.join(rec.destinations) or 'nothing'}")
+        holding = " (holding)" if rec.held is not None else ""
+        lines.append(f"{title} (mode {rec.mode}) -> {', '.join(rec.destinations) or 'nothing'}{holding}")
         if rec.allowed is not None:
             lines.append(f"  residency: {', '.join(j for j in rec.allowed if j) or 'no jurisdiction'} "
                          f"({', '.join(rec.policies) or 'unmatched events are denied'})")
@@ -110,5 +114,8 @@ def render_text(decision: Decision) -> str:
             lines.append(f"  {mark} {c.destination:<{width}}  {state}")
         if rec.reason:
             lines.append(f"  dead-letter: {rec.reason}")
-    lines.append(f"destinations: {', '.join(decision.destinations) or 'none (dead-letter)'}")
+        if rec.held is not None:
+            lines.append(f"  held: {rec.held}")
+    held = " (held: spooled there, waits until an allowed destination is healthy)" if decision.held else ""
+    lines.append(f"destinations: {', '.join(decision.destinations) or 'none (dead-letter)'}{held}")
     return "\n".join(lines)

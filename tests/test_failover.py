@@ -30,10 +30,14 @@ from umcef.fabric.delivery import (
     DeliveryWorker,
     Reroute,
     RetryPolicy,
+    RouterFailover,
     spool_topic,
 )
 from umcef.fabric.event import Event
 from umcef.fabric.gateway import Gateway
+from umcef.router.decide import Router
+from umcef.router.estimator import Estimator
+from umcef.router.table import compile_table
 
 BATCH = {"content-type": "application/cloudevents-batch+json"}
 FAST = {"backoff_base_seconds": 0.05, "backoff_cap_seconds": 0.2}
@@ -153,11 +157,49 @@ async def test_ejected_destination_fails_over_and_pinned_events_wait_then_dead_l
                    == gateway.store.last_seq(spool_topic("eu")), what="the eu cursor")
     assert gateway.spool_gauge.depth == 0
 
-    # While eu is ejected new events go straight to us, pinned ones straight to the dead-letter queue.
+    # While eu is ejected new events go straight to us; pinned ones are held for eu (residency): spooled there,
+    # counted against eu's spool (backpressure), they wait like the events already there, then dead-letter.
     await post(gateway, [order(50), order(150, dataregulation="GDPR")])
     assert [e["id"] for e in stored(gateway, spool_topic("us"))][-1] == "o-50"
-    assert "o-150" in dead() and dead()["o-150"]["fabricdest"] == "(router)"
+    assert [e["id"] for e in stored(gateway, spool_topic("eu"))][-1] == "o-150" and "o-150" not in dead()
+    assert gateway.spool_gauge.lanes["eu"].depth == 1
+    await wait_for(lambda: "o-150" in dead(), what="the held pinned event to be dead-lettered at its maximum age")
+    held = dead()["o-150"]
+    assert held["fabricdest"] == "eu" and held["fabricreason"] == (
+        f"{NO_HEALTHY}route 'orders': holding for eu: every destination residency allows is unavailable "
+        f"(eu: {gateway.router.estimator.describe_down(gateway.router.estimator.slot('eu'))}; "
+        "us: residency: US not allowed)")
+    assert gateway.spool_gauge.lanes["eu"].depth == 0
     assert "o-150" not in await kafka_ids(kafka_broker.bootstrap, topic, free_ids | {"o-50"})
+
+
+def test_router_failover_waits_for_a_hold_and_moves_to_a_healthy_or_merely_slow_destination() -> None:
+    routing = config_mod.from_mapping({
+        "destinations": {"eu": {"url": "kafka://eu:1/t", "jurisdiction": "EU"},
+                         "eu2": {"url": "kafka://eu2:1/t", "jurisdiction": "EU"},
+                         "us": {"url": "kafka://us:1/t", "jurisdiction": "US"}},
+        "residency": [{"name": "gdpr", "when": {"exact": {"dataregulation": "GDPR"}}, "allow": ["EU"]}],
+        "routes": [{"name": "r", "to": ["eu", "eu2", "us"], "mode": "failover", "constraints": {"max_rtt_ms": 100}}],
+    }, "test").routing
+    estimator = Estimator(routing.estimator)
+    router = Router(compile_table(routing, estimator.slot), estimator)
+    hook = RouterFailover("eu", router, None, {})  # type: ignore[arg-type]  # reroute reads neither store nor topics
+    pinned = Event({"specversion": "1.0", "id": "p", "source": "/s", "type": "t", "dataregulation": "GDPR"}, None)
+    free = Event({"specversion": "1.0", "id": "f", "source": "/s", "type": "t"}, None)
+    for name in ("eu", "eu2", "us"):
+        estimator.assume_down(name)
+    # held for eu itself (the first allowed): it waits with the hold as its reason, it does not "stay"
+    wait = hook.reroute(pinned)
+    assert wait.action == "wait" and wait.reason.startswith("route 'r': holding for eu: ")
+    assert "eu: down (ejected: assumed down); eu2: down (ejected: assumed down); us: residency: US not allowed" \
+        in wait.reason
+    assert hook.reroute(free).action == "wait"
+    estimator.assume_up("us")
+    assert hook.reroute(free) == Reroute("move", ("us",))  # healthy elsewhere: it moves
+    assert hook.reroute(pinned).action == "wait"  # never to us
+    estimator.assume_up("eu2")
+    estimator.assume_rtt("eu2", 500)  # up, only slower than max_rtt_ms: a new event would be held there
+    assert hook.reroute(pinned) == Reroute("move", ("eu2",))
 
 
 async def test_all_mode_events_stay_in_the_ejected_destinations_spool(

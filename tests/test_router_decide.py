@@ -113,15 +113,18 @@ def test_split_is_weighted_and_sticky_per_partition_key() -> None:
     assert len(keyed) == 1
 
 
-def test_max_rtt_is_a_hard_constraint_outside_all_mode() -> None:
+def test_max_rtt_excludes_outside_all_mode_and_a_route_with_nothing_left_holds() -> None:
     router = make_router({"destinations": THREE, "routes": [
         {"name": "r", "to": ["eu", "us"], "mode": "best", "constraints": {"max_rtt_ms": 100}}]})
     router.estimator.assume_rtt("eu", 150)
+    router.estimator.assume_rtt("us", 90)
+    assert router.decide(ev(), now=0).destinations == ("us",)  # eu is out although written first
     router.estimator.assume_rtt("us", 120)
     decision = router.decide(ev(), now=0)
-    assert decision.destinations == () and decision.dead_letter
-    assert decision.reason == ("route 'r': every destination residency allows is unavailable "
-                               "(eu: rtt 150.0 ms > max_rtt_ms 100; us: rtt 120.0 ms > max_rtt_ms 100)")
+    # nothing within max_rtt_ms: held for the best-scoring allowed destination, not dead-lettered
+    assert decision.destinations == ("us",) and not decision.dead_letter and decision.reason is None
+    assert decision.held == ("route 'r': holding for us: every destination residency allows is unavailable "
+                             "(eu: rtt 150.0 ms > max_rtt_ms 100; us: rtt 120.0 ms > max_rtt_ms 100)")
 
 
 def test_all_mode_keeps_down_subscribers() -> None:
@@ -154,16 +157,118 @@ def test_gdpr_never_leaves_the_eu(kind: str) -> None:
         assert decision.destinations and set(decision.destinations) <= {"eu", "eu2"}, (reg, decision)
 
 
-def test_all_allowed_destinations_down_means_nothing_and_a_reason() -> None:
+def test_all_allowed_destinations_down_holds_for_an_allowed_one() -> None:
     router = make_router(RESIDENT)
     router.estimator.assume_down("eu")
     for kind in ("t.best", "t.failover", "t.split"):
         decision = router.decide(ev(kind, dataregulation="GDPR"), now=0)
-        assert decision.destinations == () and decision.dead_letter, decision
-        assert decision.reason is not None and "every destination residency allows is unavailable" in decision.reason
-        assert "(us: residency: US not allowed; eu: down (ejected: assumed down))" in decision.reason
+        # held for eu (spooled there, it waits): never us, and not dead-lettered at ingress
+        assert decision.destinations == ("eu",) and not decision.dead_letter, decision
+        assert decision.routes == (kind[2:],)
+        assert decision.held == (f"route {kind[2:]!r}: holding for eu: every destination residency allows is "
+                                 "unavailable (us: residency: US not allowed; eu: down (ejected: assumed down))")
         # without the regulation the event is unrestricted and fails over
-        assert router.decide(ev(kind), now=0).destinations == ("us",)
+        unrestricted = router.decide(ev(kind), now=0)
+        assert unrestricted.destinations == ("us",) and unrestricted.held is None
+    router.estimator.assume_down("us")  # everything down: unrestricted events are held too
+    held = router.decide(ev("t.failover"), now=0)
+    assert held.destinations == ("us",) and held.held is not None and held.reason is None
+
+
+def test_residency_is_never_relaxed_by_holding() -> None:
+    # a route none of whose destinations residency allows refuses, healthy or not (compiled directly: the
+    # load-time coverage check rejects such a configuration)
+    config = RoutingConfig(
+        (Destination("eu", "kafka://eu:1/t", jurisdiction="EU"), Destination("us", "kafka://us:1/t", jurisdiction="US"),
+         Destination("default", "local://default")),
+        tuple(Route(f"r-{mode}", None, ("us",), mode) for mode in ("best", "failover", "split")),
+        Residency((ResidencyPolicy({"exact": {"dataregulation": "GDPR"}}, ("EU",), "gdpr"),)), "default")
+    for down in (False, True):
+        estimator = Estimator()
+        router = Router(compile_table(config, estimator.slot), estimator)
+        if down:
+            estimator.assume_down("us")
+        decision = router.decide(ev(dataregulation="GDPR"), now=0)
+        assert decision.destinations == () and decision.held is None and decision.dead_letter
+        assert decision.reason is not None and decision.reason.startswith(
+            "route 'r-best': residency allows only EU (gdpr), and none of its destinations is there (us: US)")
+
+
+HOLD = {"a": {"url": "kafka://a:1/t", "jurisdiction": "EU", "weight": 3},
+        "b": {"url": "kafka://b:1/t", "jurisdiction": "EU", "weight": 1},
+        "c": {"url": "kafka://c:1/t", "jurisdiction": "EU", "egress_usd_per_gb": 0.5},
+        "x": {"url": "kafka://x:1/t", "jurisdiction": "US"}}
+GDPR = [{"when": {"exact": {"dataregulation": "GDPR"}}, "allow": ["EU"], "name": "gdpr"}]
+
+
+def test_failover_holds_for_the_first_allowed_destination_preferring_one_that_is_up() -> None:
+    router = make_router({"destinations": HOLD, "residency": GDPR, "routes": [
+        {"name": "r", "to": ["x", "a", "b"], "mode": "failover", "constraints": {"max_rtt_ms": 100}}]})
+    est = router.estimator
+    for name in ("x", "a", "b"):
+        est.assume_down(name)
+    assert router.decide(ev(dataregulation="GDPR")).destinations == ("a",)  # first allowed, written order
+    assert router.decide(ev()).destinations == ("x",)  # unrestricted: first written
+    est.assume_up("b")
+    est.assume_rtt("b", 300)  # up, only too slow: preferred over a, which is down
+    decision = router.decide(ev(dataregulation="GDPR"))
+    assert decision.destinations == ("b",) and decision.held is not None
+    assert "a: down (ejected: assumed down); b: rtt 300.0 ms > max_rtt_ms 100" in decision.held
+    est.assume_rtt("b", 50)
+    healthy = router.decide(ev(dataregulation="GDPR"))
+    assert healthy.destinations == ("b",) and healthy.held is None
+
+
+def test_split_holds_by_weight_and_key_among_the_allowed() -> None:
+    router = make_router({"destinations": HOLD, "residency": GDPR, "routes": [
+        {"name": "r", "to": ["x", "a", "b"], "mode": "split"}]})
+    for name in ("x", "a", "b"):
+        router.estimator.assume_down(name)
+    picks = [router.decide(ev(id=str(i), dataregulation="GDPR")) for i in range(2000)]
+    assert all(p.held is not None and p.destinations in (("a",), ("b",)) for p in picks)
+    share = sum(p.destinations == ("a",) for p in picks) / len(picks)
+    assert 0.68 < share < 0.82  # weights 3 : 1, health ignored
+    keyed = {router.decide(ev(id=str(i), partitionkey="k7", dataregulation="GDPR")).destinations for i in range(50)}
+    assert len(keyed) == 1
+
+
+def test_best_holds_for_its_current_choice_else_the_lowest_score() -> None:
+    router = make_router({"destinations": HOLD, "residency": GDPR, "routes": [
+        {"name": "r", "to": ["x", "a", "c"], "mode": "best", "weights": {"latency": 1.0, "cost": 1.0}}]})
+    est = router.estimator
+    est.assume_rtt("a", 40)
+    est.assume_rtt("c", 10)
+    assert router.decide(ev(dataregulation="GDPR"), now=0).destinations == ("a",)  # c costs egress
+    state = {k: list(v) for k, v in router.holder.active.hysteresis.items()}
+    est.assume_down("a")
+    est.assume_down("c")
+    est.assume_down("x")
+    held = router.decide(ev(dataregulation="GDPR"), now=1)
+    assert held.destinations == ("a",) and held.held is not None  # the current choice
+    assert router.holder.active.hysteresis == state  # holding does not change the hysteresis state
+    fresh = make_router({"destinations": HOLD, "residency": GDPR, "routes": [
+        {"name": "r", "to": ["x", "c", "a"], "mode": "best", "weights": {"latency": 1.0, "cost": 0.0}}]})
+    fresh.estimator.assume_rtt("a", 40)
+    fresh.estimator.assume_rtt("c", 10)
+    for name in ("x", "a", "c"):
+        fresh.estimator.assume_down(name)
+    decision = fresh.decide(ev(dataregulation="GDPR"), now=0)  # no current choice: the lowest last RTT
+    assert decision.destinations == ("c",) and decision.held is not None
+    assert fresh.holder.active.hysteresis == {}
+
+
+def test_a_multi_route_decision_joins_holds_and_reasons() -> None:
+    router = make_router({"destinations": HOLD, "residency": GDPR, "routes": [
+        {"name": "one", "to": ["x", "a"], "mode": "failover"},
+        {"name": "two", "to": ["b"], "mode": "best"}]})
+    for name in ("x", "a", "b"):
+        router.estimator.assume_down(name)
+    for explain in (False, True):
+        decision = router.decide(ev(dataregulation="GDPR"), now=0, explain=explain)
+        assert decision.destinations == ("a", "b") and decision.reason is None
+        assert decision.held is not None and decision.held.startswith("route 'one': holding for a: ")
+        assert "; route 'two': holding for b: every destination residency allows is unavailable (b: down" \
+            in decision.held
 
 
 def test_policies_intersect() -> None:
@@ -412,6 +517,8 @@ def test_no_decision_ever_leaves_the_allowed_jurisdictions(config: RoutingConfig
         plain: Decision = routers[0].decide(event, now=float(step))
         explained = routers[1].decide(event, now=float(step), explain=True)
         assert plain.destinations == explained.destinations and plain.reason == explained.reason
+        assert plain.held == explained.held
+        assert routers[0].holder.active.hysteresis == routers[1].holder.active.hysteresis
         allowed = allowed_jurisdictions(config, event)
         places = {d.name: d.jurisdiction for d in config.destinations}
         for name in plain.destinations:
@@ -427,3 +534,18 @@ def test_no_decision_ever_leaves_the_allowed_jurisdictions(config: RoutingConfig
                 if allowed is not None and places[candidate.destination] not in allowed:
                     assert candidate.excluded is not None and candidate.excluded.startswith("residency:")
                 assert (candidate.score is None) == (candidate.excluded is not None)
+            # holding: a choosing route with an allowed destination always names one (and only an allowed
+            # one), holds exactly when none is healthy, and never carries a dead-letter reason then
+            allowed_here = [c for c in record.candidates if not (c.excluded or "").startswith("residency:")]
+            if record.mode == "all" or not allowed_here:
+                assert record.held is None
+                continue
+            assert len(record.destinations) == 1 and record.reason is None, record
+            assert record.destinations[0] in {c.destination for c in allowed_here}
+            healthy = [c for c in allowed_here if c.excluded is None]
+            assert (record.held is None) == bool(healthy), record
+            if record.held is not None:
+                assert record.held.startswith(f"route {record.route!r}: holding for {record.destinations[0]}: ")
+                assert record.destinations[0] in plain.destinations and plain.held is not None
+            if everything_down:
+                assert record.held is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Callable
 
 import pytest
 
@@ -140,15 +141,49 @@ async def test_probe_loop_feeds_the_estimator() -> None:
     assert calls["ok"] >= 2
 
 
-def test_deliveries_clear_failures_and_move_the_rtt_only_as_a_peak() -> None:
+def test_deliveries_clear_failures_and_never_move_the_rtt() -> None:
     est = Estimator(SETTINGS)
+    asked: list[int] = []
+    est.probe_soon = lambda: asked.append(1)
     est.observe("d", 0.002, now=0.0)  # probes: 2 ms
-    est.delivered("d", 0.500, now=0.1)  # the first delivery includes connecting: never a sample
-    assert rtt(est) == pytest.approx(2.0)
-    est.delivered("d", 0.003, now=0.2)  # a page of 3 ms is not slower than the broker: no sample
-    assert rtt(est) == pytest.approx(2.0)
+    est.delivered("d", 0.500, now=0.1)  # the first delivery includes connecting: not even a suspicion
+    assert rtt(est) == pytest.approx(2.0) and not asked
+    est.delivered("d", 0.003, now=0.2)  # a page of 3 ms is not slower than the broker
+    assert rtt(est) == pytest.approx(2.0) and not asked
     est.failure("d", "x", now=0.3)
     est.delivered("d", 0.001, now=0.4)
     assert est._failures[est.slot("d")] == 0  # a delivery proves the destination alive
-    est.delivered("d", 0.300, now=0.5)  # real traffic saw the broker slow down: fast rise
-    assert rtt(est) == pytest.approx(300.0)
+    # A slow publish is a suspicion, not a sample (it includes the page and the gateway's own scheduling,
+    # which an idle destination's probes do not): it asks the probe loop for an early round.
+    est.delivered("d", 0.300, now=0.5)
+    assert rtt(est) == pytest.approx(2.0) and asked == [1] and est.suspicions == 1
+
+
+async def test_a_slow_delivery_brings_the_next_probe_round_forward() -> None:
+    answers = {"d": 0.002}
+    rounds: list[float] = []
+
+    async def probe() -> float:
+        rounds.append(asyncio.get_running_loop().time())
+        return answers["d"]
+
+    async def until(done: Callable[[], bool]) -> None:
+        for _ in range(500):  # poll with a deadline
+            if done():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("timed out")
+
+    est = Estimator(EstimatorSettings(probe_interval_seconds=30.0, decay_seconds=10.0))
+    loop = ProbeLoop(est, {"d": probe})
+    task = asyncio.create_task(loop.run())
+    await until(lambda: len(rounds) == 1)  # the first round runs at once
+    est.delivered("d", 0.5)  # warm-up delivery
+    answers["d"] = 0.300  # the broker slows down ...
+    loop.EARLY_FRACTION = 100.0  # (early rounds keep interval / EARLY_FRACTION apart: 0.3 s here)
+    est.delivered("d", 0.5)  # ... real traffic notices: an early round, long before the 30 s interval
+    await until(lambda: rtt(est) > 100.0)
+    assert rtt(est) == pytest.approx(300.0) and len(rounds) == 2 and rounds[1] - rounds[0] >= 0.3
+    await loop.stop()
+    await asyncio.wait_for(task, 5)
+    assert est.probe_soon is None

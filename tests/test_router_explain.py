@@ -83,7 +83,20 @@ def test_residency_and_everything_allowed_down(files: tuple[Path, Path, Path]) -
     assert out["candidates"][1] == {"destination": "us-sqs", "score": None,  # type: ignore[index]
                                     "excluded": "residency: US not allowed"}
     down = explain_json("--config", str(config), "--assume-down", "eu-kafka", str(gdpr))
-    assert down["destinations"] == [] and all(c["score"] is None for c in down["candidates"])  # type: ignore[attr-defined]
+    # every allowed destination down: the route holds the event for eu-kafka (it waits in its spool)
+    assert down["destinations"] == ["eu-kafka"] and all(c["score"] is None for c in down["candidates"])  # type: ignore[attr-defined]
+    assert down["held"] == ("route 'orders': holding for eu-kafka: every destination residency allows is unavailable "
+                            "(eu-kafka: down (ejected: assumed down); us-sqs: residency: US not allowed)")
+    text = umcef("route", "explain", "--config", str(config), "--assume-down", "eu-kafka", str(gdpr))
+    assert text.returncode == 0, text.stderr
+    assert text.stdout.splitlines() == [
+        "route orders (mode best) -> eu-kafka (holding)",
+        "  residency: EU (residency[0])",
+        "  * eu-kafka  excluded: down (ejected: assumed down)",
+        "    us-sqs    excluded: residency: US not allowed",
+        "  held: " + str(down["held"]),
+        "destinations: eu-kafka (held: spooled there, waits until an allowed destination is healthy)",
+    ]
 
 
 def test_no_route_and_several_routes(files: tuple[Path, Path, Path], tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """The compiled router decision (`umcef._native._router`) decides exactly like the pure reference.
 
 "Exactly": over random tables, events and estimator states (every destination down included) and
-over hysteresis sequences, both give the same destinations, routes and reason, leave the same
+over hysteresis sequences, both give the same destinations, routes, reason and hold (`held`), leave the same
 hysteresis state behind, and the native CESQL programs give `Expression.matches`' answer on random
 expressions and attribute values of every type (the ones outside the native subset included: they
 must hand off to the Python closure). Explain records stay pure-only: a native router asked for one
@@ -89,8 +89,8 @@ def pair(config: RoutingConfig, module: Any, clock: Any = None) -> tuple[Router,
 
 def same(a: Decision, b: Decision) -> None:
     # explain records are compared by repr: a score can be NaN (an `all` route's down destination)
-    assert (a.destinations, a.routes, a.reason, repr(a.explain)) == (b.destinations, b.routes, b.reason,
-                                                                     repr(b.explain))
+    assert (a.destinations, a.routes, a.reason, a.held, repr(a.explain)) == (b.destinations, b.routes, b.reason,
+                                                                             b.held, repr(b.explain))
 
 
 def set_state(routers: tuple[Router, ...], name: str, rtt: float, up: bool, admit: float) -> None:
@@ -198,6 +198,11 @@ def test_native_never_leaves_the_allowed_jurisdictions_everything_down(native: A
         matched = [r for r in config.routes if r.filter is None or compile_filter(r.filter)(event.attributes)]
         if any(r.mode != "all" for r in matched) or not matched:
             assert got.reason or got.destinations
+        # every choosing route that residency lets reach one of its destinations holds for such a one
+        for route in matched:
+            if route.mode != "all" and any(allowed is None or places[n] in allowed for n in route.to):
+                assert got.held is not None and f"route {route.name!r}: holding for " in got.held
+                assert any(n in got.destinations for n in route.to if allowed is None or places[n] in allowed)
 
 
 # -- hysteresis sequences ----------------------------------------------------------------------------------

@@ -143,7 +143,7 @@ async def test_delivery_rechecks_residency_and_reports_latency() -> None:
     assert isinstance(error, Rejected) and str(error).startswith("residency: us (jurisdiction US) is not allowed")
     assert inner.published == ["e1", "e3"]  # the GDPR event never reached the broker
     # A delivery proves the destination alive (it clears the failure count: two failures eject here,
-    # but not with a delivery between them); it moves the RTT only as a peak (Estimator.delivered).
+    # but not with a delivery between them); it never moves the RTT (a slow one asks for an early probe).
     est = router.estimator
     est.failure("us", "down")
     await adapter.publish([event(4)])
