@@ -26,7 +26,9 @@ Measured:
   answer once Kafka acknowledged, so for them both are the same.
 - latency: open-loop offered loads; every event carries `benchts` (wall-clock ns at send time, taken just
   before the request / produce()) and the consumer computes consume time - benchts. p50/p99 per run.
-  1,000 events/s as single-event batches (1,000 requests/s); the higher load as batches of 10.
+  1,000 events/s as single-event batches (1,000 requests/s); the higher load as batches of 10. Latency
+  runs write to topics of their own (the gateway routes them by an id prefix, the bridge is a second
+  process): Tansu's fetch latency grows with what a topic already holds.
   added p99 = system p99 - direct producer p99 in the same round.
 
 Rounds are interleaved (the order rotates); figures are medians over rounds, min/max in the JSON. Every
@@ -68,6 +70,7 @@ BATCH_CT = "application/cloudevents-batch+json"
 NOISE_FLOOR_MS = 5.0  # direct producer p99 above this: the added-p99 verdict is "inconclusive"
 SYSTEMS_SAT = ["direct confluent", "direct aiokafka", "naive bridge", "gateway"]
 SYSTEMS_LAT = ["direct confluent", "naive bridge", "gateway"]
+LATENCY_TAG = "L"  # latency runs' event ids start with it: the gateway routes them to their own topic
 
 
 def producer_conf(bootstrap: str) -> dict[str, Any]:
@@ -563,13 +566,14 @@ class Bench:
         self.seq += 1
         return f"r{self.seq}"
 
-    def target(self, system: str) -> dict[str, Any]:
+    def target(self, system: str, latency: bool = False) -> dict[str, Any]:
+        topics = self.lat_topics if latency else self.topics
         if system == "direct confluent":
-            return {"kind": "confluent", "bootstrap": self.bootstrap, "topic": self.topics[system]}
+            return {"kind": "confluent", "bootstrap": self.bootstrap, "topic": topics[system]}
         if system == "direct aiokafka":
-            return {"kind": "aiokafka", "bootstrap": self.bootstrap, "topic": self.topics[system]}
+            return {"kind": "aiokafka", "bootstrap": self.bootstrap, "topic": topics[system]}
         if system == "naive bridge":
-            return {"kind": "http", "url": self.bridge_url}
+            return {"kind": "http", "url": self.bridge_lat_url if latency else self.bridge_url}
         assert self.gateway is not None
         return {"kind": "http", "url": self.gateway.url}
 
@@ -638,8 +642,10 @@ class Bench:
         }
 
     def latency(self, system: str, rate: int, batch: int) -> dict[str, Any]:
-        topic = self.topics[system]
-        tag = self.tag()
+        # Own topics with only latency events: Tansu's fetch latency grows with what a topic holds (seen: a
+        # direct producer's p50 4 ms on a new topic, 20-40 ms after the saturation runs on the same one).
+        topic = self.lat_topics[system]
+        tag = LATENCY_TAG + self.tag()
         expected = int(rate * self.lat_seconds / batch) * batch
         offsets = self.wm.offsets(topic)
         consumer = spawn_role(
@@ -660,7 +666,7 @@ class Bench:
         out = run_role(
             "load",
             {
-                **self.target(system),
+                **self.target(system, latency=True),
                 "mode": "rate",
                 "tag": tag,
                 "batch": batch,
@@ -698,7 +704,8 @@ class Bench:
         self.bootstrap = self.broker.bootstrap
         self.log(f"Tansu on {self.bootstrap} ({time.perf_counter() - t:.1f} s)")
         self.topics = {s: brokers.unique_name("bgw") for s in SYSTEMS_SAT}
-        asyncio.run(create_topics(self.bootstrap, list(self.topics.values())))
+        self.lat_topics = {s: brokers.unique_name("bgl") for s in SYSTEMS_LAT}
+        asyncio.run(create_topics(self.bootstrap, [*self.topics.values(), *self.lat_topics.values()]))
         self.wm = Watermarks(self.bootstrap)
         config = self.tmp / "umcef.yaml"
         config.write_text(
@@ -707,11 +714,14 @@ class Bench:
             "limits: {max_batch: 1000}\n"
             "destinations:\n"
             f'  kafka: {{url: "kafka://{self.bootstrap}/{self.topics["gateway"]}"}}\n'
+            f'  kafka-lat: {{url: "kafka://{self.bootstrap}/{self.lat_topics["gateway"]}"}}\n'
             "routes:\n"
-            '  - {name: orders, filter: {prefix: {type: "com.example.shop."}}, to: [kafka]}\n'
+            '  - {name: orders, filter: {all: [{prefix: {type: "com.example.shop."}}, '
+            f'{{not: {{prefix: {{id: "{LATENCY_TAG}"}}}}}}]}}, to: [kafka]}}\n'
+            f'  - {{name: latency, filter: {{prefix: {{id: "{LATENCY_TAG}"}}}}, to: [kafka-lat]}}\n'
             "default: kafka\n"
         )
-        bridge = self.bridge = None
+        bridge = self.bridge = self.bridge_lat = None
         self.gateway: Gateway | None = None
         results: dict[str, Any] = {
             "saturation": {s: [] for s in SYSTEMS_SAT},
@@ -727,6 +737,14 @@ class Bench:
             if not line.startswith("BRIDGE "):
                 raise RuntimeError(f"bridge did not start: {line!r}")
             self.bridge_url = line.split()[1]
+            bridge_lat = self.bridge_lat = spawn_role(
+                "bridge", {"bootstrap": self.bootstrap, "topic": self.lat_topics["naive bridge"]}
+            )
+            assert bridge_lat.stdout is not None
+            line = bridge_lat.stdout.readline()
+            if not line.startswith("BRIDGE "):
+                raise RuntimeError(f"bridge did not start: {line!r}")
+            self.bridge_lat_url = line.split()[1]
             self.log(f"gateway {self.gateway.url}, bridge {self.bridge_url}")
             for r in range(self.sat_rounds):
                 order = SYSTEMS_SAT[r % 4 :] + SYSTEMS_SAT[: r % 4]
@@ -736,6 +754,12 @@ class Bench:
                     f"saturation round {r + 1}/{self.sat_rounds}: "
                     + ", ".join(f"{s} {results['saturation'][s][-1]['delivered_per_s']:,.0f}/s" for s in SYSTEMS_SAT)
                 )
+            # One untimed second per system on the latency topics first: the gateway's worker for that
+            # destination connects its producer on its first publish (a cold start is not steady latency).
+            seconds, self.lat_seconds = self.lat_seconds, 1.0
+            for s in SYSTEMS_LAT:
+                self.latency(s, 500, 1)
+            self.lat_seconds = seconds
             for r in range(self.lat_rounds):
                 for rate, batch in self.loads:
                     order = SYSTEMS_LAT[r % 3 :] + SYSTEMS_LAT[: r % 3]
@@ -754,10 +778,11 @@ class Bench:
         finally:
             if self.gateway is not None:
                 self.gateway.stop()
-            if bridge is not None:
-                bridge.terminate()
-                with contextlib.suppress(Exception):
-                    bridge.wait(10)
+            for process in (bridge, self.bridge_lat):
+                if process is not None:
+                    process.terminate()
+                    with contextlib.suppress(Exception):
+                        process.wait(10)
             self.wm.close()
             self.broker.stop()
             shutil.rmtree(self.tmp, ignore_errors=True)  # spool, logs, profile (its top is in the JSON)

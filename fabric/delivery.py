@@ -165,6 +165,13 @@ class _Flight:
     task: asyncio.Future[bool] = field(init=False)  # set right after construction (it needs the flight)
 
 
+@dataclass(slots=True)
+class _Gathering:
+    pending: list[_Pending]
+    keys: set[str]
+    last_seq: int
+
+
 def _order_key(event: Event) -> str | None:
     key = event.attributes.get("partitionkey")
     return None if key is None else str(key)
@@ -212,16 +219,24 @@ class DeliveryWorker:
         stopping = asyncio.ensure_future(self._stopping.wait())
         flights: deque[_Flight] = deque()  # pages being delivered, oldest first
         next_page: asyncio.Future[list[Spooled]] | None = None
+        gathering: _Gathering | None = None  # the next page, growing while pages in flight hold its keys
         try:
             while not self._stopping.is_set():
                 if not self._land(flights):
                     return  # a page gave up because we are stopping
                 self._parking.clear()
                 active = sum(not (f.parked or f.task.done()) for f in flights)
+                if gathering is not None and active < self.pages_in_flight and self._may_launch(gathering, flights):
+                    before = [f.task for f in flights if not f.task.done() and not gathering.keys.isdisjoint(f.keys)]
+                    flight = _Flight(gathering.last_seq, gathering.keys, before, len(gathering.pending))
+                    flight.task = asyncio.ensure_future(self._deliver(gathering.pending, flight))
+                    flights.append(flight)
+                    gathering, active = None, active + 1
                 parked = sum(f.size for f in flights if f.parked)
                 # Parked pages (an ejected destination, events that can only wait) do not hold back later
                 # pages, whose events may fail over, up to `memory_capacity` parked events.
-                if next_page is None and active < self.pages_in_flight and parked < max(self.memory_capacity, 1):
+                room = active < self.pages_in_flight if gathering is None else len(gathering.pending) < self.page_size
+                if next_page is None and room and parked < max(self.memory_capacity, 1):
                     next_page = asyncio.ensure_future(feed.next_page())
                 # Wake for a new page, a finished or parked page, or stop(): an idle spool must not keep a
                 # stopping worker alive.
@@ -239,13 +254,11 @@ class DeliveryWorker:
                     return
                 next_page = None
                 pending = await self._pending(page)
-                keys = {k for p in pending if (k := _order_key(p.event)) is not None}
-                # Per-key order: the page publishes only after the pages in flight that hold any of its keys
-                # (it may fail over meanwhile).
-                before = [f.task for f in flights if not f.task.done() and not keys.isdisjoint(f.keys)]
-                flight = _Flight(page[-1].seq, keys, before, len(pending))
-                flight.task = asyncio.ensure_future(self._deliver(pending, flight))
-                flights.append(flight)
+                if gathering is None:
+                    gathering = _Gathering([], set(), 0)
+                gathering.pending += pending
+                gathering.keys.update(k for p in pending if (k := _order_key(p.event)) is not None)
+                gathering.last_seq = page[-1].seq
             # stop(): pages in flight finish their publish (bounded by the gateway's drain deadline) or give
             # up their retry wait; the cursor moves past every page that finished.
             if flights:
@@ -261,6 +274,15 @@ class DeliveryWorker:
             if self._cursor is not None:
                 with contextlib.suppress(Exception):  # the store closing under us: redelivery, not loss
                     await asyncio.wrap_future(self._cursor)
+
+    def _may_launch(self, gathering: _Gathering, flights: deque[_Flight]) -> bool:
+        """Per-key order: a page that shares a key with a page in flight publishes only after it, so it keeps
+        growing meanwhile (one large page rather than a chain of small ones, each a broker round trip) —
+        unless it is full, or the destination is ejected (its events may fail over now)."""
+        if len(gathering.pending) >= self.page_size or not any(
+                not f.task.done() and not gathering.keys.isdisjoint(f.keys) for f in flights):
+            return True
+        return self.failover is not None and self.failover.ejected() is not None
 
     def _land(self, flights: deque[_Flight]) -> bool:
         """Move the cursor past the finished pages at the head; False if one gave up (stopping)."""
