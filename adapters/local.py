@@ -446,6 +446,9 @@ class LocalStore:
                     if self._unsynced:
                         self._sync_unsynced()
                     return
+        except _FsyncFailed as exc:  # an expected way to stop: logged, every pending caller fails with it
+            log.error("writer of %s stopped: %s", self.db_path, exc)
+            self._fail_pending(exc)
         except BaseException as exc:
             log.exception("writer thread of %s died", self.db_path)
             self._fail_pending(exc)
