@@ -465,6 +465,15 @@ class Watermarks:
         self.consumer.close()
 
 
+def bridge_url(bridge: subprocess.Popen[str]) -> str:
+    """The URL a bridge process announces on its first line."""
+    assert bridge.stdout is not None
+    line = bridge.stdout.readline()
+    if not line.startswith("BRIDGE "):
+        raise RuntimeError(f"bridge did not start: {line!r}")
+    return line.split()[1]
+
+
 class Gateway:
     """`umcef serve --config FILE` in its own process; stderr to a file (never a pipe nobody reads)."""
 
@@ -729,22 +738,12 @@ class Bench:
         }
         try:
             self.gateway = Gateway(config, self.tmp / "data", self.tmp / "gateway.log")
-            bridge = self.bridge = spawn_role(
-                "bridge", {"bootstrap": self.bootstrap, "topic": self.topics["naive bridge"]}
-            )
-            assert bridge.stdout is not None
-            line = bridge.stdout.readline()
-            if not line.startswith("BRIDGE "):
-                raise RuntimeError(f"bridge did not start: {line!r}")
-            self.bridge_url = line.split()[1]
-            bridge_lat = self.bridge_lat = spawn_role(
-                "bridge", {"bootstrap": self.bootstrap, "topic": self.lat_topics["naive bridge"]}
-            )
-            assert bridge_lat.stdout is not None
-            line = bridge_lat.stdout.readline()
-            if not line.startswith("BRIDGE "):
-                raise RuntimeError(f"bridge did not start: {line!r}")
-            self.bridge_lat_url = line.split()[1]
+            bridge = self.bridge = spawn_role("bridge", {"bootstrap": self.bootstrap,
+                                                         "topic": self.topics["naive bridge"]})
+            self.bridge_url = bridge_url(bridge)
+            self.bridge_lat = spawn_role("bridge", {"bootstrap": self.bootstrap,
+                                                    "topic": self.lat_topics["naive bridge"]})
+            self.bridge_lat_url = bridge_url(self.bridge_lat)
             self.log(f"gateway {self.gateway.url}, bridge {self.bridge_url}")
             for r in range(self.sat_rounds):
                 order = SYSTEMS_SAT[r % 4 :] + SYSTEMS_SAT[: r % 4]

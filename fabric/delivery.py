@@ -53,6 +53,18 @@ def spool_topic(destination: str) -> str:
     return SPOOL_PREFIX + destination
 
 
+def spool_records(events: Sequence[Event], destinations: Sequence[tuple[str, ...]],
+                  topics: Mapping[str, str]) -> list[Record]:
+    """One record per event and destination name (its topic: a local topic or a delivery spool), encoded once
+    per event, keyed by `partitionkey` (else the id), carrying the event for the in-memory hand-off."""
+    records: list[Record] = []
+    for event, names in zip(events, destinations, strict=True):
+        payload = json_format.encode(event)
+        key = str(event.attributes.get("partitionkey") or event.id)
+        records.extend(Record(topics[name], payload, key, event) for name in names)
+    return records
+
+
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     base_seconds: float = 0.1
@@ -143,11 +155,7 @@ class RouterFailover:
         return Reroute("wait", reason="; ".join(reasons))
 
     async def move(self, moves: Sequence[tuple[Event, tuple[str, ...]]]) -> None:
-        records: list[Record] = []
-        for event, names in moves:
-            payload = json_format.encode(event)
-            key = str(event.attributes.get("partitionkey") or event.id)
-            records.extend(Record(self.topics[name], payload, key, event) for name in names)
+        records = spool_records([e for e, _ in moves], [names for _, names in moves], self.topics)
         await self.store.append(records)
         spooled = (name for _, names in moves for name in names if self.topics[name].startswith(SPOOL_PREFIX))
         self.spooled(Counter(spooled))

@@ -17,12 +17,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from umcef.adapters.local import LocalStore, Record
+from umcef.adapters.local import LocalStore
 from umcef.fabric.backpressure import CLASSES, NORMAL, Lane, Load, SpoolGauge
 from umcef.fabric.bindings import http as http_binding
 from umcef.fabric.deadletter import DEAD_LETTER_TOPIC
 from umcef.fabric.dedup import Claim, DedupStore, DedupUnavailable, Key
-from umcef.fabric.delivery import SPOOL_PREFIX
+from umcef.fabric.delivery import SPOOL_PREFIX, spool_records
 from umcef.fabric.errors import InvalidAttribute
 from umcef.fabric.event import Event
 from umcef.fabric.formats import json_format
@@ -89,12 +89,7 @@ class LocalSpool:
         self.gauge = gauge  # told how many records went to delivery spools (backpressure)
 
     async def write(self, events: Sequence[Event], destinations: Sequence[tuple[str, ...]]) -> None:
-        records: list[Record] = []
-        for event, names in zip(events, destinations, strict=True):
-            payload = json_format.encode(event)
-            key = event.attributes.get("partitionkey") or event.id
-            records.extend(Record(self.topics[name], payload, str(key), event) for name in names)
-        await self.store.append(records)
+        await self.store.append(spool_records(events, destinations, self.topics))
         if self.gauge is not None and self.spooled:
             self.gauge.add(sum(name in self.spooled for names in destinations for name in names))
 
