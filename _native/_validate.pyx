@@ -2,9 +2,10 @@
 """Compiled twins of the CloudEvents decode hot path; each has a pure-Python reference:
 
 - `validate_attributes`  <- `umcef.fabric.validation.validate_attributes`
-- `event_from_dict`, `events_from_list`, `has_long_digit_run`
-                         <- `_event_from_dict`, `_events_from_list`, `_has_long_digit_run` in
-                            `umcef.fabric.formats.json_format` (which selects these when built)
+- `event_from_dict`, `events_from_list`, `has_long_digit_run`, `element_spans`, `object_span`,
+  `events_from_array`, `event_from_object`
+                         <- the same names with a leading `_` in `umcef.fabric.formats.json_format`
+                            (which selects these when built)
 
 Behaviour is identical by construction and by test (tests/test_native_twin.py, hypothesis): same
 result, or the same exception with the same reason, attribute and index. The regexes of the
@@ -19,6 +20,8 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_GetItem
 from cpython.object cimport PyObject
 from cpython.unicode cimport PyUnicode_DATA, PyUnicode_GET_LENGTH, PyUnicode_KIND, PyUnicode_READ
+from libc.stdlib cimport free, malloc
+from libc.string cimport memchr, memcmp
 
 import base64 as _base64
 import binascii as _binascii
@@ -477,3 +480,290 @@ def has_long_digit_run(body):
             return True
         i = j + K
     return False
+
+
+# --- raw JSON text of decoded events: a scanner over an already validated body ---------------------
+# Twins of `_element_spans`, `_object_span`, `_events_from_array`, `_event_from_object` in json_format.
+# The body has passed orjson, so it is valid JSON: the scanner only tracks strings (quote and
+# backslash aware) and nesting; it still never reads out of bounds and gives up (None) on anything
+# unexpected.
+
+
+cdef struct _Span:
+    Py_ssize_t start, end, members, data_start, data_end
+
+
+cdef inline bint _is_ws(unsigned char c) noexcept:
+    return c == 0x20 or c == 0x0A or c == 0x0D or c == 0x09
+
+
+cdef inline Py_ssize_t _skip_ws(const unsigned char *p, Py_ssize_t i, Py_ssize_t n) noexcept:
+    while i < n and _is_ws(p[i]):
+        i += 1
+    return i
+
+
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #include <string.h>
+    /* Offset of the first quote or backslash among the 8 bytes at p, 8 when there is none. SWAR: a
+       zero byte of x ^ c marks c; the lowest flagged byte is exact (a borrow only flags higher ones). */
+    static inline int umcef_quote_or_backslash8(const unsigned char *p) {
+    #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__ && defined(__GNUC__)
+        uint64_t w, q, b, m;
+        memcpy(&w, p, 8);
+        q = w ^ 0x2222222222222222ULL;
+        b = w ^ 0x5C5C5C5C5C5C5C5CULL;
+        m = (((q - 0x0101010101010101ULL) & ~q) | ((b - 0x0101010101010101ULL) & ~b)) & 0x8080808080808080ULL;
+        return m ? __builtin_ctzll(m) >> 3 : 8;
+    #else
+        int k;
+        for (k = 0; k < 8; k++) if (p[k] == 0x22 || p[k] == 0x5C) return k;
+        return 8;
+    #endif
+    }
+    """
+    int umcef_quote_or_backslash8(const unsigned char *p) noexcept nogil
+
+
+cdef Py_ssize_t _string_end(const unsigned char *p, Py_ssize_t i, Py_ssize_t n) noexcept:
+    """`i` at an opening quote: the index after its closing quote, or -1. A backslash escapes the
+    byte after it (the rest of a \\uXXXX escape is plain text). Eight bytes a step: strings are most
+    of an event's text."""
+    cdef unsigned char c
+    cdef int skip
+    i += 1
+    while i < n:
+        if i + 8 <= n:
+            skip = umcef_quote_or_backslash8(p + i)
+            i += skip
+            if skip == 8:
+                continue
+        c = p[i]
+        if c == 0x22:
+            return i + 1
+        i += 2 if c == 0x5C else 1
+    return -1
+
+
+# Bytes the nesting walk stops at: 1 a quote, 2 an opening bracket, 3 a closing one.
+cdef unsigned char _STRUCTURE[256]
+for _i in range(256):
+    _STRUCTURE[_i] = 0
+_STRUCTURE[0x22] = 1
+_STRUCTURE[0x5B] = _STRUCTURE[0x7B] = 2
+_STRUCTURE[0x5D] = _STRUCTURE[0x7D] = 3
+
+
+cdef Py_ssize_t _value_end(const unsigned char *p, Py_ssize_t i, Py_ssize_t n) noexcept:
+    """`i` at the first byte of a value: the index after it, or -1."""
+    cdef unsigned char c = p[i], kind
+    cdef Py_ssize_t depth = 0
+    if c == 0x22:
+        return _string_end(p, i, n)
+    if c == 0x7B or c == 0x5B:  # { [  (valid JSON: each closer matches its opener's kind)
+        while i < n:
+            kind = _STRUCTURE[p[i]]
+            if kind == 0:
+                i += 1
+            elif kind == 1:
+                i = _string_end(p, i, n)
+                if i < 0:
+                    return -1
+            elif kind == 2:
+                depth += 1
+                i += 1
+            else:
+                depth -= 1
+                i += 1
+                if depth == 0:
+                    return i
+        return -1
+    while i < n:  # number, true, false, null
+        c = p[i]
+        if _is_ws(c) or c == 0x2C or c == 0x5D or c == 0x7D:  # , ] }
+            break
+        i += 1
+    return i
+
+
+cdef Py_ssize_t _object_end(const unsigned char *p, Py_ssize_t i, Py_ssize_t n, _Span *span) noexcept:
+    """`i` at '{': the index after the matching '}', or -1; counts the members into `span` and notes
+    where the value of a member spelled exactly `"data"` is (the last one, as JSON parsers keep)."""
+    cdef Py_ssize_t key, value
+    cdef bint is_data
+    span.members = 0
+    span.data_start = span.data_end = -1
+    i = _skip_ws(p, i + 1, n)
+    if i < n and p[i] == 0x7D:
+        return i + 1
+    while i < n:
+        if p[i] != 0x22:
+            return -1
+        key = i
+        i = _string_end(p, i, n)
+        if i < 0:
+            return -1
+        is_data = i - key == 6 and memcmp(p + key, b'"data"', 6) == 0
+        i = _skip_ws(p, i, n)
+        if i >= n or p[i] != 0x3A:  # :
+            return -1
+        i = _skip_ws(p, i + 1, n)
+        if i >= n:
+            return -1
+        value = i
+        i = _value_end(p, i, n)
+        if i < 0:
+            return -1
+        span.members += 1
+        if is_data:
+            span.data_start = value
+            span.data_end = i
+        i = _skip_ws(p, i, n)
+        if i >= n:
+            return -1
+        if p[i] == 0x7D:
+            return i + 1
+        if p[i] != 0x2C:
+            return -1
+        i = _skip_ws(p, i + 1, n)
+    return -1
+
+
+cdef bint _scan_element(const unsigned char *p, Py_ssize_t i, Py_ssize_t n, _Span *span) noexcept:
+    """One value starting at `i` into `span`; False when the text is not what was expected."""
+    span.start = i
+    if p[i] == 0x7B:
+        span.end = _object_end(p, i, n, span)
+        # A line break (only ever whitespace: strings cannot hold one) would break one-event-per-line
+        # output of stored payloads: such text is not reused.
+        if span.end > i and (memchr(p + i, 0x0A, span.end - i) != NULL or memchr(p + i, 0x0D, span.end - i) != NULL):
+            span.members = -1
+    else:
+        span.end = _value_end(p, i, n)
+        span.members = span.data_start = span.data_end = -1
+    return span.end > i
+
+
+cdef Py_ssize_t _array_spans(const unsigned char *p, Py_ssize_t n, _Span *spans, Py_ssize_t capacity) noexcept:
+    """The spans of a top-level array's elements into `spans`: their count, or -1 (not an array, more
+    than `capacity` elements, or unexpected text)."""
+    cdef Py_ssize_t i = _skip_ws(p, 0, n), count = 0
+    if i >= n or p[i] != 0x5B:
+        return -1
+    i = _skip_ws(p, i + 1, n)
+    if i < n and p[i] == 0x5D:
+        return 0
+    while i < n:
+        if count == capacity or not _scan_element(p, i, n, &spans[count]):
+            return -1
+        i = _skip_ws(p, spans[count].end, n)
+        count += 1
+        if i >= n:
+            return -1
+        if p[i] == 0x5D:
+            return count
+        if p[i] != 0x2C:
+            return -1
+        i = _skip_ws(p, i + 1, n)
+    return -1
+
+
+cdef tuple _span_tuple(_Span *span):
+    return (span.start, span.end, span.members, span.data_start, span.data_end)
+
+
+def element_spans(body):
+    """Where each element of the JSON array `body` is: a list of (start, end, members, data_start,
+    data_end) per element, or None when `body` is not an array.
+
+    `members` counts the members of an element that is an object written on one line, else -1;
+    data_start/data_end is the value of its `"data"` member (-1, -1 without one). `body` must be
+    valid JSON (what it returns for anything else is unspecified, but it returns)."""
+    if type(body) is not bytes:
+        body = bytes(body)
+    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(body)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(body), count, k
+    cdef Py_ssize_t capacity = n // 2 + 1  # an element and its comma take at least two bytes
+    cdef _Span *spans = <_Span *>malloc(capacity * sizeof(_Span))
+    if spans == NULL:
+        raise MemoryError()
+    try:
+        count = _array_spans(p, n, spans, capacity)
+        if count < 0:
+            return None
+        return [_span_tuple(&spans[k]) for k in range(count)]
+    finally:
+        free(spans)
+
+
+def object_span(body):
+    """`element_spans` for a body holding one JSON object: its (start, end, members, data_start,
+    data_end), or None when `body` is not an object."""
+    if type(body) is not bytes:
+        body = bytes(body)
+    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(body)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(body), i = _skip_ws(p, 0, n)
+    cdef _Span span
+    if i >= n or p[i] != 0x7B or not _scan_element(p, i, n, &span):
+        return None
+    return _span_tuple(&span)
+
+
+cdef int _attach(object event, object item, Py_ssize_t size, bytes body, _Span *span) except -1:
+    """Give `event` (decoded from `item`, which had `size` members) its text when that is faithful:
+    an object on one line without duplicate members (`size` counts distinct names) and without null
+    attributes (those are dropped: then the event's attributes are not `item` itself)."""
+    if span.members != size or event.attributes is not item:
+        return 0
+    # A body that is just the event (a spooled payload read back) is not copied.
+    event.raw = body if span.start == 0 and span.end == PyBytes_GET_SIZE(body) else body[span.start:span.end]
+    if span.data_start >= 0 and event.data is not None:
+        event.raw_data = body[span.data_start:span.data_end]
+    return 0
+
+
+def events_from_array(items, body, max_attributes=0, max_value_bytes=0):
+    """Twin of `umcef.fabric.formats.json_format._events_from_array`: `events_from_list`, and each
+    event's raw text from `body`, the JSON text `items` was parsed from."""
+    cdef list things = items if type(items) is list else list(items)
+    if type(body) is not bytes:
+        body = bytes(body)
+    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(body)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(body), count, index, size
+    cdef Py_ssize_t capacity = len(things)
+    cdef list events = []
+    cdef _Span *spans = <_Span *>malloc((capacity + 1) * sizeof(_Span))
+    if spans == NULL:
+        raise MemoryError()
+    try:
+        count = _array_spans(p, n, spans, capacity)
+        for index in range(capacity):
+            item = things[index]
+            size = len(<dict>item) if type(item) is dict else -2
+            try:
+                event = _event_from_dict(item, max_attributes, max_value_bytes)
+            except EventError as exc:
+                raise exc.at(index) from None
+            if count == capacity:
+                _attach(event, item, size, <bytes>body, &spans[index])
+            events.append(event)
+    finally:
+        free(spans)
+    return events
+
+
+def event_from_object(obj, body, max_attributes=0, max_value_bytes=0):
+    """Twin of `umcef.fabric.formats.json_format._event_from_object`: `event_from_dict`, and the
+    event's raw text from `body`, the JSON text `obj` was parsed from."""
+    if type(body) is not bytes:
+        body = bytes(body)
+    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(body)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(body), i = _skip_ws(p, 0, n)
+    cdef Py_ssize_t size = len(<dict>obj) if type(obj) is dict else -2
+    cdef _Span span
+    event = _event_from_dict(obj, max_attributes, max_value_bytes)
+    if i < n and p[i] == 0x7B and _scan_element(p, i, n, &span):
+        _attach(event, obj, size, <bytes>body, &span)
+    return event

@@ -58,6 +58,12 @@ class Capabilities:
     native_dedup: bool            # the broker itself drops duplicates (e.g. SQS FIFO dedup id)
     max_batch: int                # events per native batch call
     dead_letter: bool             # the broker has its own DLQ for consumed messages
+    # Publishes issued in order keep that order per key even while earlier ones are unacknowledged
+    # (Kafka's idempotent producer). "Issued": each `publish` call starts after the previous one ran up
+    # to its first suspension, with at most `max_batch` events; the adapter hands a batch's records to
+    # its client in that order, or keeps a later call behind an earlier one that must wait first
+    # (connecting). Delivery then pipelines pages that share a `partitionkey` (docs/delivery.md).
+    ordered_in_flight: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -182,6 +182,7 @@ class LocalStore:
         retention_interval: float = 60.0,
         read_only: bool = False,
         fsync_interval: float = 0.005,  # seconds; sync="interval" only
+        cursor_delay: float = 0.0,  # seconds a commit of cursor moves alone may wait to join others
     ) -> None:
         if sync not in _SYNC_POLICIES:
             raise ValueError(f"sync must be 'full', 'normal' or 'interval', not {sync!r}")
@@ -210,6 +211,7 @@ class LocalStore:
         # sync="interval" only (None otherwise): commits waiting for the writer's next fsync of the WAL.
         self._unsynced: list[_Unsynced] | None = [] if sync == "interval" else None
         self.fsync_interval = float(fsync_interval)
+        self.cursor_delay = cursor_delay
         self._last_fsync = -float("inf")  # time.monotonic() when the writer's last fsync started
         self._wal_fd: int | None = None
         self._fsyncs = 0
@@ -382,6 +384,13 @@ class LocalStore:
 
         return unlisten
 
+    def appended_elsewhere(self) -> None:
+        """Another process says it appended: every listener hears a `gap` (it reads the store), at once
+        rather than at this store's next commit."""
+        for loop, callback in self._listeners.values():
+            with contextlib.suppress(RuntimeError):  # that loop is closed; its listener is gone
+                loop.call_soon_threadsafe(callback, [], True)
+
     def _cursor_future(self, consumer: str, topic: str, seq: int) -> concurrent.futures.Future[None]:
         future: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._submit(_Cursor(consumer, topic, int(seq), future))
@@ -466,7 +475,24 @@ class LocalStore:
             except queue.Empty:
                 return []
         self._drain(ops)
+        if self.cursor_delay and all(isinstance(op, _Cursor) for op in ops):
+            self._gather_cursors(ops)
         return ops
+
+    def _gather_cursors(self, ops: list[_Op]) -> None:
+        """Cursor moves alone wait up to `cursor_delay` for company: a store shared with another writing
+        process (delivery in its own process) then takes a few transactions per second for them, not one
+        per page, each holding the write lock through an fsync. Anything else ends the wait."""
+        deadline = time.monotonic() + self.cursor_delay
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                op = self._queue.get(timeout=left)
+            except queue.Empty:
+                return
+            ops.append(op)
+            if not isinstance(op, _Cursor):
+                self._drain(ops)
+                return
 
     def _drain(self, ops: list[_Op]) -> None:
         n = sum(len(op.rows) for op in ops if isinstance(op, _Append))

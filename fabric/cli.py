@@ -68,6 +68,8 @@ def serve(config: Path | None, host: str | None, port: int | None, grpc_port: in
         gateway = Gateway(cfg)
         endpoints = await gateway.start()
         grpc = f", gRPC on {cfg.server.host}:{endpoints.grpc_port}" if endpoints.grpc_port else ""
+        if gateway.delivery_process is not None:
+            err.print(f"umcef: delivery in process {gateway.delivery_process.pid}", highlight=False)
         err.print(f"umcef: HTTP on http://{cfg.server.host}:{endpoints.http_port}{grpc}; "
                   f"store {cfg.data_dir}", highlight=False)
         await gateway.run_until_signalled()

@@ -112,6 +112,9 @@ class DeliveryLimits:
 class DeliveryConfig:
     defaults: DeliveryLimits = DeliveryLimits()
     drain_seconds: float = 5.0  # graceful shutdown: how long in-flight deliveries may take to finish
+    # Delivery workers in a second process (the spool is shared through the store): ingress gets this
+    # process's interpreter to itself, so a gateway uses two cores instead of one.
+    process: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,11 +348,14 @@ class _Parser:
         return float(value)
 
     def delivery_defaults(self, raw: Mapping[str, Any]) -> DeliveryConfig:
-        d = self.section(raw, "delivery", (*DELIVERY_KEYS, "drain_seconds"))
+        d = self.section(raw, "delivery", (*DELIVERY_KEYS, "drain_seconds", "process"))
         drain = d.get("drain_seconds", 5.0)
         if isinstance(drain, bool) or not isinstance(drain, int | float) or drain < 0:
             raise self.fail("delivery.drain_seconds", f"expected a number of seconds >= 0, got {drain!r}")
-        return DeliveryConfig(self.limits(d, "delivery", DeliveryLimits()), float(drain))
+        process = d.get("process", False)
+        if not isinstance(process, bool):
+            raise self.fail("delivery.process", f"expected true or false, got {process!r}")
+        return DeliveryConfig(self.limits(d, "delivery", DeliveryLimits()), float(drain), process)
 
     def limits(self, d: Mapping[str, Any], path: str, base: DeliveryLimits) -> DeliveryLimits:
         dead_letter = self.string(d, "dead_letter", path, base.dead_letter)
@@ -399,7 +405,25 @@ class _Parser:
                                 f"expected at most store.max_age_seconds ({store.max_age_seconds:g}): store "
                                 f"retention would delete undelivered events silently, got {limits.max_age_seconds}")
             out[name] = DestinationConfig(dest.name, dest.url, dest.scheme, dest.topic, dest.options, limits)
+        self.dead_letter_loops(out, specs)
         return out
+
+    def dead_letter_loops(self, destinations: dict[str, DestinationConfig], specs: Mapping[str, Any]) -> None:
+        """A dead letter of X goes to Y's spool; if Y's own dead letters lead back to X, an event every one of
+        them refuses would circle forever, each copy a new event with a new age."""
+        for start in destinations:
+            chain = [start]
+            while True:
+                dest = destinations[chain[-1]]
+                target = dest.delivery.dead_letter
+                if dest.is_local or target == DEAD_LETTER or destinations[target].is_local:
+                    break
+                if target in chain:
+                    own = isinstance(specs.get(start), dict) and "dead_letter" in (specs[start].get("delivery") or {})
+                    where = f"destinations.{start}.delivery" if own else "delivery"
+                    loop = " -> ".join([*chain[chain.index(target):], target])
+                    raise self.fail(f"{where}.dead_letter", f"dead letters would go round in a loop: {loop}")
+                chain.append(target)
 
     def dedup(self, raw: Mapping[str, Any]) -> DedupConfig:
         d = self.section(raw, "dedup", ("store", "url", "window_seconds", "max_entries"))

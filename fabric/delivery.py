@@ -3,7 +3,8 @@
 The spool is a topic of the local store (`_spool.<destination>`), written in the same group commit
 that made the event durable for its 202; a `SpoolFeed` hands its pages to the worker, from memory while
 caught up. The worker publishes up to `pages_in_flight` pages at once — a page that shares a
-`partitionkey` with a page in flight waits for it, so per-key order holds — retries what failed with
+`partitionkey` with a page in flight waits for it, so per-key order holds, unless the adapter keeps the
+order of publishes in flight (`ordered_in_flight`: see `_blockers`) — retries what failed with
 exponential backoff and full jitter, dead-letters what the broker can never take (at once) or what ran
 out of attempts or age (per-destination limits), and only then moves its cursor, past the finished pages
 at the head (lazily: the move rides on the next group commit). After a crash everything not yet
@@ -163,13 +164,19 @@ class RouterFailover:
             log.warning("%s is ejected: event %s moved to %s", self.destination, event.id, ", ".join(names))
 
 
+def _future() -> asyncio.Future[None]:
+    return asyncio.get_running_loop().create_future()
+
+
 @dataclass(slots=True)
 class _Flight:
     last_seq: int  # the page's last spool seq: where the cursor goes once this page and all before it are done
     keys: set[str]  # partition keys in the page (per-key order)
-    before: list[asyncio.Future[bool]]  # earlier pages in flight sharing a key: this one publishes after them
     size: int
     parked: bool = False  # ejected, only waiting events left: not counted against pages_in_flight
+    issued: asyncio.Future[None] = field(default_factory=_future)  # done once its first publish started
+    streamed: bool = False  # its last publish started in order on an `ordered_in_flight` adapter: see _blockers
+    clean: bool = True  # no publish of it failed and it never parked: it may follow a streamed page
     task: asyncio.Future[bool] = field(init=False)  # set right after construction (it needs the flight)
 
 
@@ -206,6 +213,10 @@ class DeliveryWorker:
         self.memory_capacity = memory_capacity  # spooled events held in memory for the worker (SpoolFeed)
         self.feed: SpoolFeed | None = None
         self.pages_in_flight = max(1, pages_in_flight)  # pages with different keys published concurrently
+        self._ordered = adapter.capabilities.ordered_in_flight  # pages sharing keys may be in flight together
+        self._warm = False  # a publish started since the last failure was acknowledged in full (see _publish)
+        self._failures = 0  # failed publishes and parkings so far: what "since the last failure" compares
+        self._flights: deque[_Flight] = deque()  # pages being delivered, oldest first
         self._cursor: concurrent.futures.Future[None] | None = None
         self._parking = asyncio.Event()  # a page parked or unparked: the run loop may take another page
         self.dead_letters = dead_letters
@@ -225,7 +236,7 @@ class DeliveryWorker:
                          page_size=self.page_size, capacity=self.memory_capacity)
         self.feed = feed
         stopping = asyncio.ensure_future(self._stopping.wait())
-        flights: deque[_Flight] = deque()  # pages being delivered, oldest first
+        flights = self._flights = deque()
         next_page: asyncio.Future[list[Spooled]] | None = None
         gathering: _Gathering | None = None  # the next page, growing while pages in flight hold its keys
         try:
@@ -235,8 +246,7 @@ class DeliveryWorker:
                 self._parking.clear()
                 active = sum(not (f.parked or f.task.done()) for f in flights)
                 if gathering is not None and active < self.pages_in_flight and self._may_launch(gathering, flights):
-                    before = [f.task for f in flights if not f.task.done() and not gathering.keys.isdisjoint(f.keys)]
-                    flight = _Flight(gathering.last_seq, gathering.keys, before, len(gathering.pending))
+                    flight = _Flight(gathering.last_seq, gathering.keys, len(gathering.pending))
                     flight.task = asyncio.ensure_future(self._deliver(gathering.pending, flight))
                     flights.append(flight)
                     gathering, active = None, active + 1
@@ -286,11 +296,45 @@ class DeliveryWorker:
     def _may_launch(self, gathering: _Gathering, flights: deque[_Flight]) -> bool:
         """Per-key order: a page that shares a key with a page in flight publishes only after it, so it keeps
         growing meanwhile (one large page rather than a chain of small ones, each a broker round trip) —
-        unless it is full, or the destination is ejected (its events may fail over now)."""
-        if len(gathering.pending) >= self.page_size or not any(
-                not f.task.done() and not gathering.keys.isdisjoint(f.keys) for f in flights):
+        unless it is full, may follow every such page at once (`_may_follow`), or the destination is
+        ejected (its events may fail over now)."""
+        if len(gathering.pending) >= self.page_size or all(
+                self._may_follow(f) for f in flights if not f.task.done() and not gathering.keys.isdisjoint(f.keys)):
             return True
         return self.failover is not None and self.failover.ejected() is not None
+
+    def _may_follow(self, earlier: _Flight) -> bool:
+        """Whether a clean page sharing keys with `earlier` (in flight) may publish before it is acknowledged:
+        the adapter keeps the order of publishes in flight, nothing failed since the last full
+        acknowledgement, and `earlier` is clean and streamed (or has not started: wait for that first)."""
+        return (self._ordered and self._warm and earlier.clean
+                and (earlier.streamed or not earlier.issued.done()))
+
+    def _blockers(self, flight: _Flight, pending: Sequence[_Pending]) -> list[asyncio.Future[Any]]:
+        """What `flight` waits for before it publishes `pending`: each earlier page in flight sharing a key
+        with it, until acknowledged (the barrier) or, when `_may_follow` allows, until its publish started.
+
+        Following a page is safe because publishes then start in spool order (`_publish`) and the adapter
+        keeps that order per key while they are unacknowledged. After a failure it is not: a retried event
+        would land after the later events of its key. So a page that failed (or parked) is a barrier again
+        for the later pages sharing its keys, its own retries wait for the earlier pages of their keys, and
+        every page waits on the barrier until a publish started after the failure is acknowledged in full.
+        Pages already published when the failure came back may land before the retry (Kafka's own producer:
+        order holds for what is acknowledged)."""
+        # A clean page's keys are its page's (a superset once some expired); after a failure or failover,
+        # only the keys of what is left hold it back.
+        keys = flight.keys if flight.clean else {k for p in pending if (k := _order_key(p.event)) is not None}
+        waits: list[asyncio.Future[Any]] = []
+        for earlier in self._flights if keys else ():
+            if earlier is flight:
+                break
+            if earlier.task.done() or keys.isdisjoint(earlier.keys):
+                continue
+            if not (flight.clean and self._may_follow(earlier)):
+                waits.append(earlier.task)
+            elif not earlier.issued.done():
+                waits.append(earlier.issued)
+        return waits
 
     def _land(self, flights: deque[_Flight]) -> bool:
         """Move the cursor past the finished pages at the head; False if one gave up (stopping)."""
@@ -324,7 +368,7 @@ class DeliveryWorker:
             pending.append(_Pending(event, expires_at(spooled.stored_at)))
         return pending
 
-    async def _deliver(self, pending: list[_Pending], flight: _Flight | None = None) -> bool:
+    async def _deliver(self, pending: list[_Pending], flight: _Flight) -> bool:
         """True once every event of the page is acknowledged, moved elsewhere or dead-lettered."""
         attempt = 0
         waits = 0
@@ -348,19 +392,15 @@ class DeliveryWorker:
                         return False
                     continue
             self._park(flight, False)
-            if flight is not None and not all(t.done() for t in flight.before):
-                await asyncio.wait([t for t in flight.before if not t.done()])
-                continue  # time passed: look at ages and ejection again
+            blockers = self._blockers(flight, pending)
+            if blockers:
+                await asyncio.wait(blockers)
+                continue  # time passed: look at ages, ejection and what to wait for again
             if self._stopping.is_set():
                 return False  # stop() came while this page waited: it stays in the spool
             for p in pending:
                 p.waiting = None
-            try:
-                outcomes = await self.adapter.publish([p.event for p in pending])
-            except Exception as exc:  # an adapter bug or an unclassified client error: retry, never lose the page
-                log.exception("%s: publish raised", self.destination)
-                failed = Transient(f"publish raised {type(exc).__name__}: {exc}")
-                outcomes = [PublishOutcome(p.event.id, failed) for p in pending]
+            outcomes = await self._publish(flight, pending)
             retry: list[_Pending] = []
             floor = 0.0
             for p, outcome in zip(pending, outcomes, strict=True):
@@ -391,10 +431,44 @@ class DeliveryWorker:
                 return False
         return True
 
-    def _park(self, flight: _Flight | None, parked: bool) -> None:
-        if flight is not None and flight.parked != parked:
+    async def _publish(self, flight: _Flight, pending: list[_Pending]) -> list[PublishOutcome]:
+        """Start the page's publish, mark it issued, await the outcomes; a failure cools the pipeline."""
+        events = [p.event for p in pending]
+        flight.streamed = (self._ordered and self._warm and flight.clean
+                           and len(events) <= self.adapter.capabilities.max_batch)
+        since = self._failures
+        # A task, so `issued` can be set before the publish is awaited: its first step is queued now, and any
+        # page woken by `issued` queues its own publish after it (asyncio runs ready callbacks in FIFO
+        # order), so publishes start in spool order. The contract asks no more of the adapter.
+        publishing = asyncio.ensure_future(self.adapter.publish(events))
+        if not flight.issued.done():
+            flight.issued.set_result(None)
+        try:
+            outcomes = await publishing
+        except Exception as exc:  # an adapter bug or an unclassified client error: retry, never lose the page
+            log.exception("%s: publish raised", self.destination)
+            failed = Transient(f"publish raised {type(exc).__name__}: {exc}")
+            outcomes = [PublishOutcome(p.event.id, failed) for p in pending]
+        if any(o.error is not None and o.error.retryable for o in outcomes):
+            flight.clean = False
+            self._cool(flight)
+        elif since == self._failures:
+            self._warm = True  # acknowledged in full (or rejected for good) with no failure since it started
+        return outcomes
+
+    def _cool(self, flight: _Flight) -> None:
+        """A page failed or parked: it and, until a clean full acknowledgement, every page is a barrier."""
+        flight.streamed = False
+        self._failures += 1
+        self._warm = False
+
+    def _park(self, flight: _Flight, parked: bool) -> None:
+        if flight.parked != parked:
             flight.parked = parked
             self._parking.set()
+            if parked:
+                flight.clean = False
+                self._cool(flight)
 
     async def _pause(self, delay: float) -> bool:
         """Sleep `delay` seconds; True when stop() came first."""

@@ -6,6 +6,13 @@ is `int`, Boolean is `bool`, Binary is `bytes`.
 
 `data` is `None`, `bytes` (an opaque body, e.g. from the HTTP binary mode), `str`, or a JSON value
 decoded from a structured JSON event.
+
+`raw` / `raw_data`: the exact JSON text the event (and its `data` member) arrived in, set only by the
+JSON format's decoders when that text is a faithful encoding of the decoded event; `json_format.encode`
+and `data_to_bytes` reuse it instead of serializing again. So an event is never changed in place once
+decoded: a modified event is a new `Event` (which has no raw text), e.g. `Event({**e.attributes, ...},
+e.data)`. Anything that must mutate an event in place clears both first (`event.raw = event.raw_data =
+None`).
 """
 
 from __future__ import annotations
@@ -23,13 +30,15 @@ CORE = frozenset(REQUIRED + OPTIONAL)
 
 
 class Event:
-    """One CloudEvent. Equality compares attributes and data."""
+    """One CloudEvent. Equality compares attributes and data (not the raw text)."""
 
-    __slots__ = ("attributes", "data")
+    __slots__ = ("attributes", "data", "raw", "raw_data")
 
     def __init__(self, attributes: dict[str, Any], data: Any = None) -> None:
         self.attributes = attributes
         self.data = data
+        self.raw: bytes | None = None  # see the module docstring: decoders set these, nothing else
+        self.raw_data: bytes | None = None
 
     @property
     def id(self) -> str:

@@ -204,6 +204,25 @@ class Estimator:
         self._eject_until[s] = 0.0
         self._failures[s] = 0
 
+    # -- across processes (delivery in its own process measures; the ingress process's router reads) -------
+
+    def snapshot(self) -> list[tuple[str, float, int, float, str]]:
+        """What the decision reads, per destination: (name, rtt_ms, up, admit, last error)."""
+        return [(name, self.rtt_ms[s], self.up[s], self.admit[s], self._last_error[s])
+                for s, name in enumerate(self.names)]
+
+    def mirror(self, snapshot: list[tuple[str, float, int, float, str]]) -> None:
+        """Take over another estimator's state (`snapshot`); pinned destinations keep their own."""
+        for name, rtt_ms, up, admit, error in snapshot:
+            s = self.slot(name)
+            if self._pinned[s]:
+                continue
+            self.rtt_ms[s] = rtt_ms
+            self.up[s] = up
+            self.admit[s] = admit
+            self._last_error[s] = error
+            self._sampled[s] = True
+
     def describe_down(self, s: int) -> str:
         """Why slot `s` is ejected, for decisions and explain records."""
         detail = self._last_error[s]

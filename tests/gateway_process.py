@@ -10,11 +10,13 @@ import time
 from pathlib import Path
 
 BANNER = re.compile(r"HTTP on http://[\d.]+:(\d+)")
+DELIVERY_PID = re.compile(r"delivery in process (\d+)")
 
 
 class GatewayProcess:
     def __init__(self, data_dir: Path, *extra: str, env: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
+        self.delivery_pid: int | None = None  # `delivery.process: true`: the child running the workers
         args = [sys.executable, "-m", "umcef.fabric.cli", "serve", "--port", "0", "--grpc-port", "0",
                 "--data-dir", str(data_dir), *extra]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -30,6 +32,9 @@ class GatewayProcess:
             if not line and self.proc.poll() is not None:
                 break
             seen.append(line)
+            child = DELIVERY_PID.search(line)  # printed just before the banner
+            if child:
+                self.delivery_pid = int(child.group(1))
             match = BANNER.search(line)
             if match:
                 return int(match.group(1))

@@ -4,6 +4,7 @@ bytes); above them ingress answers 429 + Retry-After, low priority first."""
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 from collections.abc import Sequence
 from pathlib import Path
@@ -331,6 +332,32 @@ async def test_request_bytes_in_flight_are_bounded() -> None:
     spool.gate.set()
     assert (await held).ids == ["0", "1"] and (await other).ids == ["10", "11"]
     assert pipeline.in_flight_bytes == 0
+
+
+async def test_grpc_request_bytes_in_flight_are_bounded_too() -> None:
+    from umcef.fabric.ingress.grpc_server import start_grpc_server
+
+    spool = GatedSpool()
+    pipeline = Pipeline(DedupWindow(60.0), lambda_router(), spool, NO_LIMITS,
+                        backpressure=SpoolGauge(max_in_flight_bytes=400))
+    server, port = await start_grpc_server(pipeline, "127.0.0.1", 0, NO_LIMITS)
+    try:
+        async with AsyncGrpcGatewayClient(f"127.0.0.1:{port}", timeout=10.0) as client:
+            one = [Event({"specversion": "1.0", "id": f"g{i}", "source": "/bp", "type": "t"}) for i in range(2)]
+            held = asyncio.create_task(client.publish(one))  # any size passes while nothing is in flight
+            while not pipeline.in_flight_bytes:
+                await asyncio.sleep(0.01)
+            big = [Event({"specversion": "1.0", "id": f"b{i}", "source": "/bp", "type": "t", "pad": "x" * 100})
+                   for i in range(4)]
+            with pytest.raises(GrpcOverloaded) as err:
+                await client.publish(big)
+            assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert re.fullmatch(r"\d+ request bytes in flight, limit 400", err.value.message)
+            spool.gate.set()
+            assert await held == ["g0", "g1"]
+        assert pipeline.in_flight_bytes == 0
+    finally:
+        await server.stop(None)
 
 
 def lambda_router() -> Any:

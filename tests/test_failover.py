@@ -280,6 +280,16 @@ def test_delivery_config_defaults_overrides_and_errors(tmp_path: Path) -> None:
         gateway_config(tmp_path, store={"max_age_seconds": 60}, destinations={"a": "kafka://h:1/t"})
     with pytest.raises(config_mod.ConfigError, match="cannot be its own dead-letter destination"):
         gateway_config(tmp_path, destinations={"a": {"url": "kafka://h:1/t", "delivery": {"dead_letter": "a"}}})
+    # A chain ending in the local dead-letter topic is fine; one that leads back to where it started is not.
+    chain = gateway_config(tmp_path, destinations={
+        "a": {"url": "kafka://h:1/a", "delivery": {"dead_letter": "b"}}, "b": "kafka://h:1/b"})
+    assert chain.destinations["b"].delivery.dead_letter == "_deadletter"
+    with pytest.raises(config_mod.ConfigError, match=r"^test: destinations\.a\.delivery\.dead_letter: dead letters "
+                                                     r"would go round in a loop: a -> b -> c -> a$"):
+        gateway_config(tmp_path, destinations={
+            "a": {"url": "kafka://h:1/a", "delivery": {"dead_letter": "b"}},
+            "b": {"url": "kafka://h:1/b", "delivery": {"dead_letter": "c"}},
+            "c": {"url": "kafka://h:1/c", "delivery": {"dead_letter": "a"}}})
 
 
 # -- graceful shutdown -----------------------------------------------------------------------------------

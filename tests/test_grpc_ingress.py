@@ -287,7 +287,7 @@ async def test_a_pipeline_bug_is_internal_and_the_retry_is_not_a_duplicate(serve
 
 async def test_errors_raised_by_the_pipeline_are_mapped() -> None:
     class Rejecting:
-        async def publish(self, events: list[Event]) -> PublishResult:
+        async def publish(self, events: list[Event], size: int = 0) -> PublishResult:
             raise InvalidAttribute("not allowed here", "tenant", 1)
 
     server, port = await start_grpc_server(Rejecting(), "127.0.0.1", 0, Limits())

@@ -450,3 +450,41 @@ async def test_close_flushes_queued_appends_and_is_idempotent(tmp_path: Path) ->
         s.read(None)
     with LocalStore(tmp_path) as again:
         assert again.topics() == {"a": 60}
+
+
+async def test_cursor_moves_alone_wait_for_company_and_an_append_ends_the_wait(tmp_path: Path) -> None:
+    # A long delay: only the append can end the wait within the 10 s the test gives it.
+    store = LocalStore(tmp_path / "s", sync="normal", cursor_delay=30.0)
+    try:
+        await store.append(records("t", 3))
+        commits = store.commit_count
+        moves = [store.commit_cursor_later("c", "t", seq) for seq in (1, 2, 3)]
+        seqs = await asyncio.wait_for(store.append(records("u", 1)), 10)  # committed with the waiting moves
+        for move in moves:
+            move.result(timeout=5)
+        assert store.commit_count == commits + 1, "three cursor moves and the append share one transaction"
+        assert store.cursor("c", "t") == 3 and seqs == [4]
+    finally:
+        store.close()
+
+
+def test_close_commits_cursor_moves_that_were_waiting(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "s", sync="normal", cursor_delay=30.0)
+    store.append_sync(records("t", 2))
+    move = store.commit_cursor_later("c", "t", 2)
+    store.close()
+    move.result(timeout=5)
+    with LocalStore(tmp_path / "s") as reopened:
+        assert reopened.cursor("c", "t") == 2
+
+
+async def test_appended_elsewhere_tells_every_listener_of_a_gap(store: LocalStore) -> None:
+    heard: list[tuple[str, list[object], bool]] = []
+    store.listen("a", lambda committed, gap: heard.append(("a", committed, gap)))
+    store.listen("b", lambda committed, gap: heard.append(("b", committed, gap)))
+    store.appended_elsewhere()
+    for _ in range(100):
+        if len(heard) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert sorted(heard) == [("a", [], True), ("b", [], True)]

@@ -13,17 +13,19 @@ from __future__ import annotations
 import base64
 import copy
 import importlib
+import json
 import os
 from collections.abc import Callable
 from typing import Any
 from unittest.mock import patch
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
+from tests import json_text
 from umcef.fabric import accel, validation
-from umcef.fabric.errors import EventError, InvalidAttribute
+from umcef.fabric.errors import EventError, InvalidAttribute, MalformedBody
 from umcef.fabric.event import Event
 from umcef.fabric.formats import json_format
 
@@ -443,3 +445,179 @@ def test_json_format_uses_the_native_twins_unless_pure() -> None:
     assert json_format.event_from_dict is load_native("event_from_dict")
     assert json_format.events_from_list is load_native("events_from_list")
     assert json_format.has_long_digit_run is load_native("has_long_digit_run")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The raw-text scanner (element_spans / object_span) and the decoders that keep raw text.
+
+
+@pytest.fixture(scope="module")
+def scanner() -> Any:
+    for name in ("element_spans", "object_span", "events_from_array", "event_from_object"):
+        load_native(name)
+    return importlib.import_module("umcef._native._validate")
+
+
+def check_spans(body: bytes, spans: list[tuple[int, int, int, int, int]]) -> None:
+    """What the spans claim holds, against the stdlib parser (exact big integers)."""
+    items = json.loads(body)
+    assert len(spans) == len(items)
+    for item, (start, end, members, data_start, data_end) in zip(items, spans, strict=True):
+        assert json.loads(body[start:end]) == item
+        assert body[start:end].strip() == body[start:end]
+        if members >= 0:
+            assert type(item) is dict and b"\n" not in body[start:end] and b"\r" not in body[start:end]
+            assert members >= len(item)  # more when a name repeats
+        if data_start >= 0:
+            assert type(item) is dict and "data" in item
+            if members == len(item):
+                assert json.loads(body[data_start:data_end]) == item["data"]
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(body=json_text.array_texts())
+def test_element_spans_same_outcome(scanner: Any, body: bytes) -> None:
+    spans = json_format._element_spans(body)
+    assert scanner.element_spans(body) == spans
+    assert spans is not None
+    check_spans(body, spans)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(body=json_text.array_texts(flat=True))
+def test_flat_objects_count_every_member(scanner: Any, body: bytes) -> None:
+    spans = scanner.element_spans(body)
+    assert spans == json_format._element_spans(body)
+    for item, (_start, _end, members, _ds, _de) in zip(json.loads(body), spans, strict=True):
+        assert members == (len(item) if type(item) is dict else -1) or members > len(item)  # or a repeat
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=json_text.texts())
+def test_object_span_same_outcome(scanner: Any, case: tuple[Any, bytes]) -> None:
+    value, body = case
+    span = json_format._object_span(body)
+    assert scanner.object_span(body) == span
+    assert (span is None) == (type(value) is not dict)
+    if span is not None:
+        check_spans(b"[" + body + b"]", [(span[0] + 1, span[1] + 1, span[2], span[3] + (span[3] >= 0),
+                                           span[4] + (span[4] >= 0))])  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"[]", b" [ ] ", b"[1]", b'["\\\\"]', b'["\\\\\\""]', b'[{"data":"]"},{"a":"\\"}"}]', b'[[[[[[[[[[1]]]]]]]]]]',
+     b'[{"data":1,"data":2}]', b'[{"d\\u0061ta":1}]', b'[{}, {"a":{}}, "x"]', b'[{"a":1}\n]', b'[{"a":\n1}]',
+     b'[{"a":1}\r,{"b":"\\r"}]', b'["' + b"x" * 7 + b'\\"' + b"y" * 9 + b'"]', b"[" + b",".join([b"0"] * 300) + b"]"],
+)  # fmt: skip
+def test_element_spans_edges(scanner: Any, body: bytes) -> None:
+    spans = scanner.element_spans(body)
+    assert spans == json_format._element_spans(body)
+    assert spans is not None
+    check_spans(body, spans)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(body=st.one_of(st.binary(max_size=60), st.text('[]{}",:\\ 1an\n', max_size=40).map(str.encode)))
+def test_scanner_survives_anything(scanner: Any, body: bytes) -> None:
+    """Not JSON: no result is promised, but both return (no crash, no read past the end)."""
+    for fn in (scanner.element_spans, json_format._element_spans):
+        assert fn(body) is None or isinstance(fn(body), list)
+    for fn in (scanner.object_span, json_format._object_span):
+        assert fn(body) is None or isinstance(fn(body), tuple)
+
+
+def raw_outcome(fn: Callable[..., Any], *args: Any) -> tuple[Any, ...]:
+    """`event_outcome` plus the raw text each event kept."""
+    try:
+        result = fn(*args)
+    except EventError as exc:
+        return ("raised", type(exc), exc.attribute, exc.reason, exc.index)
+    events = [result] if isinstance(result, Event) else result
+    return ("events", [(e.attributes, e.data, e.raw, e.raw_data) for e in events])
+
+
+def parsed(body: bytes) -> Any:
+    """The JSON value of `body`; lone surrogate escapes (orjson refuses them) are not the point here."""
+    try:
+        return json_format.loads(body)
+    except MalformedBody:
+        assume(False)
+
+
+def _jsonable(value: Any) -> Any:
+    """A structured item as JSON can hold it (names become strings, bytes latin-1 text)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("latin-1")
+    return value
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(body=json_text.array_texts(structured_items.map(_jsonable)), limits=st.tuples(limits, byte_limits))
+def test_events_from_array_same_outcome(scanner: Any, body: bytes, limits: tuple[Any, Any]) -> None:
+    with patch.object(json_format, "validate_attributes", validation.validate_attributes):
+        expected = raw_outcome(json_format._events_from_array, parsed(body), body, *limits)
+    assert raw_outcome(scanner.events_from_array, parsed(body), body, *limits) == expected
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=json_text.texts(structured_items.map(_jsonable)))
+def test_event_from_object_same_outcome(scanner: Any, case: tuple[Any, bytes]) -> None:
+    _value, body = case
+    with patch.object(json_format, "validate_attributes", validation.validate_attributes):
+        expected = raw_outcome(json_format._event_from_object, parsed(body), body)
+    assert raw_outcome(scanner.event_from_object, parsed(body), body) == expected
+
+
+def test_json_format_keeps_raw_only_with_the_compiled_scanner() -> None:
+    if accel.PURE_REQUESTED:
+        assert not json_format.KEEPS_RAW
+        return
+    assert json_format.KEEPS_RAW
+    assert json_format.events_from_array is load_native("events_from_array")
+    assert json_format._decode_array is load_native("events_from_array")
+    assert json_format._decode_object is load_native("event_from_object")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The Kafka binary mode's header list (umcef._native._kafka) against kafka._binary_headers.
+
+
+@pytest.fixture(scope="module")
+def kafka_native() -> Any:
+    try:
+        module = importlib.import_module("umcef._native._kafka")
+    except ImportError as exc:
+        if IN_CI:
+            pytest.fail(f"umcef._native._kafka is not built ({exc})")
+        pytest.skip(f"umcef._native._kafka is not built ({exc})")
+    return module
+
+
+def header_outcome(fn: Callable[..., Any], attrs: Any) -> tuple[Any, ...]:
+    try:
+        return ("ok", fn(attrs))
+    except Exception as exc:
+        return ("raised", type(exc), str(exc))
+
+
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(attrs=attribute_dicts())
+def test_binary_headers_same_outcome(kafka_native: Any, attrs: dict[Any, Any]) -> None:
+    from umcef.fabric.bindings import kafka as binding
+
+    assert header_outcome(kafka_native.binary_headers, attrs) == header_outcome(binding._binary_headers, attrs)
+
+
+def test_binary_headers_selected_and_constants_agree(kafka_native: Any) -> None:
+    from umcef.fabric.bindings import kafka as binding
+
+    if not accel.PURE_REQUESTED:
+        assert binding.binary_headers is kafka_native.binary_headers
+    one = {"id": "x"}
+    assert kafka_native.binary_headers(one)[1] == 1 + 4 * 2 + binding._HEADER_MAX_OVERHEAD
+    assert kafka_native.binary_headers({**VALID, "datacontenttype": "a/b"})[0][-1] == ("ce_blob", b"AP8=")

@@ -159,6 +159,7 @@ def data_to_bytes(event: Event) -> bytes:
     default) it is a JSON string value, as the JSON format decodes `"data": "..."`, so the body is
     its JSON text (quoted); sending the bare characters would make the body invalid JSON and turn
     the value into opaque bytes (`data_base64`) when the event is re-encoded in structured mode.
+    A JSON value is written as the text it arrived in, when the event kept it (`Event.raw_data`).
     """
     data = event.data
     if data is None:
@@ -167,7 +168,8 @@ def data_to_bytes(event: Event) -> bytes:
         return data
     if type(data) is str and not json_format.is_json_media_type(event.attributes.get("datacontenttype")):
         return data.encode("utf-8")
-    return json_format.dumps(data)
+    raw = event.raw_data  # the JSON text `data` arrived in (see `Event`): no serializing again
+    return raw if raw is not None else json_format.dumps(data)
 
 
 def _content_type(headers: Mapping[str, str]) -> str | None:

@@ -21,10 +21,12 @@ exact size only for the rare record whose bound is over its limit.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from umcef.fabric import accel
 from umcef.fabric.accel import validate_attributes
 from umcef.fabric.bindings.http import attribute_to_string, data_to_bytes
 from umcef.fabric.errors import InvalidAttribute, MalformedBody, UnsupportedMediaType
@@ -79,7 +81,7 @@ def partitionkey_mapper(event: Event) -> bytes | None:
     key = event.attributes.get(PARTITIONKEY)
     if key is None:
         return None
-    return attribute_to_string(key).encode("utf-8")
+    return (key if type(key) is str else attribute_to_string(key)).encode("utf-8")  # most are strings
 
 
 def no_key(event: Event) -> None:
@@ -116,20 +118,42 @@ def binary_record(event: Event, key_mapper: KeyMapper = partitionkey_mapper) -> 
     bytes above the exact size: a publisher checks the bound against its limit and computes
     `encoded_size` only when the bound is over it.
     """
-    headers: list[tuple[str, bytes]] = []
-    append = headers.append
-    value_bytes = 0
-    name_chars = 0
-    for name, value in event.attributes.items():
-        raw = (value if type(value) is str else attribute_to_string(value)).encode("utf-8")  # most are strings
-        value_bytes += len(raw)
-        name_chars += len(name)
-        append((CONTENT_TYPE_HEADER if name == "datacontenttype" else CE_PREFIX + name, raw))
+    headers, headers_bound = binary_headers(event.attributes)
     data = None if event.data is None else data_to_bytes(event)
     key = key_mapper(event)
-    bound = (_RECORD_MAX_OVERHEAD + value_bytes + 4 * name_chars + _HEADER_MAX_OVERHEAD * len(headers)
-             + (0 if data is None else len(data)) + (0 if key is None else len(key)))
+    bound = _RECORD_MAX_OVERHEAD + headers_bound + (0 if data is None else len(data)) + (0 if key is None else len(key))
     return headers, key, data, bound
+
+
+# Attribute name -> header name: the same few names on every event (bounded: names are client input).
+_HEADER_NAMES: dict[str, str] = {"datacontenttype": CONTENT_TYPE_HEADER}
+_HEADER_NAMES_MAX = 4096
+
+
+def _binary_headers(attributes: dict[str, Any]) -> tuple[list[tuple[str, bytes]], int]:
+    """The binary mode's `ce_` / `content-type` headers of `attributes` (a list, as confluent-kafka takes
+    them) and their share of `binary_record`'s size bound: value bytes, 4 per name character and the
+    per-header worst case. Pure twin of `umcef._native._kafka.binary_headers`; use `binary_headers`."""
+    headers: list[tuple[str, bytes]] = []
+    append = headers.append
+    size = 0
+    names = _HEADER_NAMES
+    for name, value in attributes.items():
+        raw = (value if type(value) is str else attribute_to_string(value)).encode("utf-8")  # most are strings
+        size += len(raw) + 4 * len(name) + _HEADER_MAX_OVERHEAD
+        header = names.get(name)
+        if header is None:
+            header = CE_PREFIX + name
+            if len(names) < _HEADER_NAMES_MAX:
+                names[name] = header
+        append((header, raw))
+    return headers, size
+
+
+binary_headers: Callable[[dict[str, Any]], tuple[list[tuple[str, bytes]], int]] = _binary_headers
+if accel.NATIVE:  # the compiled twin: no bytecode per attribute (~0.6 µs instead of ~2 µs for ten of them)
+    with contextlib.suppress(ImportError):  # an extension built before this module existed
+        from umcef._native._kafka import binary_headers
 
 
 def structured_record(event: Event, key_mapper: KeyMapper = partitionkey_mapper) -> Record:

@@ -103,6 +103,193 @@ if accel.NATIVE:
         from umcef._native._validate import event_from_dict, events_from_list
 
 
+# --- raw JSON text -----------------------------------------------------------------------------------
+# A decoded event keeps the exact text it arrived in (`Event.raw`, and `Event.raw_data` for its `data`
+# member) when that text is a faithful encoding of it, so that `encode` and the bindings' bodies reuse
+# it instead of serializing again: the spool payload of an HTTP event is a slice of the request body.
+# Faithful means: an object on one line (stored payloads are one event per line for `umcef tail
+# --json`), no member name twice (parsers disagree on which one wins), no null attribute (dropped on
+# decode). Positions come from a scanner over the body orjson has already validated, so it only needs
+# to follow strings (quote and backslash aware) and nesting. Pure twins of `umcef._native._validate`'s
+# `element_spans`, `object_span`, `events_from_array`, `event_from_object`: that one scans ~1 KB in
+# 0.6 µs, this reference in ~25 µs -- far more than re-encoding costs (~2 µs) -- so the decoders keep
+# raw text only with the compiled scanner (`KEEPS_RAW`); pure Python re-encodes, as it always did.
+
+_STRING_RE = rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"'
+_WS = re.compile(rb"[ \t\n\r]*+")
+_SCALAR = re.compile(rb"[^ \t\n\r,\]}]*+")  # number, true, false, null
+_STRING = re.compile(_STRING_RE, re.S)
+_MEMBER = re.compile(rb"(" + _STRING_RE + rb")[ \t\n\r]*+:[ \t\n\r]*+", re.S)  # a name and its colon
+_NEXT_BRACKET = re.compile(rb'[^"\[\]{}]*+(?:' + _STRING_RE + rb'[^"\[\]{}]*+)*+[\[\]{}]', re.S)
+_OPENERS = frozenset(b"[{")
+# One element's position: (start, end, members, data_start, data_end); see `element_spans`.
+Span = tuple[int, int, int, int, int]
+
+
+def _value_end(body: bytes, i: int) -> int:
+    """`i` at the first byte of a JSON value: the index after it, or -1."""
+    first = body[i]
+    if first == 0x22:
+        match = _STRING.match(body, i)
+        return -1 if match is None else match.end()
+    if first in _OPENERS:  # valid JSON: each closer matches its opener's kind, counting is enough
+        depth = 0
+        while (match := _NEXT_BRACKET.match(body, i)) is not None:
+            i = match.end()
+            depth += 1 if body[i - 1] in _OPENERS else -1
+            if depth == 0:
+                return i
+        return -1
+    return _SCALAR.match(body, i).end()  # type: ignore[union-attr]  # matches the empty string
+
+
+def _object_scan(body: bytes, i: int) -> Span | None:
+    """`i` at '{': the object's span, its member count and where its `"data"` member's value is (the
+    last one, as JSON parsers keep)."""
+    n, members, data_start, data_end = len(body), 0, -1, -1
+    pos = _WS.match(body, i + 1).end()  # type: ignore[union-attr]
+    if pos < n and body[pos] == 0x7D:
+        return i, pos + 1, 0, -1, -1
+    while pos < n:
+        member = _MEMBER.match(body, pos)
+        if member is None or member.end() >= n:
+            return None
+        end = _value_end(body, member.end())
+        if end < 0:
+            return None
+        members += 1
+        if member.end(1) - member.start(1) == 6 and body.startswith(b'"data"', member.start(1)):
+            data_start, data_end = member.end(), end
+        pos = _WS.match(body, end).end()  # type: ignore[union-attr]
+        if pos >= n:
+            return None
+        if body[pos] == 0x7D:
+            return i, pos + 1, members, data_start, data_end
+        if body[pos] != 0x2C:
+            return None
+        pos = _WS.match(body, pos + 1).end()  # type: ignore[union-attr]
+    return None
+
+
+def _scan_element(body: bytes, i: int) -> Span | None:
+    if body[i] != 0x7B:
+        end = _value_end(body, i)
+        return (i, end, -1, -1, -1) if end > i else None
+    span = _object_scan(body, i)
+    if span is None:
+        return None
+    start, end = span[0], span[1]
+    if body.find(b"\n", start, end) >= 0 or body.find(b"\r", start, end) >= 0:
+        return start, end, -1, span[3], span[4]  # several lines: not reusable (see above)
+    return span
+
+
+def _element_spans(body: bytes | bytearray) -> list[Span] | None:
+    """Where each element of the JSON array `body` is: (start, end, members, data_start, data_end)
+    per element, or None when `body` is not an array. `members` counts the members of an element that
+    is an object written on one line, else -1; data_start/data_end is the value of its `"data"` member
+    (-1, -1 without one). `body` must be valid JSON (for anything else the result is unspecified).
+
+    Pure twin of `umcef._native._validate.element_spans` (which `events_from_array` uses)."""
+    text = bytes(body)
+    n = len(text)
+    pos = _WS.match(text).end()  # type: ignore[union-attr]
+    if pos >= n or text[pos] != 0x5B:
+        return None
+    pos = _WS.match(text, pos + 1).end()  # type: ignore[union-attr]
+    spans: list[Span] = []
+    if pos < n and text[pos] == 0x5D:
+        return spans
+    while pos < n:
+        span = _scan_element(text, pos)
+        if span is None:
+            return None
+        spans.append(span)
+        pos = _WS.match(text, span[1]).end()  # type: ignore[union-attr]
+        if pos >= n:
+            return None
+        if text[pos] == 0x5D:
+            return spans
+        if text[pos] != 0x2C:
+            return None
+        pos = _WS.match(text, pos + 1).end()  # type: ignore[union-attr]
+    return None
+
+
+def _object_span(body: bytes | bytearray) -> Span | None:
+    """`element_spans` for a body holding one JSON object, or None when it is not an object.
+
+    Pure twin of `umcef._native._validate.object_span` (which `event_from_object` uses)."""
+    text = bytes(body)
+    pos = _WS.match(text).end()  # type: ignore[union-attr]
+    if pos >= len(text) or text[pos] != 0x7B:
+        return None
+    return _scan_element(text, pos)
+
+
+def _attach(event: Event, item: Any, size: int, body: bytes, span: Span) -> None:
+    """Give `event`, decoded from `item` (which had `size` members), its text when that is faithful;
+    `event_from_dict` keeps `item` as the attributes unless it dropped null attributes."""
+    start, end, members, data_start, data_end = span
+    if members != size or event.attributes is not item:
+        return
+    event.raw = body[start:end]
+    if data_start >= 0 and event.data is not None:
+        event.raw_data = body[data_start:data_end]
+
+
+def _events_from_array(
+    items: list[Any], body: bytes | bytearray, max_attributes: int = 0, max_value_bytes: int = 0
+) -> list[Event]:
+    """`events_from_list`, each event with its raw text from `body`, the JSON text `items` was parsed
+    from. Pure twin of `umcef._native._validate.events_from_array`; use `events_from_array`."""
+    text = bytes(body)
+    spans = _element_spans(text)
+    events = []
+    for index, item in enumerate(items):
+        size = len(item) if type(item) is dict else -2  # before decoding pops `data`
+        try:
+            event = _event_from_dict(item, max_attributes, max_value_bytes)
+        except EventError as exc:
+            raise exc.at(index) from None
+        if spans is not None and len(spans) == len(items):
+            _attach(event, item, size, text, spans[index])
+        events.append(event)
+    return events
+
+
+def _event_from_object(obj: Any, body: bytes | bytearray, max_attributes: int = 0, max_value_bytes: int = 0) -> Event:
+    """`event_from_dict` with the event's raw text from `body`, the JSON text `obj` was parsed from.
+    Pure twin of `umcef._native._validate.event_from_object`; use `event_from_object`."""
+    text = bytes(body)
+    size = len(obj) if type(obj) is dict else -2
+    event = _event_from_dict(obj, max_attributes, max_value_bytes)
+    span = _object_span(text)
+    if span is not None:
+        _attach(event, obj, size, text, span)
+    return event
+
+
+def _array_without_raw(items: list[Any], body: bytes, max_attributes: int = 0, max_value_bytes: int = 0) -> list[Event]:
+    return events_from_list(items, max_attributes, max_value_bytes)
+
+
+def _object_without_raw(obj: Any, body: bytes, max_attributes: int = 0, max_value_bytes: int = 0) -> Event:
+    return event_from_dict(obj, max_attributes, max_value_bytes)
+
+
+events_from_array = _events_from_array
+event_from_object = _event_from_object
+KEEPS_RAW = False  # whether `decode` / `decode_batch` keep raw text (see above)
+_decode_array: Callable[[list[Any], bytes, int, int], list[Event]] = _array_without_raw
+_decode_object: Callable[[Any, bytes, int, int], Event] = _object_without_raw
+if accel.NATIVE:
+    with contextlib.suppress(ImportError):  # an extension built before these functions existed
+        from umcef._native._validate import event_from_object, events_from_array
+
+        _decode_array, _decode_object, KEEPS_RAW = events_from_array, event_from_object, True
+
+
 def event_to_dict(event: Event) -> dict[str, Any]:
     """The structured-mode JSON object for an event, ready for `orjson.dumps`.
 
@@ -134,31 +321,35 @@ def _is_json(raw: bytes | bytearray) -> bool:
 
 
 def decode(body: bytes | str, max_attributes: int = 0, max_value_bytes: int = 0) -> Event:
-    """One structured-mode event."""
-    return event_from_dict(loads(body), max_attributes, max_value_bytes)
+    """One structured-mode event (keeping its text as `raw` when faithful)."""
+    obj, text = _parse(body)
+    return _decode_object(obj, text, max_attributes, max_value_bytes)
 
 
 def decode_batch(
     body: bytes | str, max_batch: int = 0, max_attributes: int = 0, max_value_bytes: int = 0
 ) -> list[Event]:
     """A JSON batch: an array of structured events. Errors name the index of the bad event."""
-    items = loads(body)
+    items, text = _parse(body)
     if type(items) is not list:
         raise InvalidAttribute(f"a batch must be a JSON array, got {_json_kind(items)}")
     if max_batch and len(items) > max_batch:
         raise LimitExceeded(f"batch of {len(items)} events exceeds the limit of {max_batch}")
-    return events_from_list(items, max_attributes, max_value_bytes)
+    return _decode_array(items, text, max_attributes, max_value_bytes)
 
 
 def encode(event: Event) -> bytes:
-    return dumps(event_to_dict(event))
+    """The structured-mode JSON text: the text the event arrived in when it has one (`Event.raw`)."""
+    raw = event.raw
+    return raw if raw is not None else dumps(event_to_dict(event))
 
 
 def encode_batch(events: list[Event]) -> bytes:
-    try:
-        return orjson.dumps([event_to_dict(e) for e in events])
-    except TypeError:  # an event needs the stdlib writer (see `dumps`); the others keep orjson
-        return b"[" + b",".join(encode(e) for e in events) + b"]"
+    """A JSON batch; each event as `encode` writes it (its raw text when it has one)."""
+    if not any(e.raw is not None for e in events):
+        with contextlib.suppress(TypeError):  # an event needs the stdlib writer (see `dumps`)
+            return orjson.dumps([event_to_dict(e) for e in events])
+    return b"[" + b",".join([encode(e) for e in events]) + b"]"
 
 
 def dumps(value: Any) -> bytes:
@@ -175,14 +366,19 @@ def dumps(value: Any) -> bytes:
 
 def loads(body: bytes | str) -> Any:
     """Parse JSON (orjson), keeping integers beyond 64 bits exact; `MalformedBody` when invalid."""
+    return _parse(body)[0]
+
+
+def _parse(body: bytes | str) -> tuple[Any, bytes]:
+    """`loads`, and the body as bytes (what raw text is sliced from)."""
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise MalformedBody(f"body is not valid JSON: {exc}") from None
-    raw = body.encode("utf-8") if isinstance(body, str) else body
-    if has_long_digit_run(raw):
-        value = json.loads(raw)
-    return value
+    text = body.encode("utf-8") if isinstance(body, str) else bytes(body) if type(body) is not bytes else body
+    if has_long_digit_run(text):
+        value = json.loads(text)
+    return value, text
 
 
 def _json_kind(value: Any) -> str:

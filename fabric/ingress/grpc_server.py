@@ -33,7 +33,7 @@ _MAX_DETAILS = 1024
 class Publisher(Protocol):
     """What the ingress needs of `umcef.fabric.pipeline.Pipeline`."""
 
-    async def publish(self, events: list[Event]) -> PublishResult: ...
+    async def publish(self, events: list[Event], size: int = 0) -> PublishResult: ...
 
 
 class GatewayService:
@@ -53,7 +53,7 @@ class GatewayService:
             events = [decode(body, limits.max_attributes, limits.max_attribute_bytes)]
         except EventError as exc:
             await _abort_for_event_error(context, exc)
-        return await self._publish(events, context)
+        return await self._publish(events, len(request), context)
 
     async def publish_batch(self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         limits = self.limits
@@ -64,11 +64,13 @@ class GatewayService:
             await _abort_for_event_error(context, exc)
         if not events:
             return _EMPTY_RESPONSE
-        return await self._publish(events, context)
+        return await self._publish(events, len(request), context)
 
-    async def _publish(self, events: list[Event], context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+    async def _publish(self, events: list[Event], size: int,
+                       context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        """`size`: the request's bytes, held against `backpressure.max_in_flight_bytes` as HTTP bodies are."""
         try:
-            result = await self.pipeline.publish(events)
+            result = await self.pipeline.publish(events, size)
         except EventError as exc:
             await _abort_for_event_error(context, exc)
         except Overloaded as exc:

@@ -27,6 +27,7 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 
 from tests.brokers import unique_name
 from tests.chaos._kafka import TopicReader
@@ -66,8 +67,9 @@ class Answer:
         return self.accepted_before - self.drained_after
 
 
+@pytest.mark.parametrize("delivery_process", [False, True], ids=["inline", "delivery-process"])
 async def test_broker_outage_spool_holds_everything_and_429_only_when_full(
-        make_gateway: GatewayFactory, kafka_broker_factory: Any) -> None:
+        make_gateway: GatewayFactory, kafka_broker_factory: Any, delivery_process: bool) -> None:
     began = time.monotonic()
     broker = await asyncio.to_thread(kafka_broker_factory, durable=True)
     topic = unique_name("chaos-b")
@@ -76,6 +78,8 @@ async def test_broker_outage_spool_holds_everything_and_429_only_when_full(
         destinations={DEST: f"kafka://{broker.bootstrap}/{topic}"},
         default=DEST,
         backpressure={"max_spooled_events": WATERMARK, "retry_after_seconds": 1},
+        # In its own process, what left the spool reaches the watermark through the child's reports.
+        delivery={"process": delivery_process},
     )
     drained = gateway._drained  # what left the spool: the counter the watermark itself uses
     phase = "before"

@@ -37,6 +37,7 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 
 from tests.chaos._gateway import ChaosGateway, write_config
 from tests.chaos._shift import Tracker, runs, two_regions
@@ -95,8 +96,9 @@ def event(b: int, i: int, phase: str) -> dict[str, Any]:
     return e
 
 
+@pytest.mark.parametrize("delivery_process", [False, True], ids=["inline", "delivery-process"])
 async def test_down_destination_is_ejected_traffic_fails_over_and_it_is_readmitted(
-        tmp_path: Path, kafka_broker_factory: Any) -> None:
+        tmp_path: Path, kafka_broker_factory: Any, delivery_process: bool) -> None:
     began = time.monotonic()
     regions = await two_regions(kafka_broker_factory, "chaos-e")
     us, eu, us_topic, eu_topic = regions.us, regions.eu, regions.us_topic, regions.eu_topic
@@ -121,6 +123,8 @@ async def test_down_destination_is_ejected_traffic_fails_over_and_it_is_readmitt
         "router": {"estimator": {"probe_interval_seconds": 0.5, "probe_timeout_seconds": 1, "decay_seconds": 1,
                                  "eject_after_failures": 3, "ejection_seconds": 2, "max_ejection_seconds": 4,
                                  "readmit_seconds": 6, "readmit_floor": 0.1}},
+        # In its own process, the ejection is the child's; the gateway's router sees it through its reports.
+        "delivery": {"process": delivery_process},
     })
     gateway = await asyncio.to_thread(Gateway, tmp_path / "store", config)
 

@@ -7,6 +7,9 @@ a kill ("unknown": they may or may not have been stored) are retried by the clie
 a real client would; an id may then be in Kafka even though it never got a 202, which is allowed for
 unknown ids only.
 
+Run twice: with the delivery workers inside the gateway, and in their own process (`delivery.process`),
+where the kill hits the gateway only and its delivery child must notice and exit by itself.
+
 Scaled for CI: the issue asks for 50,000 events; EVENTS is 20,000 here (same semantics; 50,000 passed locally in 44 s).
 """
 
@@ -20,6 +23,7 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 
 from tests.brokers import unique_name
 from tests.chaos._gateway import ChaosGateway, write_config
@@ -83,8 +87,25 @@ class Load:
         await asyncio.gather(*(publisher() for _ in range(PUBLISHERS)))
 
 
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie waiting for its new parent to reap it counts as exited)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in status
+
+
+async def wait_gone(pid: int, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not gone(pid):
+        assert time.monotonic() < deadline, f"delivery process {pid} outlived its SIGKILLed gateway"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("delivery_process", [False, True], ids=["inline", "delivery-process"])
 async def test_sigkill_during_load_every_accepted_event_reaches_kafka_once(
-        tmp_path: Path, kafka_broker_factory: Any) -> None:
+        tmp_path: Path, kafka_broker_factory: Any, delivery_process: bool) -> None:
     began = time.monotonic()
     broker = await asyncio.to_thread(kafka_broker_factory)
     topic = unique_name("chaos-a")
@@ -93,6 +114,7 @@ async def test_sigkill_during_load_every_accepted_event_reaches_kafka_once(
     config = write_config(tmp_path / "gateway.yaml", {
         "destinations": {DEST: f"kafka://{broker.bootstrap}/{topic}"},
         "default": DEST,
+        "delivery": {"process": delivery_process},
     })
 
     load = Load()
@@ -106,6 +128,9 @@ async def test_sigkill_during_load_every_accepted_event_reaches_kafka_once(
                                               + gateway.tail()
         kills += 1
         assert len(load.accepted) >= target
+        if delivery_process:  # its child notices and exits by itself (after in-flight publishes finish)
+            assert gateway.delivery_pid is not None
+            await wait_gone(gateway.delivery_pid, 15)
 
     # Recovery: the same data dir; this gateway takes the rest of the load and drains the spool.
     gateway = await ChaosGateway.astart(data_dir, config)

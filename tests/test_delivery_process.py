@@ -1,0 +1,102 @@
+"""Delivery in its own process (`delivery.process: true`, fabric/delivery_process.py), against a real Kafka
+(Tansu): the child delivers what the gateway spools, its health reaches the gateway's router, what it
+drains reaches backpressure, and a child that dies is replaced without losing anything.
+
+The chaos tests run in this mode too (a: SIGKILL of the gateway, b: broker outage and 429s, e: ejection
+and failover), parametrized `delivery-process`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from tests.brokers import unique_name
+from tests.chaos._kafka import TopicReader
+from tests.conformance.target_kafka import create_topic
+from tests.conftest import GatewayFactory, http_url
+from umcef.fabric.config import ConfigError, from_mapping
+from umcef.fabric.gateway import Gateway
+
+SOURCE = "/test/delivery-process"
+
+
+def batch(tag: str, n: int) -> bytes:
+    return orjson.dumps([{"specversion": "1.0", "id": f"{tag}-{i}", "source": SOURCE, "type": "t.dp",
+                          "partitionkey": f"k{i % 4}", "data": {"i": i}} for i in range(n)])
+
+
+async def post(gateway: Gateway, body: bytes) -> None:
+    async with httpx.AsyncClient(base_url=http_url(gateway), timeout=30) as client:
+        response = await client.post("/v1/events", content=body,
+                                     headers={"content-type": "application/cloudevents-batch+json"})
+    assert response.status_code == 202, response.text
+
+
+async def until(check: Callable[[], bool], seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_child_delivers_reports_drained_and_is_replaced_when_it_dies(
+        make_gateway: GatewayFactory, kafka_broker: Any) -> None:
+    topic = unique_name("dp")
+    await create_topic(kafka_broker.bootstrap, topic, partitions=2)
+    gateway = await make_gateway(destinations={"k": f"kafka://{kafka_broker.bootstrap}/{topic}"}, default="k",
+                                 delivery={"process": True})
+    child = gateway.delivery_process
+    assert child is not None and child.pid is not None and child.pid != os.getpid()
+    assert not gateway.workers, "no delivery worker runs in the gateway's own process"
+    first = child.pid
+
+    async with TopicReader(kafka_broker.bootstrap, topic) as reader:
+        await post(gateway, batch("a", 200))
+        await reader.until(lambda: len(reader.keys()) >= 200, 30, "the first 200 events in Kafka")
+        # What left the spool reaches the gateway's backpressure counters through the child's reports.
+        await until(lambda: gateway._drained() >= 200 and gateway._lane_drained("k") >= 200, 10, "drained report")
+        assert gateway.spool_gauge.depth == 0
+
+        os.kill(first, signal.SIGKILL)
+        await until(lambda: child.pid != first, 20, "a replacement delivery process")
+        await post(gateway, batch("b", 200))
+        await reader.until(lambda: len(reader.keys()) >= 400, 30, "the next 200 events in Kafka")
+        await until(lambda: gateway._drained() >= 400, 10, "drained counted across the restart")
+    assert reader.keys() == {(SOURCE, f"{tag}-{i}") for tag in "ab" for i in range(200)}
+
+
+async def test_ejection_in_the_child_reaches_the_gateways_router(make_gateway: GatewayFactory) -> None:
+    gateway = await make_gateway(
+        destinations={"dead": f"kafka://127.0.0.1:{closed_port()}/t"}, default="dead",
+        router={"estimator": {"probe_interval_seconds": 0.2, "probe_timeout_seconds": 0.5,
+                              "eject_after_failures": 2, "ejection_seconds": 30}},
+        delivery={"process": True})
+    estimator = gateway.router.estimator
+    slot = estimator.slot("dead")
+    assert estimator.up[slot] == 1
+    # The gateway runs no probes of its own: only the child's reports can take the destination down here.
+    await until(lambda: estimator.up[slot] == 0, 20, "the gateway's router to see the ejection")
+    assert "ejected" in estimator.describe_down(slot)
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_process_must_be_a_boolean(tmp_path: Any, value: Any) -> None:
+    raw: dict[str, Any] = {"data_dir": str(tmp_path), "delivery": {"process": value}}
+    with pytest.raises(ConfigError, match=r"delivery\.process"):
+        from_mapping(raw)
