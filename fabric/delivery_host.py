@@ -169,14 +169,20 @@ class DeliveryHost:
             await worker.stop()
         if self.probes is not None:
             await self.probes.stop()
-        if self._tasks:
-            _done, pending = await asyncio.wait(self._tasks, timeout=grace)
-            for task in pending:
-                task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.gather(*pending, return_exceptions=True)
+        await finish(self._tasks, grace)
         for adapter in self.adapters.values():
             await adapter.close()
+
+
+async def finish(tasks: list[asyncio.Task[None]], grace: float) -> None:
+    """Wait up to `grace` seconds for `tasks` to end by themselves, then cancel the rest."""
+    if not tasks:
+        return
+    _done, pending = await asyncio.wait(tasks, timeout=grace)
+    for task in pending:
+        task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.gather(*pending, return_exceptions=True)
 
 
 def _report_exit(task: asyncio.Task[None]) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import signal
@@ -17,7 +16,7 @@ from umcef.fabric.config import DEAD_LETTER, Config, SpoolLimit
 from umcef.fabric.deadletter import DeadLetterQueue
 from umcef.fabric.dedup import DedupStore, DedupWindow
 from umcef.fabric.delivery import CURSOR_GROUP, DeliveryWorker
-from umcef.fabric.delivery_host import DeliveryHost, destination_topics
+from umcef.fabric.delivery_host import DeliveryHost, destination_topics, finish
 from umcef.fabric.delivery_host import RoutedAdapter as RoutedAdapter  # where tests and users found it
 from umcef.fabric.ingress.http_server import start_http_server
 from umcef.fabric.pipeline import LocalSpool, Pipeline
@@ -189,12 +188,7 @@ class Gateway:
             await self._http.cleanup()
         for runner in self.sources.values():
             await runner.stop()
-        if self._tasks:
-            _done, pending = await asyncio.wait(self._tasks, timeout=grace)
-            for task in pending:
-                task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.gather(*pending, return_exceptions=True)
+        await finish(self._tasks, grace)
         left = max(0.0, deadline - asyncio.get_running_loop().time())
         if self.delivery is not None:
             await self.delivery.stop(left)
