@@ -350,7 +350,8 @@ class DeliveryWorker:
 
     async def stop(self) -> None:
         """Take no new page and abandon retry waits; a publish in flight completes (the gateway bounds
-        it with `delivery.drain_seconds`) and its page's cursor moves if the whole page is done."""
+        it with `delivery.drain_seconds`), as does a page's first publish that only waited for earlier
+        pages of its keys, and the cursor moves past every page done."""
         self._stopping.set()
 
     async def _pending(self, page: Sequence[Spooled]) -> list[_Pending]:
@@ -396,8 +397,11 @@ class DeliveryWorker:
             if blockers:
                 await asyncio.wait(blockers)
                 continue  # time passed: look at ages, ejection and what to wait for again
-            if self._stopping.is_set():
-                return False  # stop() came while this page waited: it stays in the spool
+            if self._stopping.is_set() and attempt:
+                # stop() came while this page waited to retry: it stays in the spool. A first attempt that only
+                # waited for earlier pages of its keys still goes: giving it up would also hold the cursor
+                # before every later page that was delivered, and the next start would send them again.
+                return False
             for p in pending:
                 p.waiting = None
             outcomes = await self._publish(flight, pending)

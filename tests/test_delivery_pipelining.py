@@ -410,3 +410,29 @@ async def test_kafka_publishes_hand_over_records_in_the_order_they_started(kafka
     await consuming
     await source.close()
     assert [int(d.event.id[1:]) for d in got] == list(range(21))
+
+
+async def test_at_stop_a_page_that_only_waited_for_its_keys_still_publishes(tmp_path: Path) -> None:
+    """stop(): a page launched behind an earlier page of its keys publishes once that page is done, rather than
+    staying in the spool: giving it up would hold the cursor before every later page already delivered, and
+    the next start would send those again."""
+    broker = InFlightBroker(ordered=False)
+    with LocalStore(tmp_path / "gw") as store:
+        worker = worker_for(store, broker, pages_in_flight=4, page_size=2)
+        task = asyncio.create_task(worker.run())
+        await warm_up(store, broker)
+        await spool(store, "d", [keyed(1, "k")])
+        await wait_until(lambda: len(broker.calls) == 2)
+        await spool(store, "d", [keyed(2, "k"), keyed(3, "k")])  # a full page: launched, waits for e1's page
+        await asyncio.sleep(0.05)
+        await spool(store, "d", [keyed(4, "m")])  # another key: published at once
+        await wait_until(lambda: len(broker.calls) == 3)
+        assert broker.calls[2].ids == ["e4"]
+        await worker.stop()
+        broker.release(1)
+        broker.release(2)
+        await wait_until(lambda: len(broker.calls) == 4)
+        assert broker.calls[3].ids == ["e2", "e3"]
+        broker.release(3)
+        await asyncio.wait_for(task, 5)
+        assert store.cursor(CURSOR_GROUP, spool_topic("d")) == store.last_seq(spool_topic("d"))
