@@ -69,6 +69,7 @@ class DeliveryProcess:
         self._lanes: Counter[str] = Counter()
         self._lanes_base: Counter[str] = Counter()
         self._unlisten: list[Callable[[], None]] = []
+        self._relaunching: asyncio.Future[None] | None = None
         self.pid: int | None = None
 
     async def start(self) -> None:
@@ -160,7 +161,11 @@ class DeliveryProcess:
         delay = min(RESTART_BACKOFF[1], RESTART_BACKOFF[0] * 2 ** self._restarts)
         self._restarts += 1
         log.error("the delivery process exited (%s); restarting it in %.1f s", process.exitcode, delay)
-        loop.call_later(delay, lambda: asyncio.ensure_future(self._relaunch()))
+        loop.call_later(delay, self._schedule_relaunch)
+
+    def _schedule_relaunch(self) -> None:
+        # Kept: the loop holds only weak references to tasks.
+        self._relaunching = asyncio.ensure_future(self._relaunch())
 
     async def _relaunch(self) -> None:
         if self._stopping:

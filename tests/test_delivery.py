@@ -37,7 +37,23 @@ async def wait_until(predicate, timeout: float = 10.0) -> None:  # type: ignore[
         await asyncio.sleep(0.01)
 
 
-class ScriptedAdapter:
+class PublishOnly:
+    """The adapter contract's other methods, for test brokers that only take publishes."""
+
+    async def consume(self, handler: Handler, *, max_in_flight: int = 64) -> None:
+        raise NotImplementedError
+
+    async def stop_consuming(self) -> None:
+        return None
+
+    async def probe(self) -> float:
+        return 0.001
+
+    async def close(self) -> None:
+        return None
+
+
+class ScriptedAdapter(PublishOnly):
     """A stand-in broker for the worker's retry logic (pure logic: real brokers are in the conformance suite).
     `script` maps event id → errors returned on successive attempts before it succeeds."""
 
@@ -64,17 +80,6 @@ class ScriptedAdapter:
                 outcomes.append(PublishOutcome(e.id))
         return outcomes
 
-    async def consume(self, handler: Handler, *, max_in_flight: int = 64) -> None:
-        raise NotImplementedError
-
-    async def stop_consuming(self) -> None:
-        return None
-
-    async def probe(self) -> float:
-        return 0.001
-
-    async def close(self) -> None:
-        return None
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import pytest
 
 from tests.brokers import KAFKA_FAST_GROUP_OPTS, KafkaBroker, unique_name
 from tests.conformance.target_kafka import create_topic
-from tests.test_delivery import FAST, EjectedFailover, keyed, spool, wait_until
+from tests.test_delivery import FAST, EjectedFailover, PublishOnly, keyed, spool, wait_until
 from umcef.adapters.contract import (
     AdapterError,
     Capabilities,
@@ -38,7 +38,7 @@ class Call:
     released: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
-class InFlightBroker:
+class InFlightBroker(PublishOnly):
     """A broker for the worker's scheduling (pure logic). Like Kafka's idempotent producer, a publish hands
     its events over when it is called — the ones that will succeed join `log`, the partition log, in call
     order — and its answer comes later: when the test releases the call (`held`), else after `delay()`."""
@@ -81,18 +81,6 @@ class InFlightBroker:
     def release(self, n: int) -> None:
         """Answer the n-th call (0-based, in call order)."""
         self.calls[n].released.set_result(None)
-
-    async def consume(self, handler: Handler, *, max_in_flight: int = 64) -> None:
-        raise NotImplementedError
-
-    async def stop_consuming(self) -> None:
-        return None
-
-    async def probe(self) -> float:
-        return 0.001
-
-    async def close(self) -> None:
-        return None
 
 
 def worker_for(store: LocalStore, adapter: Any, **options: Any) -> DeliveryWorker:
