@@ -13,6 +13,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import errno
+import functools
 import logging
 import os
 import queue
@@ -40,6 +41,12 @@ _MAX_GROUP_RECORDS: Final = 10_000
 # must not stall ingestion for seconds.
 _RETENTION_CHUNK: Final = 5_000
 _BUSY_TIMEOUT_S: Final = 10.0
+# The most rows one INSERT statement takes (5 parameters each; SQLite allows 32,766 per statement). The
+# sqlite3 module releases the GIL around every statement step and must win it back each time; while the
+# event loop's thread is busy that wait lasts up to the switch interval. bench/store.py, a 300-record
+# commit beside a busy thread: one INSERT per row ~1.3 s, a few multi-row INSERTs ~80 ms (19 ms at the
+# gateway's 1 ms switch interval, umcef.fabric.runtime); ~3 ms alone.
+_ROWS_PER_INSERT: Final = 512
 # sync="interval": the longest fsync interval accepted (a second of unacknowledged appends is plenty).
 MAX_FSYNC_INTERVAL: Final = 1.0
 
@@ -67,13 +74,29 @@ CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NU
 INSERT OR IGNORE INTO counters (name, value) VALUES ('last_seq', 0);
 """
 
+
+@functools.lru_cache(maxsize=16)
+def _insert_sql(rows: int) -> str:
+    return "INSERT INTO events (seq, topic, stored_at, key, payload) VALUES " + ",".join(["(?, ?, ?, ?, ?)"] * rows)
+
+
+def _insert_events(conn: sqlite3.Connection, rows: Sequence[tuple[int, str, float, str | None, bytes]]) -> None:
+    """Insert `rows` in a few statements (see `_ROWS_PER_INSERT` for why): chunks of powers of two, so that
+    ten prepared statements serve every size (300 rows: 256 + 32 + 8 + 4)."""
+    start = 0
+    while start < len(rows):
+        n = min(_ROWS_PER_INSERT, 1 << (len(rows) - start).bit_length() - 1)
+        conn.execute(_insert_sql(n), [value for row in rows[start:start + n] for value in row])
+        start += n
+
+
 # SQLite primary result codes that mean "the OS said no" rather than "this file is not ours".
 _OS_ERROR_CODES: Final = frozenset({3, 8, 10, 13, 14, 23})  # PERM, READONLY, IOERR, FULL, CANTOPEN, AUTH
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is built per event and destination, and a frozen init costs 4x
 class Record:
-    """One thing to append."""
+    """One thing to append (treat it as immutable)."""
 
     topic: str
     payload: bytes  # the event in structured JSON (opaque to the store)
@@ -595,7 +618,10 @@ class LocalStore:
         results: list[list[int]] = []
         try:
             with self._transaction() as conn:
-                last = self._last_seq_counter(conn)
+                # One statement reserves the seqs and reads where they start (see `_ROWS_PER_INSERT`).
+                total = sum(len(a.rows) for a in appends)
+                last = int(conn.execute("UPDATE counters SET value = value + ? WHERE name = 'last_seq' "
+                                        "RETURNING value", (total,)).fetchone()[0]) - total
                 gap = last != self._last_written
                 now = time.time()
                 rows: list[tuple[int, str, float, str | None, bytes]] = []
@@ -607,20 +633,18 @@ class LocalStore:
                     new = range(first, last + 1)
                     rows.extend((s, t, now, k, p) for s, (t, k, p) in zip(new, a.rows, strict=True))
                     per_topic.update(t for t, _, _ in a.rows)
-                conn.executemany(
-                    "INSERT INTO events (seq, topic, stored_at, key, payload) VALUES (?, ?, ?, ?, ?)", rows
-                )
+                _insert_events(conn, rows)
                 conn.executemany(
                     "INSERT INTO topics (topic, count) VALUES (?, ?) "
                     "ON CONFLICT (topic) DO UPDATE SET count = count + excluded.count",
                     per_topic.items(),
                 )
-                conn.execute("UPDATE counters SET value = ? WHERE name = 'last_seq'", (last,))
-                conn.executemany(
-                    "INSERT INTO cursors (consumer, topic, seq) VALUES (?, ?, ?) "
-                    "ON CONFLICT (consumer, topic) DO UPDATE SET seq = excluded.seq",
-                    [(c.consumer, c.topic, c.seq) for c in cursors],
-                )
+                if cursors:
+                    conn.executemany(
+                        "INSERT INTO cursors (consumer, topic, seq) VALUES (?, ?, ?) "
+                        "ON CONFLICT (consumer, topic) DO UPDATE SET seq = excluded.seq",
+                        [(c.consumer, c.topic, c.seq) for c in cursors],
+                    )
         except Exception as exc:
             failed: list[_Append | _Cursor] = [*appends, *cursors]
             for op in failed:

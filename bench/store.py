@@ -2,9 +2,10 @@
 
 Prints appends/s for batch sizes 1, 10, 100 with sync full vs interval vs normal, 1 vs 8 concurrent
 appenders; the three fsync policies at batch 1 with 1, 8 and 64 appenders (appends/s, p50/p99 latency,
-fsyncs/s), also on a simulated slow disk; a raw append-only segment file (write + fdatasync per group,
-the ceiling any hand-rolled segment log could reach) for comparison; read throughput; and recovery time
-after SIGKILL. Writes bench/results/store.json and bench/results/store.png.
+fsyncs/s), also on a simulated slow disk; a 300-record append beside a busy thread (one INSERT per row
+against multi-row INSERTs, default against the gateway's switch interval); a raw append-only segment
+file (write + fdatasync per group, the ceiling any hand-rolled segment log could reach) for comparison;
+read throughput; and recovery time after SIGKILL. Writes bench/results/store.json and bench/results/store.png.
 Run: .venv/bin/python bench/store.py [--seconds 1.0] [--fsync-interval-ms 5]
 """
 
@@ -95,6 +96,57 @@ async def appenders(store: LocalStore, batch: int, concurrency: int, seconds: fl
     into.commits += store.commit_count - commits0
     into.fsyncs += store.fsync_count - fsyncs0
     into.seconds += took
+
+
+def busy_thread_commits(directory: Path, seconds: float, batch: int = 300) -> dict[str, float]:
+    """p50/p99 ms of one `batch`-record append (sync full) while another thread of this process runs Python
+    non-stop, as the gateway's event loop does at saturation. The writer thread needs the GIL back after
+    every SQLite statement, so this compares one INSERT per row against the store's multi-row INSERTs
+    (`_ROWS_PER_INSERT`), at CPython's default switch interval and at the gateway's
+    (`umcef.fabric.runtime.SWITCH_INTERVAL_SECONDS`)."""
+    import threading
+
+    from umcef.adapters import local
+    from umcef.fabric.runtime import SWITCH_INTERVAL_SECONDS
+
+    rows_per_insert, interval = local._ROWS_PER_INSERT, sys.getswitchinterval()
+    out: dict[str, float] = {}
+    try:
+        for per_insert in (1, rows_per_insert):
+            for switch in (0.005, SWITCH_INTERVAL_SECONDS):
+                local._ROWS_PER_INSERT, stop = per_insert, threading.Event()
+                sys.setswitchinterval(switch)
+
+                def spin(stop: threading.Event) -> None:
+                    x = 0
+                    while not stop.is_set():
+                        for i in range(1000):
+                            x += i
+
+                spinner = threading.Thread(target=spin, args=(stop,))
+                store = LocalStore(directory / f"busy-{per_insert}-{switch}", sync="full")
+                try:
+                    store.append_sync(batch_of(1, -1))
+                    spinner.start()
+                    lat: list[float] = []
+                    end = time.perf_counter() + seconds
+                    while time.perf_counter() < end or len(lat) < 5:
+                        t0 = time.perf_counter()
+                        store.append_sync(batch_of(batch, len(lat)))
+                        lat.append(time.perf_counter() - t0)
+                finally:
+                    stop.set()
+                    if spinner.is_alive():
+                        spinner.join()
+                    store.close()
+                lat.sort()
+                name = f"rows_per_insert_{per_insert}/switch_{switch * 1000:g}ms"
+                out[f"{name}/p50_ms"] = 1000 * lat[len(lat) // 2]
+                out[f"{name}/p99_ms"] = 1000 * lat[int(len(lat) * 0.99)]
+    finally:
+        local._ROWS_PER_INSERT = rows_per_insert
+        sys.setswitchinterval(interval)
+    return out
 
 
 def fsync_probe_ms(directory: Path) -> float:
@@ -437,6 +489,10 @@ def main() -> None:
             print(f"simulated slow disk (every fsync +{args.slow_fsync_ms} ms), records/s unless named:")
             for k, v in slow.items():
                 print(f"  {k:34} {v:12,.2f}")
+        results["busy_thread"] = busy_thread_commits(base, 2.0)
+        print("a 300-record append (sync full) beside a thread running Python non-stop, ms:")
+        for k, v in results["busy_thread"].items():
+            print(f"  {k:40} {v:9.2f}")
         results["recovery"] = {}
         for name, pin in (("normal_checkpointing", False), ("wal_pinned_by_reader", True)):
             r = results["recovery"][name] = recovery(base / f"recovery-{name}", 2.0, pin)

@@ -59,6 +59,7 @@ def serve(config: Path | None, host: str | None, port: int | None, grpc_port: in
           data_dir: Path | None) -> None:
     """Run the gateway (the embedded local store when no destinations are configured)."""
     from umcef.fabric.gateway import Gateway
+    from umcef.fabric.runtime import tune_interpreter
 
     cfg = _load_config(config, server__host=host, server__port=port, server__grpc_port=grpc_port,
                        data_dir=data_dir)
@@ -67,6 +68,7 @@ def serve(config: Path | None, host: str | None, port: int | None, grpc_port: in
     async def run() -> None:
         gateway = Gateway(cfg)
         endpoints = await gateway.start()
+        tune_interpreter()
         grpc = f", gRPC on {cfg.server.host}:{endpoints.grpc_port}" if endpoints.grpc_port else ""
         if gateway.delivery_process is not None:
             err.print(f"umcef: delivery in process {gateway.delivery_process.pid}", highlight=False)

@@ -95,19 +95,28 @@ class DedupWindow:
         return True
 
     def commit(self, key: Key) -> None:
+        self._commit((key,))
+
+    def _commit(self, keys: Sequence[Key]) -> None:
+        """`keys` were written: remember them, wake their concurrent duplicates. The clock is read and the
+        bucket picked once for all of them."""
+        if not keys:
+            return
         now = self._clock()
         buckets = self._buckets
         if not buckets or now - buckets[-1].started >= self.slice:
             self._expire(now)
             buckets.append(_Bucket(now))
         bucket = buckets[-1]
-        bucket.keys.append(key)
-        self._seen[key] = bucket
-        while len(self._seen) > self.max_entries:
+        bucket.keys.extend(keys)
+        seen, pending = self._seen, self._pending
+        for key in keys:
+            seen[key] = bucket
+            future = pending.pop(key, None)
+            if future is not None and not future.done():
+                future.set_result(True)
+        while len(seen) > self.max_entries:
             self._evict_oldest()
-        future = self._pending.pop(key, None)
-        if future is not None and not future.done():
-            future.set_result(True)
 
     def release(self, key: Key) -> None:
         """The write failed: forget the claim so a retry is not mistaken for a duplicate."""
@@ -116,11 +125,31 @@ class DedupWindow:
             future.set_result(False)
 
     async def claim_batch(self, keys: Sequence[Key]) -> list[Claim]:
-        return [self.claim(key) for key in keys]
+        """`claim` for each key, with one future for all the keys it claims: a batch is written (or fails)
+        as a whole, so a concurrent duplicate of any of them waits for the same outcome."""
+        seen, pending = self._seen, self._pending
+        horizon = self._clock() - self.window - self.slice
+        shared: asyncio.Future[bool] | None = None
+        out: list[Claim] = []
+        for key in keys:
+            bucket = seen.get(key)
+            if bucket is not None:
+                if bucket.started > horizon:
+                    out.append(False)
+                    continue
+                del seen[key]  # expired but its bucket not dropped yet
+            waiting = pending.get(key)
+            if waiting is not None:
+                out.append(waiting)
+                continue
+            if shared is None:
+                shared = asyncio.get_running_loop().create_future()
+            pending[key] = shared
+            out.append(True)
+        return out
 
     async def commit_batch(self, keys: Sequence[Key]) -> None:
-        for key in keys:
-            self.commit(key)
+        self._commit(keys)
 
     async def release_batch(self, keys: Sequence[Key]) -> None:
         for key in keys:

@@ -35,6 +35,7 @@ from umcef.adapters.local import Committed, LocalStore
 from umcef.fabric.config import Config
 from umcef.fabric.delivery import spool_topic
 from umcef.fabric.delivery_host import DeliveryHost
+from umcef.fabric.runtime import tune_interpreter
 from umcef.router.estimator import Estimator
 
 log = logging.getLogger("umcef.delivery")
@@ -274,6 +275,7 @@ async def _deliver(config: Config, store: LocalStore, router: Any, conn: multipr
     loop.add_reader(nudges.fileno(), nudged)
     loop.add_reader(conn.fileno(), from_parent)
     host.start()
+    tune_interpreter()  # this process is the gateway's own, like `umcef serve`
     conn.send(("ready",))
     try:
         while not stop.is_set():

@@ -60,6 +60,19 @@ def test_append_returns_increasing_seqs_and_read_returns_what_was_written(store:
     assert store.topics() == {"audit": 1, "orders": 5}
 
 
+@pytest.mark.parametrize("n", [1, 2, 300, 511, 512, 513, 1500])
+def test_appends_of_any_size_keep_their_order_and_seqs(store: LocalStore, n: int) -> None:
+    # A commit's rows go out as a few multi-row INSERTs (powers of two up to 512): every size must come
+    # back whole, in order, under the seqs the append returned.
+    store.append_sync(records("warm", 5))
+    seqs = store.append_sync(records("orders", n))
+    assert seqs == list(range(6, 6 + n))
+    back = store.read("orders", limit=n + 1)
+    assert [(e.seq, e.key, e.payload) for e in back] == [
+        (seq, f"e{i}", f'{{"id":"e{i}"}}'.encode()) for i, seq in enumerate(seqs)]
+    assert store.topics() == {"warm": 5, "orders": n}
+
+
 def test_last_seq(store: LocalStore) -> None:
     assert store.last_seq() == store.last_seq("a") == 0
     store.append_sync(records("a", 2) + records("b", 1))
