@@ -513,6 +513,8 @@ cdef Py_ssize_t _event_size(object event) except -1:
             size += PyUnicode_GET_LENGTH(<object>v)
         else:
             size += 8
+    if event.raw_data is not None:  # its JSON text, without parsing an unread event's data
+        return size + len(event.raw_data)
     data = event.data
     if data is None:
         return size

@@ -459,7 +459,9 @@ def events_from_list(items, max_attributes=0, max_value_bytes=0):
 
 
 def has_long_digit_run(body):
-    """Whether `body` holds 20 or more consecutive ASCII digits (a JSON integer orjson cannot keep).
+    """Whether `body` holds 20 or more consecutive ASCII digits, or 19 after a minus sign: a JSON integer
+    orjson may not keep (above 2**64 - 1 takes 20 digits, below -2**63 takes 19; a positive 19-digit
+    run, such as a nanosecond timestamp, always fits).
 
     Twin of `umcef.fabric.formats.json_format._has_long_digit_run`. A run of K digits ending at i
     needs body[i] to be a digit, so probe every K-th byte and skip K ahead on a non-digit; on a digit,
@@ -468,7 +470,7 @@ def has_long_digit_run(body):
     if type(body) is not bytes:
         body = bytes(body)  # bytearray, memoryview: copy (rare); a plain pointer keeps the common case fast
     cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(body)
-    cdef Py_ssize_t K = 20, n = PyBytes_GET_SIZE(body), i = K - 1, j
+    cdef Py_ssize_t K = 19, n = PyBytes_GET_SIZE(body), i = K - 1, j
     while i < n:
         if not (0x30 <= p[i] <= 0x39):
             i += K
@@ -476,9 +478,14 @@ def has_long_digit_run(body):
         j = i - 1
         while j > i - K and 0x30 <= p[j] <= 0x39:
             j -= 1
-        if j == i - K:
-            return True
-        i = j + K
+        if j == i - K:  # p[j + 1 .. i]: 19 digits
+            if j >= 0 and (0x30 <= p[j] <= 0x39 or p[j] == 0x2D):
+                return True  # a 20th digit before them, or a minus sign
+            if i + 1 < n and 0x30 <= p[i + 1] <= 0x39:
+                return True  # a 20th after them
+            i += 1 + K  # exactly 19, unsigned: the next run starts after p[i + 1], a non-digit
+        else:
+            i = j + K
     return False
 
 

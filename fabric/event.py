@@ -8,7 +8,8 @@ is `int`, Boolean is `bool`, Binary is `bytes`.
 decoded from a structured JSON event.
 
 `raw` / `raw_data`: the exact JSON text the event (and its `data` member) arrived in, set only by the
-JSON format's decoders when that text is a faithful encoding of the decoded event; `json_format.encode`
+JSON format's decoders (which, with the compiled parser, leave `data` as that text until something reads
+it: `Event.unread`) when that text is a faithful encoding of the decoded event; `json_format.encode`
 and `data_to_bytes` reuse it instead of serializing again. So an event is never changed in place once
 decoded: a modified event is a new `Event` (which has no raw text), e.g. `Event({**e.attributes, ...},
 e.data)`. Anything that must mutate an event in place clears both first (`event.raw = event.raw_data =
@@ -29,16 +30,46 @@ OPTIONAL = ("datacontenttype", "dataschema", "subject", "time")
 CORE = frozenset(REQUIRED + OPTIONAL)
 
 
+_UNREAD: Any = object()  # `Event._data` of an event whose data is still only its JSON text (`raw_data`)
+
+
 class Event:
     """One CloudEvent. Equality compares attributes and data (not the raw text)."""
 
-    __slots__ = ("attributes", "data", "raw", "raw_data")
+    __slots__ = ("_data", "attributes", "raw", "raw_data")
 
     def __init__(self, attributes: dict[str, Any], data: Any = None) -> None:
         self.attributes = attributes
-        self.data = data
+        self._data = data
         self.raw: bytes | None = None  # see the module docstring: decoders set these, nothing else
         self.raw_data: bytes | None = None
+
+    @classmethod
+    def unread(cls, attributes: dict[str, Any], raw: bytes, raw_data: bytes) -> Event:
+        """An event decoded from the JSON text `raw` whose `data` (not null) is the JSON text `raw_data`,
+        parsed only if something asks for `data`: the gateway forwards that text as it came."""
+        event = cls.__new__(cls)
+        event.attributes = attributes
+        event._data = _UNREAD
+        event.raw = raw
+        event.raw_data = raw_data
+        return event
+
+    @property
+    def data(self) -> Any:
+        data = self._data
+        if data is _UNREAD:
+            from umcef.fabric.formats.json_format import loads  # that module imports this one
+
+            data = self._data = loads(self.raw_data)  # type: ignore[arg-type]  # set with _UNREAD
+        return data
+
+    @data.setter
+    def data(self, value: Any) -> None:
+        self._data = value
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return Event, (self.attributes, self.data)  # `_UNREAD` is this process's own object
 
     @property
     def id(self) -> str:

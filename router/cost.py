@@ -36,6 +36,8 @@ def event_size(event: Event) -> int:
     size = 0
     for name, value in event.attributes.items():
         size += len(name) + (len(value) if value.__class__ is str else 8)
+    if event.raw_data is not None:  # its JSON text, without parsing an unread event's data
+        return size + len(event.raw_data)
     data = event.data
     if data is None:
         return size

@@ -369,7 +369,7 @@ def test_odd_containers_defer_to_reference(native: Validate, attrs: list[tuple[s
 @given(
     body=st.one_of(
         st.binary(max_size=80),
-        st.lists(st.sampled_from([b"1", b"1" * 7, b"9" * 19, b"0" * 20, b"5" * 21, b"a", b".", b'"', b"-"]),
+        st.lists(st.sampled_from([b"1", b"1" * 7, b"9" * 18, b"9" * 19, b"0" * 20, b"5" * 21, b"a", b".", b'"', b"-"]),
                  max_size=12).map(b"".join),
     ),
     as_bytearray=st.booleans(),
@@ -380,14 +380,23 @@ def test_long_digit_run_same_outcome(compiled: Any, body: bytes, as_bytearray: b
     assert native(raw) == json_format._has_long_digit_run(raw)
 
 
-@pytest.mark.parametrize("run", [19, 20, 21, 39, 40])
+@pytest.mark.parametrize("run", [18, 19, 20, 21, 39, 40])
 @pytest.mark.parametrize("where", ["start", "middle", "end", "alone"])
-def test_long_digit_run_edges(compiled: Any, run: int, where: str) -> None:
+@pytest.mark.parametrize("sign", [b"", b"-", b"+"])
+def test_long_digit_run_edges(compiled: Any, run: int, where: str, sign: bytes) -> None:
+    # 20 digits may exceed 2**64 - 1; 19 after a minus sign may be below -2**63; 19 alone always fit.
     native = compiled.has_long_digit_run
-    digits = b"7" * run
+    digits = sign + b"7" * run
     body = {"start": digits + b"x" * 30, "middle": b"x" * 17 + digits + b"x" * 13,
             "end": b"x" * 30 + digits, "alone": digits}[where]  # fmt: skip
-    assert native(body) == json_format._has_long_digit_run(body) == (run >= 20)
+    assert native(body) == json_format._has_long_digit_run(body) == (run >= 20 or (run == 19 and sign == b"-"))
+
+
+def test_nineteen_digit_runs_side_by_side() -> None:
+    # The skip-scan jumps past an unsigned 19-digit run: a run right after it is still seen.
+    for body, long in ((b"1" * 19 + b",-" + b"2" * 19, True), (b"1" * 19 + b"," + b"2" * 20, True),
+                       (b"1" * 19 + b"," + b"3" * 19, False)):
+        assert json_format.has_long_digit_run(body) == json_format._has_long_digit_run(body) == long
 
 
 def event_outcome(fn: Callable[..., Any], *args: Any) -> tuple[Any, ...]:

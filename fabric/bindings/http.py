@@ -161,6 +161,9 @@ def data_to_bytes(event: Event) -> bytes:
     the value into opaque bytes (`data_base64`) when the event is re-encoded in structured mode.
     A JSON value is written as the text it arrived in, when the event kept it (`Event.raw_data`).
     """
+    raw = event.raw_data  # the JSON text `data` arrived in (see `Event`): no parsing, no serializing again
+    if raw is not None and (raw[0] != 0x22 or json_format.is_json_media_type(event.attributes.get("datacontenttype"))):
+        return raw  # (a JSON string under a non-JSON type is text: its characters, below)
     data = event.data
     if data is None:
         return b""
@@ -168,7 +171,6 @@ def data_to_bytes(event: Event) -> bytes:
         return data
     if type(data) is str and not json_format.is_json_media_type(event.attributes.get("datacontenttype")):
         return data.encode("utf-8")
-    raw = event.raw_data  # the JSON text `data` arrived in (see `Event`): no serializing again
     return raw if raw is not None else json_format.dumps(data)
 
 

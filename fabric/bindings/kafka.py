@@ -119,7 +119,8 @@ def binary_record(event: Event, key_mapper: KeyMapper = partitionkey_mapper) -> 
     `encoded_size` only when the bound is over it.
     """
     headers, headers_bound = binary_headers(event.attributes)
-    data = None if event.data is None else data_to_bytes(event)
+    # (`raw_data` first: asking an unread event for `data` would parse it)
+    data = data_to_bytes(event) if event.raw_data is not None or event.data is not None else None
     key = key_mapper(event)
     bound = _RECORD_MAX_OVERHEAD + headers_bound + (0 if data is None else len(data)) + (0 if key is None else len(key))
     return headers, key, data, bound

@@ -1,0 +1,3 @@
+from typing import Any
+
+def parse_events(body: bytes | bytearray | memoryview, batch: bool) -> list[tuple[Any, int, int, int, int, bool]]: ...
