@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from umcef.fabric.event import Event
 
@@ -66,8 +66,7 @@ class Capabilities:
     ordered_in_flight: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class PublishOutcome:
+class PublishOutcome(NamedTuple):  # one per event published: a tuple is built ~4x faster than a frozen dataclass
     """The result for one event of a `publish` batch: `error` is None when the broker acknowledged it."""
 
     event_id: str

@@ -44,8 +44,8 @@ _BUSY_TIMEOUT_S: Final = 10.0
 # The most rows one INSERT statement takes (5 parameters each; SQLite allows 32,766 per statement). The
 # sqlite3 module releases the GIL around every statement step and must win it back each time; while the
 # event loop's thread is busy that wait lasts up to the switch interval. bench/store.py, a 300-record
-# commit beside a busy thread: one INSERT per row ~1.3 s, a few multi-row INSERTs ~80 ms (19 ms at the
-# gateway's 1 ms switch interval, umcef.fabric.runtime); ~3 ms alone.
+# commit beside a busy thread (p50): one INSERT per row 244 ms, a few multi-row INSERTs 47 ms (18 ms at
+# the gateway's 1 ms switch interval, umcef.fabric.runtime); ~3 ms alone.
 _ROWS_PER_INSERT: Final = 512
 # sync="interval": the longest fsync interval accepted (a second of unacknowledged appends is plenty).
 MAX_FSYNC_INTERVAL: Final = 1.0
@@ -350,6 +350,10 @@ class LocalStore:
         # Validated here, in the caller, so one bad record fails its own call instead of a whole group commit.
         rows: list[tuple[str, str | None, bytes]] = []
         for i, r in enumerate(records):
+            topic, key, payload = r.topic, r.key, r.payload
+            if type(topic) is str and topic and (key is None or type(key) is str) and type(payload) is bytes:
+                rows.append((topic, key, payload))  # the usual record: exact types, nothing to convert
+                continue
             if not isinstance(r.topic, str) or not r.topic:
                 raise ValueError(f"record[{i}]: topic must be a non-empty string, got {r.topic!r}")
             if r.key is not None and not isinstance(r.key, str):

@@ -59,10 +59,16 @@ def spool_records(events: Sequence[Event], destinations: Sequence[tuple[str, ...
     """One record per event and destination name (its topic: a local topic or a delivery spool), encoded once
     per event, keyed by `partitionkey` (else the id), carrying the event for the in-memory hand-off."""
     records: list[Record] = []
+    encode = json_format.encode
     for event, names in zip(events, destinations, strict=True):
-        payload = json_format.encode(event)
-        key = str(event.attributes.get("partitionkey") or event.id)
-        records.extend(Record(topics[name], payload, key, event) for name in names)
+        payload = encode(event)
+        attributes = event.attributes
+        key = attributes.get("partitionkey") or attributes["id"]
+        if len(names) == 1:  # the usual case, without a generator per event
+            records.append(Record(topics[names[0]], payload, key if type(key) is str else str(key), event))
+        else:
+            records.extend(Record(topics[name], payload, key if type(key) is str else str(key), event)
+                           for name in names)
     return records
 
 

@@ -144,16 +144,19 @@ class Pipeline:
 
     async def _publish(self, events: list[Event]) -> PublishResult:
         unique: list[Event] = []
+        keys: list[Key] = []  # of the unique events
         positions: list[int] = []  # of the unique events in the request (error messages name the index)
         duplicates: list[str] = []
         batch_keys: set[Key] = set()
         for position, event in enumerate(events):
-            key = (event.source, event.id)
+            attributes = event.attributes  # (not the `source`/`id` properties: this runs per event)
+            key = (attributes["source"], attributes["id"])
             if key in batch_keys:
-                duplicates.append(event.id)
+                duplicates.append(key[1])
                 continue
             batch_keys.add(key)
             unique.append(event)
+            keys.append(key)
             positions.append(position)
         # Route before the dedup claim: backpressure needs the destinations, and a refused batch must
         # leave nothing behind (no claim to release, no dead-letter copy).
@@ -168,21 +171,21 @@ class Pipeline:
                 raise Overloaded(why, gauge.retry_after_seconds)
         try:
             try:
-                claims: list[Claim] = await self.dedup.claim_batch([(e.source, e.id) for e in unique])
+                claims: list[Claim] = await self.dedup.claim_batch(keys)
             except DedupUnavailable as exc:
                 raise Overloaded(str(exc), retry_after=1.0) from None
             fresh: list[int] = []
             claimed: list[Key] = []
             waits: list[asyncio.Future[bool]] = []
-            for i, (event, claim) in enumerate(zip(unique, claims, strict=True)):
+            for i, (key, claim) in enumerate(zip(keys, claims, strict=True)):
                 if claim is True:
                     fresh.append(i)
-                    claimed.append((event.source, event.id))
+                    claimed.append(key)
                 elif claim is False:
-                    duplicates.append(event.id)
+                    duplicates.append(key[1])
                 else:
                     waits.append(claim)
-                    duplicates.append(event.id)
+                    duplicates.append(key[1])
             try:
                 if fresh:
                     await self.spool.write(*self._route([unique[i] for i in fresh], [decided[i] for i in fresh]))
@@ -211,13 +214,15 @@ class Pipeline:
         route = self.router.route
         route_classes = self.backpressure.route_classes if self.backpressure is not None else {}
         out: list[_Decided] = []
+        routes: tuple[str, ...] = ()
         for i, event in enumerate(events):
             routed = route(event)
             if isinstance(routed, tuple):
                 destinations, reason, routes = routed, None, ()
             else:
                 destinations, reason = routed.destinations, routed.reason
-                routes = getattr(routed, "routes", ())
+                if route_classes:
+                    routes = getattr(routed, "routes", ())
             value = event.attributes.get(PRIORITY_ATTRIBUTE)
             if value is not None:
                 priority = CLASSES.get(value) if isinstance(value, str) else None
