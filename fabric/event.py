@@ -12,8 +12,8 @@ JSON format's decoders (which, with the compiled parser, leave `data` as that te
 it: `Event.unread`) when that text is a faithful encoding of the decoded event; `json_format.encode`
 and `data_to_bytes` reuse it instead of serializing again. So an event is never changed in place once
 decoded: a modified event is a new `Event` (which has no raw text), e.g. `Event({**e.attributes, ...},
-e.data)`. Anything that must mutate an event in place clears both first (`event.raw = event.raw_data =
-None`).
+e.data)`. Anything that must mutate an event in place reads `event.data` first (an unread event parses it
+from `raw_data`), then clears both (`event.raw = event.raw_data = None`).
 """
 
 from __future__ import annotations
@@ -69,7 +69,9 @@ class Event:
         self._data = value
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return Event, (self.attributes, self.data)  # `_UNREAD` is this process's own object
+        # `_UNREAD` is this process's own object: pickle whether the data is unread, not the marker.
+        unread = self._data is _UNREAD
+        return _restore, (type(self), self.attributes, None if unread else self._data, self.raw, self.raw_data, unread)
 
     @property
     def id(self) -> str:
@@ -102,6 +104,16 @@ class Event:
 
     def __repr__(self) -> str:
         return f"Event({self.attributes!r}, data={self.data!r})"
+
+
+def _restore(cls: type[Event], attributes: dict[str, Any], data: Any, raw: bytes | None, raw_data: bytes | None,
+             unread: bool) -> Event:
+    """Unpickle (and copy) an `Event`, raw text and unread data included."""
+    if unread:
+        return cls.unread(attributes, raw, raw_data)  # type: ignore[arg-type]  # both set with unread data
+    event = cls(attributes, data)
+    event.raw, event.raw_data = raw, raw_data
+    return event
 
 
 def now_rfc3339() -> str:

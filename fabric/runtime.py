@@ -23,5 +23,6 @@ still collected, just less often."""
 def tune_interpreter() -> None:
     """Call once start-up is done: what it built (config, route table, modules) is frozen out of collection."""
     sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
+    gc.collect()  # start-up's own garbage first: a frozen cycle would never be collected
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)

@@ -326,7 +326,7 @@ def _is_json(raw: bytes | bytearray) -> bool:
 
 def decode(body: bytes | str, max_attributes: int = 0, max_value_bytes: int = 0) -> Event:
     """One structured-mode event (keeping its text as `raw` when faithful)."""
-    if UNREAD_DATA:
+    if UNREAD_DATA and type(body) is not str:  # (text may hold lone surrogates: orjson says what is wrong)
         text = _as_bytes(body)
         parsed = _parse_unread(text, False)
         if parsed is not None:
@@ -339,7 +339,7 @@ def decode_batch(
     body: bytes | str, max_batch: int = 0, max_attributes: int = 0, max_value_bytes: int = 0
 ) -> list[Event]:
     """A JSON batch: an array of structured events. Errors name the index of the bad event."""
-    if UNREAD_DATA:
+    if UNREAD_DATA and type(body) is not str:  # (as in `decode`)
         text = _as_bytes(body)
         parsed = _parse_unread(text, True)
         if parsed is not None:
