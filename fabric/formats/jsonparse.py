@@ -21,28 +21,25 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
-import re
 from collections.abc import Callable
 from typing import Any
 
 import orjson
 
 from umcef.fabric import accel
-from umcef.fabric.formats.json_format import _MEMBER, _WS, _value_end
+from umcef.fabric.formats.json_format import _MEMBER, _WS, _value_end, has_long_digit_run
 
 # (attributes, start, end, data_start, data_end, faithful); for a non-object element the decoded
 # value instead of the attributes, and (-1, -1, False).
 Parsed = tuple[Any, int, int, int, int, bool]
 
-# 19+ digits: an integer orjson may have read as a float (below -2**63 or above 2**64 - 1).
-_LONG_DIGIT_RUN = re.compile(rb"[0-9]{19}")
 _KINDS: dict[type, str] = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
 
 
 def _loads(text: bytes) -> Any:
     """orjson's verdict and values; the stdlib's values when an integer may exceed 64 bits."""
     value = orjson.loads(text)  # orjson.JSONDecodeError is a ValueError
-    if _LONG_DIGIT_RUN.search(text) is not None:
+    if has_long_digit_run(text):  # an integer orjson may have read as a float
         with contextlib.suppress(RecursionError):  # nested deeper than the stdlib recurses: keep orjson's
             value = json.loads(text)
     return value
