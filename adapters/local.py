@@ -675,10 +675,12 @@ class LocalStore:
             a.future.set_result(seqs)
         for c in cursors:
             c.future.set_result(None)
-        if appends:
+        # A commit of cursor moves alone reports a gap too: it advances `_last_written` past the other writer's
+        # records, so no later commit would, and a feed would hand out our next record in memory and skip them.
+        if appends or gap:
             self._tell_listeners(appends, results, now, gap)
-            if notify:
-                self._notify()
+        if appends and notify:
+            self._notify()
 
     def _tell_listeners(self, appends: list[_Append], results: list[list[int]], now: float, gap: bool) -> None:
         # Looked up after COMMIT: a listener registered before it hears these records, one registered after it

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from umcef.adapters.local import LocalStore, Record, Retention, StoredEvent
+from umcef.adapters.local import LocalStore, Record, Retention, StoredEvent, SyncPolicy
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
@@ -501,3 +501,25 @@ async def test_appended_elsewhere_tells_every_listener_of_a_gap(store: LocalStor
             break
         await asyncio.sleep(0.01)
     assert sorted(heard) == [("a", [], True), ("b", [], True)]
+
+
+@pytest.mark.parametrize("sync", ["normal", "interval"])
+async def test_a_cursor_only_commit_reports_another_writers_appends(tmp_path: Path, sync: SyncPolicy) -> None:
+    # It moves this store's last-written seq past them, so it is the last commit that can tell.
+    with LocalStore(tmp_path, sync=sync) as store, LocalStore(tmp_path, sync=sync) as other:
+        heard: list[tuple[list[int], bool]] = []
+        store.listen("t", lambda committed, gap: heard.append(([seq for seq, _, _ in committed], gap)))
+        await other.append(records("t", 1))
+        await store.commit_cursor_async("c", "t", 0)
+        for _ in range(500):
+            if heard:
+                break
+            await asyncio.sleep(0.01)
+        assert heard == [([], True)]
+        assert store.last_seq_written_here == 1
+        await store.append(records("t", 1))
+        for _ in range(500):
+            if len(heard) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert heard == [([], True), ([2], False)]

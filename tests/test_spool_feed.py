@@ -98,3 +98,15 @@ async def test_another_writers_append_alone_is_found_by_polling(tmp_path: Path) 
         assert ids(await take(feed, 1)) == ["7"]
         assert feed.from_store == 1
         feed.close()
+
+
+async def test_another_writers_append_before_a_cursor_only_commit_is_not_skipped(tmp_path: Path) -> None:
+    # A poll far beyond the test's waits: only the store's gap report can bring record 1 to the feed.
+    with LocalStore(tmp_path, sync="normal") as store, LocalStore(tmp_path, sync="normal") as other:
+        feed = SpoolFeed(store, TOPIC, 0, poll_interval=600)
+        assert await _idle_page(feed) == []  # live, and the first foreign-append check is 600 s away
+        await other.append([record(1)])
+        await store.commit_cursor_async("c", TOPIC, 0)  # a commit with no records: it sees seq 1 go by
+        await store.append([record(2)])
+        assert ids(await take(feed, 2)) == ["1", "2"]  # not 2 alone from memory, skipping 1 for good
+        feed.close()
