@@ -5,6 +5,9 @@ Proves: unrestricted traffic moves to the fast destination after the slowdown an
 and stays there; a residency-pinned event (dataregulation GDPR → EU only) never goes to the non-EU
 destination at any time; no accepted event is lost or delivered to both.
 
+Run twice: with the delivery workers inside the gateway, and in their own process (`delivery.process`), where
+the child probes the destinations and reports health and RTT every 50 ms to the gateway's router, which decides.
+
 How it judges, so that a loaded machine (2 shared cores, the whole suite beside it) cannot make it flaky
 without the router being wrong:
 
@@ -32,6 +35,7 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 
 from tests.chaos._shift import Tracker, runs, two_regions
 from tests.conftest import GatewayFactory, http_url
@@ -46,8 +50,10 @@ STAY_SHARE = 0.9
 SOURCE = "/chaos/latency"
 
 
+@pytest.mark.parametrize("delivery_process", [False, True], ids=["inline", "delivery-process"])
 async def test_traffic_follows_latency_and_residency_never_moves(
-        make_gateway: GatewayFactory, kafka_broker_factory: Any) -> None:
+        kafka_broker_factory: Any, make_gateway: GatewayFactory, delivery_process: bool) -> None:
+    # (the brokers' fixture first: torn down last, so the gateway and its delivery child stop before them)
     began = time.monotonic()
     regions = await two_regions(kafka_broker_factory, "chaos-d")
     us, eu, us_topic, eu_topic = regions.us, regions.eu, regions.us_topic, regions.eu_topic
@@ -63,8 +69,12 @@ async def test_traffic_follows_latency_and_residency_never_moves(
         routes=[{"name": "all", "to": ["eu", "us"], "mode": "best", "weights": {"latency": 1.0, "cost": 0.8},
                  "hysteresis": {"margin": 0.05, "min_dwell_seconds": 2}}],
         router={"estimator": {"probe_interval_seconds": 0.5, "decay_seconds": 1.0}},
+        # In its own process, the child probes and reports health and RTT to this router every 50 ms.
+        delivery={"process": delivery_process},
     )
-    estimator = gateway.router.estimator
+    # Delivery (adapters, probes) in the child process, or here; never both.
+    assert (gateway.delivery_process is not None, gateway.delivery is None) == (delivery_process, delivery_process)
+    estimator = gateway.router.estimator  # the deciding (ingress) router's view, mirrored in process mode
     phase = "healthy"
     free: dict[str, list[str]] = {"healthy": [], "slow": [], "recovered": []}  # unrestricted ids, publish order
     pinned: list[str] = []
@@ -147,7 +157,9 @@ async def test_traffic_follows_latency_and_residency_never_moves(
     leaked = [i for i in pinned if seen.at[i] != "eu"]
     assert not leaked, f"residency-pinned events delivered outside EU: {leaked[:5]}"
     duplicates = sum(n - 1 for n in seen.copies.values())
+    # Counted where the probes run: in process mode, the child's estimator (not reported to the parent).
+    suspicions = "n/a" if delivery_process else estimator.suspicions
     print(f"\n[chaos-d] {len(accepted)} events ({len(pinned)} pinned, all in eu); settled on eu / us / eu after "
           f"{settled['healthy']} / {settled['slow']} / {settled['recovered']} s (the last {SETTLE_LAST} in a row, "
           f"then {STAY} more >= {STAY_SHARE:.0%}); {duplicates} duplicate records; "
-          f"{estimator.suspicions} slow deliveries asked for an early probe; {time.monotonic() - began:.1f} s")
+          f"{suspicions} slow deliveries asked for an early probe; {time.monotonic() - began:.1f} s")
