@@ -4,10 +4,13 @@ issue 5 §5), with priority classes that shed low priority first.
 Depths are counted in memory, never queried from the store on the hot path: the spool step adds what it
 appended to `_spool.*` topics (per destination, events and encoded bytes), the delivery workers report
 what left each spool (acknowledged, moved by failover or dead-lettered), and the gateway seeds the
-counts at start with what an earlier run left. A batch is checked after routing, against the spools of
-the destinations its events were routed to: reservations are taken synchronously before the durable
-write, so concurrent batches cannot overshoot a watermark together. Above a watermark the pipeline
-raises `Overloaded` (HTTP 429 + Retry-After, gRPC RESOURCE_EXHAUSTED).
+counts at start with what an earlier run left. Other processes append to spools too (`umcef dlq
+replay`): off the hot path, the gateway looks at the store's record count per spool every half second
+and counts what a spool gained beyond what this process was told of (`reconcile`). A batch is checked
+after routing, against the spools of the destinations its events were routed to: reservations are
+taken synchronously before the durable write, so concurrent batches cannot overshoot a watermark
+together. Above a watermark the pipeline raises `Overloaded` (HTTP 429 + Retry-After, gRPC
+RESOURCE_EXHAUSTED).
 
 Priority classes: an event of class `low` is refused once the depth would pass `shed_low_at` x the
 watermark, `normal` at `shed_normal_at` x, `high` only at the watermark itself.
@@ -36,17 +39,21 @@ class Load:
 
 class Lane:
     """One remote destination's spool. `drained()` is what left it in this run (its worker's delivered,
-    moved and dead-lettered events, minus dead letters other workers put into it)."""
+    moved and dead-lettered events, minus dead letters other workers put into it: `spooled_in()`)."""
 
     def __init__(self, name: str, max_events: int | None = None, max_bytes: int | None = None,
-                 drained: Callable[[], int] = lambda: 0, track_bytes: bool = False) -> None:
+                 drained: Callable[[], int] = lambda: 0, track_bytes: bool = False, *,
+                 spooled_in: Callable[[], int] = lambda: 0) -> None:
         self.name = name
         self.max_events = max_events
         self.max_bytes = max_bytes
         self.drained = drained
+        self.spooled_in = spooled_in
         self.track_bytes = track_bytes or max_bytes is not None
         self.added = 0  # events appended to this spool in this run (plus the depth found at start)
         self.added_bytes = 0
+        self.foreign = 0  # appended by other processes, as of the last `reconcile`
+        self._baseline = (0, 0)  # (records stored in the spool, added) when counting began
         self.reserved = 0  # events of batches between the check and the end of their durable write
         self.reserved_bytes = 0
         # Byte depth: the spool drains in order, page by page, so the bytes drained are those of the
@@ -64,14 +71,39 @@ class Lane:
         if self.track_bytes and events:
             self._marks.append((self.added, self.added_bytes))
 
+    def baseline(self, stored: int) -> None:
+        """The store holds `stored` records in this spool now, and `added` accounts for them (the depth found
+        at start): `reconcile` compares later record counts with these."""
+        self._baseline = (stored, self.added)
+
+    def reconcile(self, stored: int) -> int:
+        """`stored`: the records the store holds in this spool now, whoever appended them. What it gained since
+        the baseline beyond what this process was told of (its own appends, failover moves and dead letters
+        reported by delivery) another process appended. Recomputed at every look, so a count that raced an
+        append being reported is right again at the next one. Returns the change."""
+        base_stored, base_added = self._baseline
+        known = self.added - base_added + self.spooled_in()
+        foreign = max(0, stored - base_stored - known)  # retention may have deleted records: never below zero
+        change, self.foreign = foreign - self.foreign, foreign
+        return change
+
     @property
     def depth(self) -> int:
-        # Events spooled by another process (`umcef dlq replay`) are drained but never added: clamp.
-        return max(0, self.added - self.drained())
+        # Clamped: a delivery process that died counts again what it delivered without moving the cursor.
+        return max(0, self.added + self.foreign - self.drained())
 
     @property
     def depth_bytes(self) -> int:
-        drained = min(self.drained(), self.added)
+        drained = self.drained()
+        own = self._own_bytes(min(drained, self.added))
+        if not self.foreign or not self.added:
+            return own
+        # Another process's appends: sizes unknown (the mean size so far), taken as draining after ours.
+        foreign = max(0, self.foreign - max(0, drained - self.added))
+        return own + foreign * self.added_bytes // self.added
+
+    def _own_bytes(self, drained: int) -> int:
+        """Bytes of this process's appends still in the spool, `drained` of them gone."""
         marks = self._marks
         while marks and marks[0][0] <= drained:
             self._base = marks.popleft()
@@ -94,6 +126,7 @@ class SpoolGauge:
         self.max_in_flight_bytes = max_in_flight_bytes  # request bodies inside the pipeline (HTTP)
         self.route_classes: Mapping[str, int] = route_classes or {}  # routes[].priority_class by route name
         self.spooled = 0  # appended to spool topics by this process (plus the depth found at start)
+        self.foreign = 0  # appended to them by other processes (the lanes' `foreign`)
         self.reserved = 0
         self._drained = drained
         self.lanes: dict[str, Lane] = {}  # destination name (and `_deadletter`, when it is spooled) -> lane
@@ -119,9 +152,14 @@ class SpoolGauge:
                 lane.add(count)
                 self.spooled += count
 
+    def reconcile(self, stored: Mapping[Lane, int]) -> None:
+        """`stored`: the records the store holds in each lane's spool now (`Lane.reconcile`)."""
+        for lane, count in stored.items():
+            self.foreign += lane.reconcile(count)
+
     @property
     def depth(self) -> int:
-        return max(0, self.spooled - self._drained())
+        return max(0, self.spooled + self.foreign - self._drained())
 
     @property
     def depth_bytes(self) -> int:

@@ -150,11 +150,16 @@ class DeliveryHost:
 
     def lane_drained(self, name: str) -> int:
         """What left `name`'s spool in this run: its worker's drained and dead-lettered events, minus the
-        dead letters other workers appended to it (it is their dead-letter destination)."""
-        topic = spool_topic(name)
+        dead letters other workers appended to it (`lane_spooled_in`)."""
         worker = self.workers.get(name)
         out = worker.drained + worker.dead_letters.count if worker is not None else 0
-        return out - sum(w.dead_letters.count for w in self.workers.values() if w.dead_letters.topic == topic)
+        return out - self.lane_spooled_in(name)
+
+    def lane_spooled_in(self, name: str) -> int:
+        """Dead letters other workers appended to `name`'s spool in this run (it is their dead-letter
+        destination): backpressure tells them from appends by other processes."""
+        topic = spool_topic(name)
+        return sum(w.dead_letters.count for w in self.workers.values() if w.dead_letters.topic == topic)
 
     def drained(self) -> int:
         """Events that left the delivery spools in this run: acknowledged, moved by failover (the move adds

@@ -9,7 +9,8 @@ mode takes two writers; each commit holds the write lock briefly), plus one pipe
 - parent -> child: a byte per group commit to a delivery spool (the child's workers read the store at
   once instead of at their next poll), and a final ("stop", grace) message;
 - child -> parent, every `REPORT_SECONDS`: the estimator's health and RTT per destination (the parent's
-  router decides with it), what left each spool (backpressure depths) and what failover moved where.
+  router decides with it), what left each spool and what dead-lettering put into one (backpressure
+  depths), and what failover moved where.
 
 The child exits when the parent goes away (its pipe reads EOF), so a SIGKILLed gateway leaves no
 deliverer behind for long; a lock file keeps a lingering one from running beside its successor. A child
@@ -69,6 +70,8 @@ class DeliveryProcess:
         self._drained = self._drained_base = 0
         self._lanes: Counter[str] = Counter()
         self._lanes_base: Counter[str] = Counter()
+        self._spooled_in: Counter[str] = Counter()
+        self._spooled_in_base: Counter[str] = Counter()
         self._unlisten: list[Callable[[], None]] = []
         self._relaunching: asyncio.Future[None] | None = None
         self.pid: int | None = None
@@ -123,10 +126,11 @@ class DeliveryProcess:
             if self._ready is not None and not self._ready.done():
                 self._ready.set_exception(RuntimeError(message[1]))
         elif kind == "report":
-            _, health, drained, lanes, moved = message
+            _, health, drained, lanes, spooled_in, moved = message
             self.estimator.mirror(health)
             self._drained = drained
             self._lanes = Counter(lanes)
+            self._spooled_in = Counter(spooled_in)
             if moved:
                 self._moved(moved)
 
@@ -136,6 +140,10 @@ class DeliveryProcess:
 
     def lane_drained(self, name: str) -> int:
         return self._lanes_base[name] + self._lanes[name]
+
+    def lane_spooled_in(self, name: str) -> int:
+        """Dead letters the children appended to `name`'s spool (`DeliveryHost.lane_spooled_in`)."""
+        return self._spooled_in_base[name] + self._spooled_in[name]
 
     def _exited(self) -> None:
         loop = asyncio.get_running_loop()
@@ -153,7 +161,8 @@ class DeliveryProcess:
         # the cursor is delivered again and counted twice; depths are clamped at zero.)
         self._drained_base += self._drained
         self._lanes_base.update(self._lanes)
-        self._drained, self._lanes = 0, Counter()
+        self._spooled_in_base.update(self._spooled_in)
+        self._drained, self._lanes, self._spooled_in = 0, Counter(), Counter()
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(RuntimeError(f"the delivery process exited at start ({process.exitcode})"))
             return
@@ -224,7 +233,9 @@ async def _serve(config: Config, conn: multiprocessing.connection.Connection,
 
     lock = await _exclusive(Path(config.data_dir) / LOCK_FILE)
     try:
-        store = open_store(config, cursor_delay=CURSOR_DELAY_SECONDS)
+        # Retention is the gateway's (the parent's) alone: two writers deleting the same events would only
+        # contend for the write lock, and a child's pass at each (re)start would not follow the schedule.
+        store = open_store(config, cursor_delay=CURSOR_DELAY_SECONDS, retain=False)
         try:
             await _deliver(config, store, build_router(config), conn, nudges)
         finally:
@@ -264,7 +275,8 @@ async def _deliver(config: Config, store: LocalStore, router: Any, conn: multipr
 
     def report() -> None:
         lanes = {name: host.lane_drained(name) for name in host.workers}
-        message = ("report", router.estimator.snapshot(), host.drained(), lanes, dict(moved))
+        spooled_in = {name: host.lane_spooled_in(name) for name in host.workers}
+        message = ("report", router.estimator.snapshot(), host.drained(), lanes, spooled_in, dict(moved))
         moved.clear()
         try:
             conn.send(message)

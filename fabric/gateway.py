@@ -30,6 +30,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("umcef.gateway")
 
+# How often the gateway counts the records in the delivery spools, for the appends of other processes (`umcef dlq
+# replay`): one small query (the store's per-topic counts), never on the ingress path.
+SPOOL_LOOK_SECONDS = 0.5
+
 
 def build_router(config: Config, estimator: Estimator | None = None) -> Router:
     """Compile the route table (CESQL filters, residency, scoring) and bind it to an RTT/health estimator."""
@@ -41,8 +45,11 @@ def build_router(config: Config, estimator: Estimator | None = None) -> Router:
     return Router(compile_table(routing, estimator.slot), estimator, sample_every=routing.explain_sample_every)
 
 
-def open_store(config: Config, cursor_delay: float = 0.0) -> LocalStore:
-    retention = Retention(config.store.max_age_seconds, config.store.max_events_per_topic)
+def open_store(config: Config, cursor_delay: float = 0.0, *, retain: bool = True) -> LocalStore:
+    """`retain=False`: another process applies the retention to this store (the gateway's, when delivery runs
+    in its own process), so it runs once per store, not once per writer."""
+    retention = Retention(config.store.max_age_seconds, config.store.max_events_per_topic) if retain \
+        else Retention(None, None)
     return LocalStore(config.data_dir, sync=config.store.sync, retention=retention,  # type: ignore[arg-type]
                       fsync_interval=config.store.fsync_interval, cursor_delay=cursor_delay)
 
@@ -80,6 +87,7 @@ class Gateway:
         self.store = open_store(config)
         self.router = build_router(config)
         self.topics = destination_topics(config)
+        self._spool_topics: dict[Lane, str] = {}  # each remote destination's lane -> its spool topic
         self.spool_gauge = self._spool_gauge()
         self.pipeline = build_pipeline(config, self.store, self.router, self.spool_gauge)
         # Delivery runs here (`delivery`) or in a second process (`delivery_process`), never both.
@@ -88,6 +96,7 @@ class Gateway:
         self.dead_letters = DeadLetterQueue(self.store)
         self.sources: dict[str, SourceRunner] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._spool_look: asyncio.Task[None] | None = None
         self._http: Any = None
         self._grpc: Any = None
         self.endpoints = Endpoints(0, None)
@@ -108,6 +117,9 @@ class Gateway:
             else:
                 self.delivery = DeliveryHost(self.config, self.store, self.router, self.spool_gauge.add)
                 self.delivery.start()
+        if self._spool_topics:
+            self._spool_look = asyncio.create_task(self._look_at_spools(), name="spool-look")
+            self._tasks.append(self._spool_look)
         server = self.config.server
         self._http, http_port = await start_http_server(self.pipeline, server.host, server.port)
         grpc_port = None
@@ -139,7 +151,8 @@ class Gateway:
                 continue
             own = bp.destinations.get(name, SpoolLimit())
             lane = gauge.lane(Lane(name, own.max_spooled_events, own.max_spooled_bytes,
-                                   functools.partial(self._lane_drained, name)),
+                                   functools.partial(self._lane_drained, name),
+                                   spooled_in=functools.partial(self._lane_spooled_in, name)),
                               *((DEAD_LETTER,) if dest.topic == dead_letter_spool else ()))
             # Counted only as far as the largest watermark that applies (a huge backlog is not read in full).
             events, nbytes = self._backlog(
@@ -147,6 +160,10 @@ class Gateway:
                 max((w for w in (bp.max_spooled_bytes, lane.max_bytes) if w), default=None))
             lane.add(events, nbytes)
             gauge.add(events)
+            self._spool_topics[lane] = dest.topic
+        stored = self.store.topics()
+        for lane, topic in self._spool_topics.items():
+            lane.baseline(stored.get(topic, 0))
         return gauge
 
     def _backlog(self, topic: str, max_events: int | None, max_bytes: int | None) -> tuple[int, int]:
@@ -158,6 +175,23 @@ class Gateway:
         if self.delivery_process is not None:
             return self.delivery_process.lane_drained(name)
         return self.delivery.lane_drained(name) if self.delivery is not None else 0
+
+    def _lane_spooled_in(self, name: str) -> int:
+        if self.delivery_process is not None:
+            return self.delivery_process.lane_spooled_in(name)
+        return self.delivery.lane_spooled_in(name) if self.delivery is not None else 0
+
+    async def _look_at_spools(self) -> None:
+        """Backpressure counts what other processes (`umcef dlq replay`) append to the delivery spools: the
+        store's record count per spool against what this process was told of (`SpoolGauge.reconcile`)."""
+        while True:
+            await asyncio.sleep(SPOOL_LOOK_SECONDS)
+            try:
+                stored = self.store.topics()
+            except Exception as exc:  # the next look may succeed; ingress goes on with the counts it has
+                log.warning("counting the delivery spools failed: %r", exc)
+                continue
+            self.spool_gauge.reconcile({lane: stored.get(topic, 0) for lane, topic in self._spool_topics.items()})
 
     def _drained(self) -> int:
         if self.delivery_process is not None:
@@ -182,6 +216,8 @@ class Gateway:
         grace = self.config.delivery.drain_seconds if grace is None else grace
         deadline = asyncio.get_running_loop().time() + grace
         self.pipeline.closing = True
+        if self._spool_look is not None:
+            self._spool_look.cancel()  # `finish` below collects it with the sources' tasks
         if self._grpc is not None:
             await self._grpc.stop(grace)
         if self._http is not None:

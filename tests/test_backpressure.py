@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
-from collections.abc import Sequence
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,8 @@ import httpx
 import orjson
 import pytest
 
-from tests.brokers import SqsServer, unique_name
+from tests.brokers import KafkaBroker, SqsServer, unique_name
+from tests.conformance.target_kafka import create_topic
 from tests.conftest import GatewayFactory, http_url
 from umcef.fabric import config as config_mod
 from umcef.fabric.backpressure import HIGH, LOW, NORMAL, Lane, SpoolGauge
@@ -67,6 +71,31 @@ def test_reservations_count_until_commit_and_an_empty_spool_takes_any_batch() ->
     drained[0] = 500  # drained what another process (dlq replay) spooled: never negative
     assert gauge.lanes["eu"].depth == 0
     assert gauge.lanes["_deadletter"] is gauge.lanes["eu"]  # router refusals spooled to eu count there
+
+
+def test_appends_by_other_processes_are_what_the_store_gained_beyond_what_this_one_was_told() -> None:
+    dead_letters_in = [0]
+    gauge = SpoolGauge(100)
+    lane = gauge.lane(Lane("eu", 50, drained=lambda: 0, spooled_in=lambda: dead_letters_in[0]))
+    lane.add(5)  # the depth found at start ...
+    lane.baseline(stored=12)  # ... of a spool holding 12 records (7 of them delivered before)
+    demand = gauge.demand([("eu",)] * 10, [NORMAL] * 10)
+    assert gauge.reserve(demand) is None
+    gauge.commit(demand, demand)
+    gauge.add(10)  # the spool step's own report
+    gauge.add({"eu": 2})  # failover moved two in
+    dead_letters_in[0] = 3  # another destination's worker dead-lettered three into it
+    gauge.reconcile({lane: 12 + 10 + 2 + 3})
+    assert (lane.foreign, lane.depth) == (0, 5 + 10 + 2)  # (dead letters in: `drained` is net of them)
+    gauge.reconcile({lane: 12 + 10 + 2 + 3 + 8})  # `umcef dlq replay` spooled eight
+    assert (lane.foreign, lane.depth, gauge.foreign) == (8, 5 + 10 + 2 + 8, 8)
+    gauge.reconcile({lane: 12 + 10 + 2 + 3 + 8 + 4})  # a batch committed to the store, not yet to the gauge
+    assert (lane.foreign, gauge.foreign) == (12, 12)
+    lane.add(4)  # committed: the next look corrects the count, nothing drifts
+    gauge.reconcile({lane: 12 + 10 + 2 + 3 + 8 + 4})
+    assert (lane.foreign, gauge.foreign) == (8, 8)
+    gauge.reconcile({lane: 0})  # retention emptied the spool: never below what this process counts itself
+    assert lane.foreign == 0
 
 
 def test_low_priority_is_shed_first() -> None:
@@ -366,3 +395,62 @@ def lambda_router() -> Any:
             return ("default",)
 
     return Default()
+
+
+# -- appends by another process: `umcef dlq replay` into a running gateway's spools ---------------------------
+
+NEVER_EJECT = {"estimator": {"eject_after_failures": 1000}}
+MODES = pytest.mark.parametrize("process", [False, True], ids=["in-process", "delivery-process"])
+
+
+async def until(check: Callable[[], bool], seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def replay_with_the_cli(gateway: Gateway, destination: str, n: int) -> None:
+    """`n` dead letters of `destination` in the gateway's `_deadletter`, re-driven by `umcef dlq replay` in a
+    process of its own, as an operator does on a running gateway."""
+    for i in range(n):
+        event = Event({"specversion": "1.0", "id": f"r{i}", "source": "/bp", "type": "t"})
+        await gateway.dead_letters.put(event, "Transient: broker down", destination=destination, attempts=3)
+    result = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "umcef.fabric.cli", "dlq", "replay", "--data-dir",
+                         str(gateway.config.data_dir), "--all"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert len(gateway.store.read(spool_topic(destination), 0, 1000)) == n
+
+
+@MODES
+async def test_events_replayed_by_another_process_count_toward_the_watermark(make_gateway: GatewayFactory,
+                                                                            process: bool) -> None:
+    gateway = await make_gateway(
+        destinations={"eu": {"url": f"kafka://127.0.0.1:{closed_port()}/orders", "max_spooled_events": 10}},
+        default="eu", backpressure={"max_spooled_events": 50}, router=NEVER_EJECT, delivery={"process": process})
+    await replay_with_the_cli(gateway, "eu", 8)
+    lane = gateway.spool_gauge.lanes["eu"]
+    await until(lambda: lane.depth == 8, 10, "the gateway to count the 8 replayed events")
+    assert gateway.spool_gauge.depth == 8
+    # Without them in the depth, an empty spool would take this batch.
+    answer = await post(gateway, events(100, 3))
+    assert answer.status_code == 429
+    assert answer.json()["detail"] == ("destination 'eu': 8 events wait in the delivery spool (0 more being "
+                                       "written); 3 more would exceed watermark 10")
+    assert (await post(gateway, events(100, 2))).status_code == 202
+    assert (lane.depth, gateway.spool_gauge.depth) == (10, 10)
+
+
+@MODES
+async def test_replayed_events_that_are_delivered_leave_the_depth(make_gateway: GatewayFactory,
+                                                                 kafka_broker: KafkaBroker, process: bool) -> None:
+    topic = unique_name("bp-replay")
+    await create_topic(kafka_broker.bootstrap, topic, partitions=1)
+    gateway = await make_gateway(destinations={"k": f"kafka://{kafka_broker.bootstrap}/{topic}"}, default="k",
+                                 delivery={"process": process})
+    await replay_with_the_cli(gateway, "k", 8)
+    lane = gateway.spool_gauge.lanes["k"]
+    await until(lambda: lane.foreign == 8 and gateway._lane_drained("k") == 8 and gateway._drained() == 8, 30,
+                "the replayed events counted, delivered and reported")
+    assert (lane.depth, gateway.spool_gauge.depth) == (0, 0)  # counted once in, once out

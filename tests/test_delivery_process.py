@@ -24,7 +24,9 @@ from tests.brokers import unique_name
 from tests.chaos._kafka import TopicReader
 from tests.conformance.target_kafka import create_topic
 from tests.conftest import GatewayFactory, http_url
+from tests.test_failover import UNREACHABLE_OPTIONS
 from umcef.fabric.config import ConfigError, from_mapping
+from umcef.fabric.deadletter import DEAD_LETTER_TOPIC
 from umcef.fabric.gateway import Gateway
 
 SOURCE = "/test/delivery-process"
@@ -93,6 +95,32 @@ async def test_ejection_in_the_child_reaches_the_gateways_router(make_gateway: G
     # The gateway runs no probes of its own: only the child's reports can take the destination down here.
     await until(lambda: estimator.up[slot] == 0, 20, "the gateway's router to see the ejection")
     assert "ejected" in estimator.describe_down(slot)
+
+
+async def test_retention_runs_in_the_gateway_not_in_the_delivery_child(make_gateway: GatewayFactory) -> None:
+    # A store applies its retention as soon as it is opened (then every minute). Events stored after the
+    # gateway's own pass are therefore trimmed by a freshly started child only if the child retains too.
+    gateway = await make_gateway(
+        destinations={"orders": "local://orders",
+                      "dead": {"url": f"kafka://127.0.0.1:{closed_port()}/t", "options": UNREACHABLE_OPTIONS,
+                               "delivery": {"max_attempts": 1}}},
+        routes=[{"name": "dead", "filter": {"exact": {"subject": "dead"}}, "to": ["dead"]}], default="orders",
+        store={"max_events_per_topic": 5}, router={"estimator": {"eject_after_failures": 1000}},
+        delivery={"process": True})
+    child = gateway.delivery_process
+    assert child is not None and child.pid is not None
+    await post(gateway, batch("kept", 20))
+    assert len(gateway.store.read("orders", 0, 100)) == 20
+
+    first = child.pid
+    os.kill(first, signal.SIGKILL)  # its replacement opens the store (and would retain) after those 20
+    await until(lambda: child.pid != first, 20, "a replacement delivery process")
+    # The new child's store is up and writing once it dead-letters an event it cannot deliver: its writer
+    # applies retention at its first idle moment after opening, before this dead letter (a failed connect).
+    dead = orjson.loads(batch("dead", 1))
+    await post(gateway, orjson.dumps([{**dead[0], "subject": "dead"}]))
+    await until(lambda: bool(gateway.store.read(DEAD_LETTER_TOPIC, 0, 1)), 20, "the new child's dead letter")
+    assert len(gateway.store.read("orders", 0, 100)) == 20, "the delivery child applied retention"
 
 
 @pytest.mark.parametrize("value", ["yes", 1, None])
