@@ -28,18 +28,24 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final, Literal
 
-__all__ = ["DB_FILENAME", "Committed", "LocalStore", "Record", "Retention", "StoredEvent", "SyncPolicy"]
+__all__ = ["DB_FILENAME", "Committed", "LocalStore", "Record", "Retention", "StoredEvent", "SyncPolicy",
+           "TrimConsumed"]
 
 log = logging.getLogger(__name__)
 
 DB_FILENAME: Final = "events.db"
-_SCHEMA_VERSION: Final = 1
+_SCHEMA_VERSION: Final = 2
 _APPLICATION_ID: Final = 0x554D4345  # "UMCE": lets us refuse somebody else's SQLite file.
 # Bounds one transaction so a flood of appends cannot make a single commit (and everyone's latency) huge.
 _MAX_GROUP_RECORDS: Final = 10_000
 # Retention deletes in chunks and serves queued appends between them: a first pass over a large backlog
 # must not stall ingestion for seconds.
 _RETENTION_CHUNK: Final = 5_000
+# Trimming consumed records runs every `trim_interval` (a second in the gateway) under load, not once a
+# minute: smaller chunks, so an append waits behind at most ~5 ms of deleting (bench/store.py: ~5 us per
+# record when the rows share pages with other topics). Each chunk is one commit (an fsync with sync="full"):
+# ten a second at 10,000 events/s.
+_TRIM_CHUNK: Final = 1_000
 _BUSY_TIMEOUT_S: Final = 10.0
 # The most rows one INSERT statement takes (5 parameters each; SQLite allows 32,766 per statement). The
 # sqlite3 module releases the GIL around every statement step and must win it back each time; while the
@@ -63,7 +69,11 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_topic_seq ON events (topic, seq);
 CREATE INDEX IF NOT EXISTS events_stored_at ON events (stored_at);
-CREATE TABLE IF NOT EXISTS topics (topic TEXT PRIMARY KEY, count INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS topics (
+    topic TEXT PRIMARY KEY,
+    count INTEGER NOT NULL,  -- records stored now
+    appended INTEGER NOT NULL DEFAULT 0  -- records ever appended: never lowered (retention, trimming)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS cursors (
     consumer TEXT NOT NULL,
     topic TEXT NOT NULL,
@@ -73,6 +83,27 @@ CREATE TABLE IF NOT EXISTS cursors (
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 INSERT OR IGNORE INTO counters (name, value) VALUES ('last_seq', 0);
 """
+# Statements that bring a store file of schema version N (the key) to N + 1.
+_MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
+    # v2: a per-topic appended counter (backpressure counts other processes' appends with it). Counting
+    # starts from the records stored: only differences of it are ever used.
+    1: ("ALTER TABLE topics ADD COLUMN appended INTEGER NOT NULL DEFAULT 0", "UPDATE topics SET appended = count"),
+}
+# The commit's per-topic upsert: the stored count and the appended counter in the one statement it already ran.
+_COUNT_APPENDS: Final = (
+    "INSERT INTO topics (topic, count, appended) VALUES (?1, ?2, ?2) "
+    "ON CONFLICT (topic) DO UPDATE SET count = count + excluded.count, appended = appended + excluded.count"
+)
+# Trimming consumed records: a range of the (topic, seq) index, oldest first, one chunk per transaction.
+_TRIM_SQL: Final = (
+    "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE topic = ? AND seq <= ? ORDER BY seq LIMIT ?)"
+)
+# Which cursors of a consumer have anything at or below them to trim: one index probe per cursor, outside
+# any write transaction, so an idle pass takes no write lock and writes nothing.
+_TRIMMABLE_SQL: Final = (
+    "SELECT c.topic, c.seq FROM cursors c WHERE c.consumer = ? "
+    "AND EXISTS (SELECT 1 FROM events e WHERE e.topic = c.topic AND e.seq <= c.seq)"
+)
 
 
 @functools.lru_cache(maxsize=16)
@@ -123,9 +154,32 @@ class StoredEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class TrimConsumed:
+    """Topics whose name starts with `prefix` hold records only until `consumer` has consumed them: what is
+    at or below its cursor on the topic is deleted (every `trim_interval`), and count retention never
+    deletes above it. A topic without a cursor of `consumer` is left alone."""
+
+    prefix: str
+    consumer: str
+
+    def __post_init__(self) -> None:
+        if not self.prefix or not self.consumer:
+            raise ValueError(f"TrimConsumed needs a prefix and a consumer, got {self.prefix!r}, {self.consumer!r}")
+
+
+@dataclass(frozen=True, slots=True)
 class Retention:
+    """What the writer deletes: records older than `max_age_seconds`, all but the newest
+    `max_events_per_topic` of a topic (never above a `trim_consumed` consumer's cursor), and what
+    `trim_consumed` rules say their consumers have consumed."""
+
     max_age_seconds: float | None = 7 * 24 * 3600
     max_events_per_topic: int | None = None
+    trim_consumed: tuple[TrimConsumed, ...] = ()
+
+    def consumer_of(self, topic: str) -> str | None:
+        """The consumer whose cursor bounds what may be deleted from `topic` (first matching rule), if any."""
+        return next((rule.consumer for rule in self.trim_consumed if topic.startswith(rule.prefix)), None)
 
 
 @dataclass(slots=True)
@@ -141,12 +195,14 @@ class _Cursor:
     topic: str
     seq: int
     future: concurrent.futures.Future[None]
+    lazy: bool = False  # `commit_cursor_later`: nobody waits, so it may wait for an append to share a commit
 
 
 @dataclass(slots=True)
 class _Retain:
     now: float | None
     future: concurrent.futures.Future[int]
+    trim_only: bool = False  # `trim_consumed()`: only the consumed-records pass, not age and count
 
 
 class _Stop:
@@ -193,7 +249,8 @@ class LocalStore:
     writer fsync the WAL itself at most once per ``fsync_interval`` seconds, resolving every append (and
     calling commit listeners) only once an fsync covers it: as durable as ``"full"``, with fewer fsyncs
     under load and up to one interval of added latency. ``read_only=True`` opens an existing store
-    without a writer thread, for inspecting a store another process is writing.
+    without a writer thread, for inspecting a store another process is writing. The writer also applies
+    the `Retention` (age and count every ``retention_interval``, consumed records every ``trim_interval``).
     """
 
     def __init__(
@@ -205,7 +262,8 @@ class LocalStore:
         retention_interval: float = 60.0,
         read_only: bool = False,
         fsync_interval: float = 0.005,  # seconds; sync="interval" only
-        cursor_delay: float = 0.0,  # seconds a commit of cursor moves alone may wait to join others
+        cursor_delay: float = 0.0,  # seconds a `commit_cursor_later` move may wait for an append's commit
+        trim_interval: float = 1.0,  # seconds between passes of `retention.trim_consumed`
     ) -> None:
         if sync not in _SYNC_POLICIES:
             raise ValueError(f"sync must be 'full', 'normal' or 'interval', not {sync!r}")
@@ -221,6 +279,8 @@ class LocalStore:
         self.retention = retention
         self.read_only = read_only
         self._retention_interval = retention_interval
+        self._trim_interval = trim_interval
+        self._next_retention = self._next_trim = 0.0  # time.monotonic() of the next pass (writer thread)
         self._lock = threading.Lock()  # guards _closed, _waiters
         self._closed = False
         self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
@@ -235,6 +295,9 @@ class LocalStore:
         self._unsynced: list[_Unsynced] | None = [] if sync == "interval" else None
         self.fsync_interval = float(fsync_interval)
         self.cursor_delay = cursor_delay
+        # Lazy cursor moves waiting for company (an append's commit) until `_held_until` (monotonic).
+        self._held: list[_Op] = []
+        self._held_until = float("inf")
         self._last_fsync = -float("inf")  # time.monotonic() when the writer's last fsync started
         self._wal_fd: int | None = None
         self._fsyncs = 0
@@ -255,6 +318,8 @@ class LocalStore:
                 self._wconn.close()
             raise
         self._rlock = threading.Lock()  # sqlite3 connections are not safe to use from two threads at once
+        # A read-only store may look at a file of schema v1 (no appended counter: its count stands in).
+        self._appended_column = "appended" if self._schema_version >= 2 else "count"
         if not read_only:
             self._writer = threading.Thread(
                 target=self._writer_main, name=f"umcef-local:{self.path}", daemon=True
@@ -278,7 +343,7 @@ class LocalStore:
             raise _open_error(db, exc) from exc
         try:
             if read_only:
-                self._check_header(conn, db)
+                self._schema_version = self._check_header(conn, db)
                 conn.execute("PRAGMA query_only = ON")
             else:
                 self._prepare(conn, db)
@@ -320,11 +385,17 @@ class LocalStore:
         # each other's half-made schema.
         conn.execute("BEGIN IMMEDIATE")
         try:
-            if self._check_header(conn, db) == 0:
+            version = self._check_header(conn, db)
+            if version == 0:
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
                 conn.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
+            else:
+                for old in range(version, _SCHEMA_VERSION):  # an older store file: brought up to date
+                    for statement in _MIGRATIONS[old]:
+                        conn.execute(statement)
+            if version < _SCHEMA_VERSION:
                 conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:
@@ -390,9 +461,10 @@ class LocalStore:
         await asyncio.wrap_future(self._cursor_future(consumer, topic, seq))
 
     def commit_cursor_later(self, consumer: str, topic: str, seq: int) -> concurrent.futures.Future[None]:
-        """Queues the cursor move into the next group commit without waiting for it (a lost cursor move
-        only means redelivery after a crash, so delivery need not pay an fsync round trip per page)."""
-        return self._cursor_future(consumer, topic, seq)
+        """Queues the cursor move into a later group commit without waiting for it (a lost cursor move only
+        means redelivery after a crash, so delivery need not pay an fsync round trip per page). With a
+        `cursor_delay` it waits up to that long for an append to share the commit (and its fsync)."""
+        return self._cursor_future(consumer, topic, seq, lazy=True)
 
     def listen(self, topic: str, callback: CommitListener) -> Callable[[], None]:
         """Calls `callback` on the calling event loop with every record this store commits to `topic`, once
@@ -418,16 +490,26 @@ class LocalStore:
             with contextlib.suppress(RuntimeError):  # that loop is closed; its listener is gone
                 loop.call_soon_threadsafe(callback, [], True)
 
-    def _cursor_future(self, consumer: str, topic: str, seq: int) -> concurrent.futures.Future[None]:
+    def _cursor_future(self, consumer: str, topic: str, seq: int, *,
+                       lazy: bool = False) -> concurrent.futures.Future[None]:
         future: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._submit(_Cursor(consumer, topic, int(seq), future))
+        self._submit(_Cursor(consumer, topic, int(seq), future, lazy))
         return future
 
     def apply_retention(self, now: float | None = None) -> int:
-        """Deletes what the retention policy has expired; returns how many events went."""
+        """Deletes what the retention policy has expired or its consumers consumed; returns how many
+        events went."""
+        return self._retention_future(now, trim_only=False).result()
+
+    def trim_consumed(self) -> int:
+        """Deletes now what `retention.trim_consumed` allows (the writer also does it every `trim_interval`);
+        returns how many events went."""
+        return self._retention_future(None, trim_only=True).result()
+
+    def _retention_future(self, now: float | None, *, trim_only: bool) -> concurrent.futures.Future[int]:
         future: concurrent.futures.Future[int] = concurrent.futures.Future()
-        self._submit(_Retain(now, future))
-        return future.result()
+        self._submit(_Retain(now, future, trim_only))
+        return future
 
     @property
     def last_seq_written_here(self) -> int:
@@ -449,36 +531,24 @@ class LocalStore:
     # -- writer thread ---------------------------------------------------------------------------------------
 
     def _writer_main(self) -> None:
-        # A pass at start-up catches up on whatever expired while we were down.
-        next_retention = time.monotonic()
+        # A pass of each at start-up catches up on whatever expired or was consumed while we were down.
+        self._next_retention = self._next_trim = time.monotonic()
         try:
             while True:
-                wait = next_retention - time.monotonic()
-                fsync_due = next_retention
-                if self._unsynced:  # sync="interval" with commits to fsync: wake up for that too
-                    fsync_due = self._last_fsync + self.fsync_interval
-                    wait = min(wait, fsync_due - time.monotonic())
-                ops = self._take(max(0.0, wait))
-                if not ops:
-                    if self._unsynced and fsync_due <= next_retention:
-                        self._sync_unsynced()  # idle since those commits: the interval is up
-                        continue
-                    try:
-                        self._retain(None)
-                    except Exception:
-                        log.exception("retention pass failed on %s", self.db_path)
-                    next_retention = time.monotonic() + self._retention_interval
-                    continue
+                ops = self._take(max(0.0, self._next_due() - time.monotonic()))
                 self._commit_writes(ops)
-                if self._unsynced:
-                    self._sync_if_due()
+                stopping = bool(ops) and ops[-1] is _STOP  # close() guarantees nothing is queued after it
+                if not stopping:
+                    # After every turn, not only when the queue is idle: a steady stream of appends must not
+                    # starve the fsync, the held cursor moves, trimming or retention.
+                    self._do_due_work()
                 for op in ops:
                     if isinstance(op, _Retain) and op.future.set_running_or_notify_cancel():
                         try:
-                            op.future.set_result(self._retain(op.now))
+                            op.future.set_result(self._apply_retention(op))
                         except Exception as exc:
                             op.future.set_exception(exc)
-                if ops[-1] is _STOP:  # close() guarantees nothing is queued after the stop
+                if stopping:
                     if self._unsynced:
                         self._sync_unsynced()
                     return
@@ -494,6 +564,45 @@ class LocalStore:
             if self._wal_fd is not None:
                 os.close(self._wal_fd)
 
+    def _next_due(self) -> float:
+        """The earliest of the writer's own deadlines (retention, trimming, the fsync of parked commits, the
+        commit of held cursor moves): no wait for the queue outlasts it."""
+        due = self._next_retention
+        if self.retention.trim_consumed:
+            due = min(due, self._next_trim)
+        if self._unsynced:
+            due = min(due, self._last_fsync + self.fsync_interval)
+        if self._held:
+            due = min(due, self._held_until)
+        return due
+
+    def _do_due_work(self) -> None:
+        self._serve_due()
+        if self.retention.trim_consumed and time.monotonic() >= self._next_trim:
+            try:
+                self._trim_consumed()
+            except Exception:
+                log.exception("trimming consumed records failed on %s", self.db_path)
+            self._next_trim = time.monotonic() + self._trim_interval
+        if time.monotonic() >= self._next_retention:
+            try:
+                self._retain(None)
+            except Exception:
+                log.exception("retention pass failed on %s", self.db_path)
+            self._next_retention = time.monotonic() + self._retention_interval
+
+    def _serve_due(self) -> None:
+        """Commits held cursor moves whose wait is over and fsyncs (sync="interval") when the interval is."""
+        if self._held and time.monotonic() >= self._held_until:
+            held, self._held = self._held, []
+            self._commit_writes(held)
+        if self._unsynced:
+            self._sync_if_due()
+
+    def _apply_retention(self, op: _Retain) -> int:
+        trimmed = self._trim_consumed()
+        return trimmed if op.trim_only else trimmed + self._retain(op.now)
+
     def _take(self, timeout: float) -> list[_Op]:
         ops, self._deferred = self._deferred, []
         if not ops:
@@ -502,24 +611,21 @@ class LocalStore:
             except queue.Empty:
                 return []
         self._drain(ops)
-        if self.cursor_delay and all(isinstance(op, _Cursor) for op in ops):
-            self._gather_cursors(ops)
-        return ops
+        return self._with_held(ops)
 
-    def _gather_cursors(self, ops: list[_Op]) -> None:
-        """Cursor moves alone wait up to `cursor_delay` for company: a store shared with another writing
-        process (delivery in its own process) then takes a few transactions per second for them, not one
-        per page, each holding the write lock through an fsync. Anything else ends the wait."""
-        deadline = time.monotonic() + self.cursor_delay
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                op = self._queue.get(timeout=left)
-            except queue.Empty:
-                return
-            ops.append(op)
-            if not isinstance(op, _Cursor):
-                self._drain(ops)
-                return
+    def _with_held(self, ops: list[_Op]) -> list[_Op]:
+        """Lazy cursor moves alone (`commit_cursor_later`) are held up to `cursor_delay` for company: the
+        next append's commit takes them along, so they cost no transaction and no fsync of their own (and a
+        store shared with the delivery process takes a few per second, not one per page, each holding the
+        write lock through an fsync). Anything else takes the held moves along, first (they are older)."""
+        if self.cursor_delay and ops and all(isinstance(op, _Cursor) and op.lazy for op in ops):
+            if not self._held:
+                self._held_until = time.monotonic() + self.cursor_delay
+            self._held += ops
+            return []
+        if self._held and ops:
+            ops, self._held = [*self._held, *ops], []
+        return ops
 
     def _drain(self, ops: list[_Op]) -> None:
         n = sum(len(op.rows) for op in ops if isinstance(op, _Append))
@@ -587,7 +693,7 @@ class LocalStore:
     def _fail_pending(self, exc: BaseException) -> None:
         with self._lock:
             self._closed = True
-        pending = self._deferred
+        pending = [*self._held, *self._deferred]
         with contextlib.suppress(queue.Empty):
             while True:
                 pending.append(self._queue.get_nowait())
@@ -638,11 +744,7 @@ class LocalStore:
                     rows.extend((s, t, now, k, p) for s, (t, k, p) in zip(new, a.rows, strict=True))
                     per_topic.update(t for t, _, _ in a.rows)
                 _insert_events(conn, rows)
-                conn.executemany(
-                    "INSERT INTO topics (topic, count) VALUES (?, ?) "
-                    "ON CONFLICT (topic) DO UPDATE SET count = count + excluded.count",
-                    per_topic.items(),
-                )
+                conn.executemany(_COUNT_APPENDS, per_topic.items())
                 if cursors:
                     conn.executemany(
                         "INSERT INTO cursors (consumer, topic, seq) VALUES (?, ?, ?) "
@@ -703,10 +805,9 @@ class LocalStore:
         """Between retention chunks: commit queued appends now, keep anything else for the main loop."""
         ops: list[_Op] = []
         self._drain(ops)
-        self._commit_writes(ops)
-        if self._unsynced:
-            self._sync_if_due()
         self._deferred.extend(op for op in ops if isinstance(op, _Retain | _Stop))
+        self._commit_writes(self._with_held([op for op in ops if not isinstance(op, _Retain | _Stop)]))
+        self._serve_due()
 
     def _retain(self, now: float | None) -> int:
         now = time.time() if now is None else now
@@ -732,13 +833,61 @@ class LocalStore:
             return self._delete(conn, where, order, params, limit)
 
     def _trim_topic(self, topic: str, keep: int) -> int:
+        consumer = self.retention.consumer_of(topic)
         with self._transaction() as conn:
             # Re-read inside the transaction: another process may have trimmed since we listed the topics.
             row = conn.execute("SELECT count FROM topics WHERE topic = ?", (topic,)).fetchone()
             excess = 0 if row is None else row[0] - keep
             if excess <= 0:
                 return 0
-            return self._delete(conn, "topic = ?", "seq", (topic,), min(excess, _RETENTION_CHUNK))
+            if consumer is None:
+                return self._delete(conn, "topic = ?", "seq", (topic,), min(excess, _RETENTION_CHUNK))
+            # Never past the consumer's cursor (a delivery spool: what the broker has not acknowledged yet).
+            upto = self._cursor_in(conn, consumer, topic)
+            return self._delete(conn, "topic = ? AND seq <= ?", "seq", (topic, upto), min(excess, _RETENTION_CHUNK))
+
+    @staticmethod
+    def _cursor_in(conn: sqlite3.Connection, consumer: str, topic: str) -> int:
+        row = conn.execute("SELECT seq FROM cursors WHERE consumer = ? AND topic = ?", (consumer, topic)).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def _trim_consumed(self) -> int:
+        """Deletes the records `retention.trim_consumed` allows, in chunks (appends are served in between)."""
+        total = 0
+        while True:
+            n = self._trim_chunk()
+            total += n
+            if n < _TRIM_CHUNK:
+                return total
+            self._serve_writes()
+            if _STOP in self._deferred:  # closing: the rest waits for the next start's pass
+                return total
+
+    def _trimmable(self) -> list[tuple[str, str]]:
+        """(topic, consumer) of the rules' topics with records at or below the consumer's cursor."""
+        retention = self.retention
+        return [(topic, consumer)
+                for consumer in dict.fromkeys(rule.consumer for rule in retention.trim_consumed)
+                for topic, _ in self._wconn.execute(_TRIMMABLE_SQL, (consumer,)).fetchall()
+                if retention.consumer_of(topic) == consumer]
+
+    def _trim_chunk(self) -> int:
+        """One transaction deleting up to a chunk of consumed records, over every topic that has some (one
+        commit, and with sync="full" one fsync, for all of them)."""
+        trimmable = self._trimmable()
+        if not trimmable:
+            return 0
+        left = _TRIM_CHUNK
+        with self._transaction() as conn:
+            for topic, consumer in trimmable:
+                # The cursor as of now, under the write lock: another process may have moved it.
+                n = conn.execute(_TRIM_SQL, (topic, self._cursor_in(conn, consumer, topic), left)).rowcount
+                if n > 0:
+                    conn.execute("UPDATE topics SET count = count - ? WHERE topic = ?", (n, topic))
+                    left -= n
+                if not left:
+                    break
+        return _TRIM_CHUNK - left
 
     @staticmethod
     def _delete(
@@ -754,10 +903,10 @@ class LocalStore:
                 (*params, limit),
             ).fetchall()
         )
+        # An emptied topic keeps its row (count 0): its `appended` counter must never go back.
         conn.executemany(
             "UPDATE topics SET count = count - ? WHERE topic = ?", [(n, t) for t, n in gone.items()]
         )
-        conn.execute("DELETE FROM topics WHERE count <= 0")
         return gone.total()
 
     def _notify(self) -> None:
@@ -807,7 +956,15 @@ class LocalStore:
     def topics(self) -> dict[str, int]:
         """Topic -> number of stored events (topics emptied by retention are absent)."""
         with self._reader() as conn:
-            return dict(conn.execute("SELECT topic, count FROM topics ORDER BY topic").fetchall())
+            return dict(conn.execute("SELECT topic, count FROM topics WHERE count > 0 ORDER BY topic").fetchall())
+
+    def appended(self) -> dict[str, int]:
+        """Topic -> records appended to it by any writer, counted since the store file has the counter (only
+        its growth means anything). Retention and trimming never lower it, so unlike `topics()` a growth
+        always means appends (what backpressure counts other processes' appends with)."""
+        with self._reader() as conn:
+            column = self._appended_column
+            return dict(conn.execute(f"SELECT topic, {column} FROM topics ORDER BY topic").fetchall())
 
     def cursor(self, consumer: str, topic: str) -> int:
         """Last committed seq of this consumer on this topic, 0 if none."""

@@ -5,7 +5,8 @@ appenders; the three fsync policies at batch 1 with 1, 8 and 64 appenders (appen
 fsyncs/s), also on a simulated slow disk; a 300-record append beside a busy thread (one INSERT per row
 against multi-row INSERTs, default against the gateway's switch interval); a raw append-only segment
 file (write + fdatasync per group, the ceiling any hand-rolled segment log could reach) for comparison;
-read throughput; and recovery time after SIGKILL. Writes bench/results/store.json and bench/results/store.png.
+read throughput; the cost of trimming delivered spool records; and recovery time after SIGKILL. Writes
+bench/results/store.json and bench/results/store.png.
 Run: .venv/bin/python bench/store.py [--seconds 1.0] [--fsync-interval-ms 5]
 """
 
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from umcef.adapters.local import LocalStore, Record, SyncPolicy
+from umcef.adapters.local import LocalStore, Record, Retention, SyncPolicy, TrimConsumed
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SYNC_MODES: tuple[SyncPolicy, ...] = ("full", "interval", "normal")
@@ -226,6 +227,36 @@ def reads(directory: Path, events: int) -> dict[str, float]:
         out["read_all_read_only_store_per_s"] = n / (time.perf_counter() - t0)
     out["db_bytes_per_event"] = (directory / "events.db").stat().st_size / events
     return out
+
+
+def trim_cost(directory: Path, rounds: int = 5, per_round: int = 10_000) -> dict[str, float]:
+    """Deleting delivered spool records (`Retention.trim_consumed`), as the gateway does every second: each
+    round appends `per_round` records to a spool, interleaved with as many to a local topic (so the spool's
+    rows share pages with others, as in a gateway), in commits of 100 + 100; moves the delivery cursor past
+    them and times the trim pass (sync full: a commit and an fsync per 1,000 records). Medians over rounds."""
+    spool = "_spool.k"
+    retention = Retention(None, None, (TrimConsumed("_spool.", "delivery"),))
+    trims: list[float] = []
+    appends: list[float] = []
+    with LocalStore(directory, sync="full", retention=retention, trim_interval=3600) as store:
+        for r in range(rounds):
+            last, t0 = 0, time.perf_counter()
+            for i in range(0, per_round, 100):
+                batch = [Record(t, PAYLOAD, f"k{r}-{i}-{j}") for j in range(100) for t in (spool, "orders")]
+                last = store.append_sync(batch)[-2]
+            appends.append((time.perf_counter() - t0) / (2 * per_round))
+            store.commit_cursor("delivery", spool, last)
+            t0 = time.perf_counter()
+            trimmed = store.trim_consumed()
+            trims.append((time.perf_counter() - t0) / trimmed)
+        assert spool not in store.topics()
+    return {
+        "trim_us_per_record": 1e6 * statistics.median(trims),
+        "trim_ms_per_pass": 1e3 * statistics.median(trims) * per_round,
+        "trim_ms_per_chunk_of_1000": 1e3 * statistics.median(trims) * 1000,  # what an append may wait behind
+        "append_us_per_record_batch200": 1e6 * statistics.median(appends),
+        "records_per_pass": per_round,
+    }
 
 
 _VICTIM = textwrap.dedent(
@@ -483,6 +514,10 @@ def main() -> None:
         results["read"] = reads(base / "read", args.read_events)
         for k, v in results["read"].items():
             print(f"  {k:34} {v:12,.1f}")
+        results["trim"] = trim_cost(base / "trim")
+        print("trimming delivered spool records (sync full), medians:")
+        for k, v in results["trim"].items():
+            print(f"  {k:34} {v:12,.2f}")
         slow = slow_disk(args.slow_fsync_ms, base, 0.6, fsync_interval)
         if slow is not None:
             results["slow_disk"] = {"added_fsync_ms": args.slow_fsync_ms, **slow}

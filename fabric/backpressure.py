@@ -5,8 +5,9 @@ Depths are counted in memory, never queried from the store on the hot path: the 
 appended to `_spool.*` topics (per destination, events and encoded bytes), the delivery workers report
 what left each spool (acknowledged, moved by failover or dead-lettered), and the gateway seeds the
 counts at start with what an earlier run left. Other processes append to spools too (`umcef dlq
-replay`): off the hot path, the gateway looks at the store's record count per spool every half second
-and counts what a spool gained beyond what this process was told of (`reconcile`). A batch is checked
+replay`): off the hot path, the gateway looks at the store's appended counter per spool every half
+second and counts what a spool gained beyond what this process was told of (`reconcile`). Not the record
+count: delivered records are trimmed from the spools all the time, which would hide those appends. A batch is checked
 after routing, against the spools of the destinations its events were routed to: reservations are
 taken synchronously before the durable write, so concurrent batches cannot overshoot a watermark
 together. Above a watermark the pipeline raises `Overloaded` (HTTP 429 + Retry-After, gRPC
@@ -53,7 +54,7 @@ class Lane:
         self.added = 0  # events appended to this spool in this run (plus the depth found at start)
         self.added_bytes = 0
         self.foreign = 0  # appended by other processes, as of the last `reconcile`
-        self._baseline = (0, 0)  # (records stored in the spool, added) when counting began
+        self._baseline = (0, 0)  # (the store's appended counter of the spool, added) when counting began
         self.reserved = 0  # events of batches between the check and the end of their durable write
         self.reserved_bytes = 0
         # Byte depth: the spool drains in order, page by page, so the bytes drained are those of the
@@ -71,19 +72,20 @@ class Lane:
         if self.track_bytes and events:
             self._marks.append((self.added, self.added_bytes))
 
-    def baseline(self, stored: int) -> None:
-        """The store holds `stored` records in this spool now, and `added` accounts for them (the depth found
-        at start): `reconcile` compares later record counts with these."""
-        self._baseline = (stored, self.added)
+    def baseline(self, appended: int) -> None:
+        """The store's appended counter of this spool (`LocalStore.appended`) is `appended` now, and `added`
+        accounts for the records it holds (the depth found at start): `reconcile` compares later values."""
+        self._baseline = (appended, self.added)
 
-    def reconcile(self, stored: int) -> int:
-        """`stored`: the records the store holds in this spool now, whoever appended them. What it gained since
+    def reconcile(self, appended: int) -> int:
+        """`appended`: the store's appended counter of this spool now, whoever appended. What it gained since
         the baseline beyond what this process was told of (its own appends, failover moves and dead letters
-        reported by delivery) another process appended. Recomputed at every look, so a count that raced an
-        append being reported is right again at the next one. Returns the change."""
-        base_stored, base_added = self._baseline
+        reported by delivery) another process appended; deletions (trimming what was delivered, retention)
+        do not lower it. Recomputed at every look, so a count that raced an append being reported is right
+        again at the next one. Returns the change."""
+        base_appended, base_added = self._baseline
         known = self.added - base_added + self.spooled_in()
-        foreign = max(0, stored - base_stored - known)  # retention may have deleted records: never below zero
+        foreign = max(0, appended - base_appended - known)
         change, self.foreign = foreign - self.foreign, foreign
         return change
 
@@ -152,9 +154,9 @@ class SpoolGauge:
                 lane.add(count)
                 self.spooled += count
 
-    def reconcile(self, stored: Mapping[Lane, int]) -> None:
-        """`stored`: the records the store holds in each lane's spool now (`Lane.reconcile`)."""
-        for lane, count in stored.items():
+    def reconcile(self, appended: Mapping[Lane, int]) -> None:
+        """`appended`: the store's appended counter of each lane's spool now (`Lane.reconcile`)."""
+        for lane, count in appended.items():
             self.foreign += lane.reconcile(count)
 
     @property

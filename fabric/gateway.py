@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from umcef.adapters import open_adapter
-from umcef.adapters.local import LocalStore, Retention
+from umcef.adapters.local import LocalStore, Retention, TrimConsumed
 from umcef.fabric.backpressure import CLASSES, Lane, SpoolGauge, backlog
 from umcef.fabric.config import DEAD_LETTER, Config, SpoolLimit
 from umcef.fabric.deadletter import DeadLetterQueue
 from umcef.fabric.dedup import DedupStore, DedupWindow
-from umcef.fabric.delivery import CURSOR_GROUP, DeliveryWorker
+from umcef.fabric.delivery import CURSOR_GROUP, SPOOL_PREFIX, DeliveryWorker
 from umcef.fabric.delivery_host import DeliveryHost, destination_topics, finish
 from umcef.fabric.delivery_host import RoutedAdapter as RoutedAdapter  # where tests and users found it
 from umcef.fabric.ingress.http_server import start_http_server
@@ -30,9 +30,22 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("umcef.gateway")
 
-# How often the gateway counts the records in the delivery spools, for the appends of other processes (`umcef dlq
-# replay`): one small query (the store's per-topic counts), never on the ingress path.
+# How often the gateway looks for appends of other processes to the delivery spools (`umcef dlq replay`): one
+# small query (the store's per-topic appended counters), never on the ingress path.
 SPOOL_LOOK_SECONDS = 0.5
+# A delivery spool keeps a record only until its worker's cursor passed it (the broker acknowledged it, or it
+# was dead-lettered or moved by failover). `_deadletter` and local destinations' topics (no leading `_`
+# allowed) never match the prefix: they age out by `store.max_age_seconds` / `max_events_per_topic` only.
+TRIM_DELIVERED = TrimConsumed(SPOOL_PREFIX, CURSOR_GROUP)
+# How often delivered spool records are deleted. At 10,000 events/s a spool then holds ~10,000 delivered
+# records (~7 MB) beyond the undelivered ones. The cost is per record deleted (~5 us, bench/store.py), so a
+# longer interval saves nothing but grows the spool; a pass with nothing to delete is one index probe per
+# spool and takes no write lock, one that deletes pays a commit (an fsync with sync: full) per 1,000 records.
+TRIM_SECONDS = 1.0
+# How long a delivery worker's cursor move (`commit_cursor_later`) may wait to ride on the next append's commit
+# instead of committing (and fsyncing) alone: a lost move only redelivers, and anything a caller waits for
+# ends the wait.
+CURSOR_DELAY_SECONDS = 0.1
 
 
 def build_router(config: Config, estimator: Estimator | None = None) -> Router:
@@ -45,13 +58,14 @@ def build_router(config: Config, estimator: Estimator | None = None) -> Router:
     return Router(compile_table(routing, estimator.slot), estimator, sample_every=routing.explain_sample_every)
 
 
-def open_store(config: Config, cursor_delay: float = 0.0, *, retain: bool = True) -> LocalStore:
-    """`retain=False`: another process applies the retention to this store (the gateway's, when delivery runs
-    in its own process), so it runs once per store, not once per writer."""
-    retention = Retention(config.store.max_age_seconds, config.store.max_events_per_topic) if retain \
-        else Retention(None, None)
+def open_store(config: Config, cursor_delay: float = CURSOR_DELAY_SECONDS, *, retain: bool = True) -> LocalStore:
+    """`retain=False`: another process applies the retention (and trims delivered spool records) to this store
+    (the gateway's, when delivery runs in its own process), so it runs once per store, not once per writer."""
+    retention = Retention(config.store.max_age_seconds, config.store.max_events_per_topic, (TRIM_DELIVERED,)) \
+        if retain else Retention(None, None)
     return LocalStore(config.data_dir, sync=config.store.sync, retention=retention,  # type: ignore[arg-type]
-                      fsync_interval=config.store.fsync_interval, cursor_delay=cursor_delay)
+                      fsync_interval=config.store.fsync_interval, cursor_delay=cursor_delay,
+                      trim_interval=TRIM_SECONDS)
 
 
 def build_dedup(config: Config) -> DedupStore:
@@ -161,9 +175,9 @@ class Gateway:
             lane.add(events, nbytes)
             gauge.add(events)
             self._spool_topics[lane] = dest.topic
-        stored = self.store.topics()
+        appended = self.store.appended()
         for lane, topic in self._spool_topics.items():
-            lane.baseline(stored.get(topic, 0))
+            lane.baseline(appended.get(topic, 0))
         return gauge
 
     def _backlog(self, topic: str, max_events: int | None, max_bytes: int | None) -> tuple[int, int]:
@@ -183,15 +197,16 @@ class Gateway:
 
     async def _look_at_spools(self) -> None:
         """Backpressure counts what other processes (`umcef dlq replay`) append to the delivery spools: the
-        store's record count per spool against what this process was told of (`SpoolGauge.reconcile`)."""
+        store's appended counter per spool against what this process was told of (`SpoolGauge.reconcile`).
+        Not the record count: trimming lowers that all the time and would hide their appends."""
         while True:
             await asyncio.sleep(SPOOL_LOOK_SECONDS)
             try:
-                stored = self.store.topics()
+                appended = self.store.appended()
             except Exception as exc:  # the next look may succeed; ingress goes on with the counts it has
                 log.warning("counting the delivery spools failed: %r", exc)
                 continue
-            self.spool_gauge.reconcile({lane: stored.get(topic, 0) for lane, topic in self._spool_topics.items()})
+            self.spool_gauge.reconcile({lane: appended.get(topic, 0) for lane, topic in self._spool_topics.items()})
 
     def _drained(self) -> int:
         if self.delivery_process is not None:

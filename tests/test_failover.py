@@ -144,7 +144,8 @@ async def test_ejected_destination_fails_over_and_pinned_events_wait_then_dead_l
     free_ids = {e["id"] for e in free}
     seen = await kafka_ids(kafka_broker.bootstrap, topic, free_ids)
     assert seen == free_ids  # every free event moved to us and was delivered; no pinned event leaked there
-    assert [e["id"] for e in stored(gateway, spool_topic("us"))] == sorted(free_ids, key=lambda i: int(i[2:]))
+    # They went through us's spool (delivered records are trimmed from it, so its appended counter tells).
+    assert gateway.store.appended()[spool_topic("us")] == 20
     for entry in dead().values():
         assert entry["fabricdest"] == "eu" and entry["fabricattempts"] >= 1
         assert entry["fabricreason"].startswith(NO_HEALTHY)
@@ -154,13 +155,13 @@ async def test_ejected_destination_fails_over_and_pinned_events_wait_then_dead_l
     worker = gateway.workers["eu"]
     assert worker.moved == 20 and worker.delivered == 0
     await wait_for(lambda: gateway.store.cursor(CURSOR_GROUP, spool_topic("eu"))
-                   == gateway.store.last_seq(spool_topic("eu")), what="the eu cursor")
+                   >= gateway.store.last_seq(spool_topic("eu")), what="the eu cursor past every eu record")
     assert gateway.spool_gauge.depth == 0
 
     # While eu is ejected new events go straight to us; pinned ones are held for eu (residency): spooled there,
     # counted against eu's spool (backpressure), they wait like the events already there, then dead-letter.
     await post(gateway, [order(50), order(150, dataregulation="GDPR")])
-    assert [e["id"] for e in stored(gateway, spool_topic("us"))][-1] == "o-50"
+    assert gateway.store.appended()[spool_topic("us")] == 21  # o-50 (checked in Kafka below)
     assert [e["id"] for e in stored(gateway, spool_topic("eu"))][-1] == "o-150" and "o-150" not in dead()
     assert gateway.spool_gauge.lanes["eu"].depth == 1
     await wait_for(lambda: "o-150" in dead(), what="the held pinned event to be dead-lettered at its maximum age")
@@ -171,7 +172,8 @@ async def test_ejected_destination_fails_over_and_pinned_events_wait_then_dead_l
         "us: residency: US not allowed)")
     # (the worker counts the dead letter once its append returns, a moment after the test can read it)
     await wait_for(lambda: gateway.spool_gauge.lanes["eu"].depth == 0, what="eu's spool depth back to 0")
-    assert "o-150" not in await kafka_ids(kafka_broker.bootstrap, topic, free_ids | {"o-50"})
+    seen = await kafka_ids(kafka_broker.bootstrap, topic, free_ids | {"o-50"})
+    assert "o-50" in seen and "o-150" not in seen
 
 
 def test_router_failover_waits_for_a_hold_and_moves_to_a_healthy_or_merely_slow_destination() -> None:

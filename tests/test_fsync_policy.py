@@ -134,6 +134,24 @@ async def test_cursor_moves_resolve_with_the_fsync(store: LocalStore, shim: Fsyn
     await asyncio.wait_for(moved, 5)
 
 
+async def test_a_held_cursor_move_does_not_delay_the_fsync_of_parked_appends(tmp_path: Path, shim: FsyncShim) -> None:
+    # The move waits up to an hour for company; the append committed before it must still be fsynced (and
+    # acknowledged) when its interval is up, not when the move's wait ends.
+    s = LocalStore(tmp_path, sync="interval", fsync_interval=0.2, cursor_delay=3600)
+    try:
+        await s.append(records("a", 1))  # idle store: fsynced at once; the next fsync is due 0.2 s later
+        parked = asyncio.ensure_future(s.append(records("a", 1, "p")))
+        await settle(lambda: s.commit_count == 2, "the second append's commit")  # committed, waiting for fsync
+        held = asyncio.wrap_future(s.commit_cursor_later("c", "a", 2))
+        assert await asyncio.wait_for(parked, 10) == [2]
+        assert s.fsync_count == 2 and s.commit_count == 2 and not held.done()  # the move is still waiting
+        assert await s.append(records("a", 1, "n")) == [3]  # and rides on the next append's commit and fsync
+        await asyncio.wait_for(held, 5)
+        assert s.commit_count == 3 and s.cursor("c", "a") == 2
+    finally:
+        s.close()
+
+
 async def test_close_fsyncs_and_resolves_what_is_pending(tmp_path: Path, shim: FsyncShim) -> None:
     s = LocalStore(tmp_path, sync="interval", fsync_interval=1.0)
     await s.append(records("a", 1))  # fsynced at once: the next fsync would be due in 1 s
