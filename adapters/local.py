@@ -273,6 +273,9 @@ class LocalStore:
             raise ValueError(
                 f"fsync_interval must be above 0 and at most {MAX_FSYNC_INTERVAL:g} seconds, not {fsync_interval!r}"
             )
+        for name, value in (("retention_interval", retention_interval), ("trim_interval", trim_interval)):
+            if not value > 0:  # the writer would run that pass on every turn, never waiting for work
+                raise ValueError(f"{name} must be above 0 seconds, not {value!r}")
         self.path = Path(path)
         self.db_path = self.path / DB_FILENAME
         self.sync = sync
@@ -288,6 +291,7 @@ class LocalStore:
         self._listeners: dict[str, tuple[asyncio.AbstractEventLoop, CommitListener]] = {}
         self._queue: queue.SimpleQueue[_Op] = queue.SimpleQueue()
         self._deferred: list[_Op] = []
+        self._turn: list[_Op] = []  # what the writer took from the queue last (failed with it if the writer dies)
         self._commits = 0
         self._writer: threading.Thread | None = None
         self._last_written = 0
@@ -535,7 +539,7 @@ class LocalStore:
         self._next_retention = self._next_trim = time.monotonic()
         try:
             while True:
-                ops = self._take(max(0.0, self._next_due() - time.monotonic()))
+                ops = self._turn = self._take(max(0.0, self._next_due() - time.monotonic()))
                 self._commit_writes(ops)
                 stopping = bool(ops) and ops[-1] is _STOP  # close() guarantees nothing is queued after it
                 if not stopping:
@@ -693,13 +697,22 @@ class LocalStore:
     def _fail_pending(self, exc: BaseException) -> None:
         with self._lock:
             self._closed = True
+        failure = RuntimeError(f"local store writer failed: {exc!r}")
+        # Already taken (this turn's retention requests) or committed and waiting for an fsync: running, so
+        # failed here unless done (a failed fsync fails its own groups first).
+        started: list[_Append | _Cursor | _Retain] = [op for op in self._turn if isinstance(op, _Retain)]
+        for appends, _, cursors, _, _ in self._unsynced or ():
+            started += [*appends, *cursors]
+        for running in started:
+            if not running.future.done():
+                running.future.set_exception(failure)
         pending = [*self._held, *self._deferred]
         with contextlib.suppress(queue.Empty):
             while True:
                 pending.append(self._queue.get_nowait())
         for op in pending:
             if not isinstance(op, _Stop) and op.future.set_running_or_notify_cancel():
-                op.future.set_exception(RuntimeError(f"local store writer failed: {exc!r}"))
+                op.future.set_exception(failure)
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -814,8 +827,13 @@ class LocalStore:
         max_age, max_events = self.retention.max_age_seconds, self.retention.max_events_per_topic
         total = 0
         if max_age is not None:
+            # Never a topic a `trim_consumed` rule covers: its consumer has not consumed what is left (a
+            # delivery spool's undelivered events; its worker dead-letters them at their own maximum age).
+            rules = self.retention.trim_consumed
+            where = "stored_at < ?" + " AND substr(topic, 1, ?) != ?" * len(rules)
+            params = (now - max_age, *(v for rule in rules for v in (len(rule.prefix), rule.prefix)))
             while True:
-                n = self._delete_chunk("stored_at < ?", "stored_at", (now - max_age,), _RETENTION_CHUNK)
+                n = self._delete_chunk(where, "stored_at", params, _RETENTION_CHUNK)
                 total += n
                 if n < _RETENTION_CHUNK:
                     break

@@ -402,8 +402,8 @@ class _Parser:
                     limits.max_age_seconds is None or limits.max_age_seconds > store.max_age_seconds):
                 where = path if "max_age_seconds" in own else "delivery"
                 raise self.fail(f"{where}.max_age_seconds",
-                                f"expected at most store.max_age_seconds ({store.max_age_seconds:g}): store "
-                                f"retention would delete undelivered events silently, got {limits.max_age_seconds}")
+                                f"expected at most store.max_age_seconds ({store.max_age_seconds:g}): no event "
+                                f"waits longer than the store keeps records, got {limits.max_age_seconds}")
             out[name] = DestinationConfig(dest.name, dest.url, dest.scheme, dest.topic, dest.options, limits)
         self.dead_letter_loops(out, specs)
         return out

@@ -45,9 +45,6 @@ REPORT_SECONDS = 0.05  # how stale the ingress router's view of health and RTT m
 LOCK_FILE = "delivery.lock"
 LOCK_WAIT_SECONDS = 60.0  # a predecessor finishing its in-flight publishes (drain_seconds) fits easily
 START_SECONDS = 60.0
-# Cursor moves wait this long to share a transaction: the parent's group commits contend with ours for the
-# store's write lock (a waiting writer sleeps at least a millisecond), and a lost move only redelivers.
-CURSOR_DELAY_SECONDS = 0.1
 RESTART_BACKOFF = (0.5, 30.0)
 
 
@@ -235,7 +232,9 @@ async def _serve(config: Config, conn: multiprocessing.connection.Connection,
     try:
         # Retention is the gateway's (the parent's) alone: two writers deleting the same events would only
         # contend for the write lock, and a child's pass at each (re)start would not follow the schedule.
-        store = open_store(config, cursor_delay=CURSOR_DELAY_SECONDS, retain=False)
+        # (open_store's cursor delay matters more here: the parent's group commits contend with ours for the
+        # store's write lock, and a waiting writer sleeps at least a millisecond.)
+        store = open_store(config, retain=False)
         try:
             await _deliver(config, store, build_router(config), conn, nudges)
         finally:

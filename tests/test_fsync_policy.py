@@ -189,6 +189,47 @@ async def test_a_failed_fsync_fails_the_pending_appends_and_stops_the_writer(
         assert again.append_sync(records("a", 1))[0] > 1
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_failed_fsync_also_fails_a_retention_request_the_writer_had_taken(tmp_path: Path, shim: FsyncShim) -> None:
+    # The writer takes an append and a retention request in one turn; the append's commit makes an fsync due,
+    # which fails before the request is served: its caller must get the failure, not wait forever.
+    s = LocalStore(tmp_path, sync="interval", fsync_interval=0.05)
+    try:
+        shim.gate.clear()
+        first = s._append_future(records("a", 1))
+        assert shim.entered.wait(5)  # the writer is inside the first fsync, holding it for longer than an interval
+        second = s._append_future(records("a", 1, "b"))
+        answer: list[object] = []
+        asker = threading.Thread(target=lambda: answer.append(_outcome(s.apply_retention)))
+        asker.start()
+        threading.Event().wait(0.1)
+        shim.fail_from = 2
+        shim.gate.set()
+        assert first.result(5) == [1]
+        with pytest.raises(OSError):
+            second.result(5)
+        asker.join(5)
+        assert not asker.is_alive(), "apply_retention() never returned"
+        assert isinstance(answer[0], RuntimeError) and "writer failed" in str(answer[0])
+    finally:
+        s.close()
+
+
+def _outcome(call: object) -> object:
+    assert callable(call)
+    try:
+        return call()
+    except Exception as exc:
+        return exc
+
+
+@pytest.mark.parametrize("name", ["retention_interval", "trim_interval"])
+@pytest.mark.parametrize("value", [0, -1.0])
+def test_pass_intervals_must_be_positive(tmp_path: Path, name: str, value: float) -> None:
+    with pytest.raises(ValueError, match=f"{name} must be above 0"):
+        LocalStore(tmp_path, **{name: value})  # type: ignore[arg-type]
+
+
 def test_an_idle_store_fsyncs_every_commit_at_once(tmp_path: Path, shim: FsyncShim) -> None:
     # The interval bounds how often the writer fsyncs, it is not a delay added to every append: a commit
     # more than an interval after the last fsync is fsynced straight away.

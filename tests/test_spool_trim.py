@@ -130,6 +130,20 @@ def test_count_retention_never_deletes_what_the_consumer_has_not_consumed(tmp_pa
         assert seqs(s, "_spool.a") == spool[4:]
 
 
+def test_age_retention_never_deletes_what_the_consumer_has_not_consumed(tmp_path: Path) -> None:
+    # A gateway down longer than store.max_age_seconds: its spools' undelivered events must not go silently;
+    # its workers dead-letter them at their own maximum age (delivery.max_age_seconds) when they start.
+    with spool_store(tmp_path, retention=Retention(60, None, (RULE,))) as s:
+        spool = s.append_sync(records("_spool.a", 5))
+        s.append_sync(records("orders", 3))
+        s.append_sync(records("_spoolish", 2))  # not the rule's prefix (`_` is no wildcard here)
+        assert s.apply_retention(now=time.time() + 3600) == 5
+        assert s.topics() == {"_spool.a": 5}
+        s.commit_cursor(CURSOR_GROUP, "_spool.a", spool[1])
+        assert s.apply_retention(now=time.time() + 3600) == 2  # consumed: trimmed
+        assert seqs(s, "_spool.a") == spool[2:]
+
+
 def test_the_store_file_stops_growing_once_delivered_records_are_trimmed(tmp_path: Path) -> None:
     def pages() -> int:
         conn = sqlite3.connect(tmp_path / "events.db")
