@@ -103,6 +103,7 @@ class Gateway:
         self.topics = destination_topics(config)
         self._spool_topics: dict[Lane, str] = {}  # each remote destination's lane -> its spool topic
         self.spool_gauge = self._spool_gauge()
+        self._warn_of_orphan_spools()
         self.pipeline = build_pipeline(config, self.store, self.router, self.spool_gauge)
         # Delivery runs here (`delivery`) or in a second process (`delivery_process`), never both.
         self.delivery: DeliveryHost | None = None
@@ -151,6 +152,20 @@ class Gateway:
             self._spawn(runner.run(), f"source:{source.name}")
         self.endpoints = Endpoints(http_port, grpc_port)
         return self.endpoints
+
+    def _warn_of_orphan_spools(self) -> None:
+        """A spool whose destination is no longer configured keeps its undelivered events (no retention
+        deletes them): say so at start, or they would wait unseen."""
+        spools = {topic for lane, topic in self._spool_topics.items()}
+        for topic, count in self.store.topics().items():
+            if not topic.startswith(SPOOL_PREFIX) or topic in spools:
+                continue
+            cursor = self.store.cursor(CURSOR_GROUP, topic)
+            if self.store.last_seq(topic) > cursor:
+                log.warning("%s holds %d undelivered events (after seq %d) but destination %r is not configured: "
+                            "they wait until a gateway with it delivers them (`umcef tail --data-dir %s --topic %s "
+                            "--from-beginning` shows them)", topic, count, cursor, topic[len(SPOOL_PREFIX):],
+                            self.config.data_dir, topic)
 
     def _spool_gauge(self) -> SpoolGauge:
         """Backpressure: a lane per remote destination's spool, seeded with what an earlier run left."""

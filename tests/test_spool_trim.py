@@ -6,6 +6,7 @@ delivery worker's lazy cursor moves ride on append commits instead of committing
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import sqlite3
 import time
@@ -320,3 +321,19 @@ async def test_delivery_cursor_moves_ride_on_the_next_append_commit(make_gateway
     assert store.commit_count - commits <= n + 5, store.commit_count - commits
     await until(lambda: store.cursor(CURSOR_GROUP, spool_topic("k")) == store.appended()[spool_topic("k")], 30,
                 "the last cursor move committed on its own")
+
+
+async def test_a_spool_whose_destination_is_gone_is_named_at_start(
+        tmp_path: Path, make_gateway: GatewayFactory, caplog: pytest.LogCaptureFixture) -> None:
+    # No retention deletes a spool's undelivered events, so one left by a removed destination must not wait
+    # unseen: the gateway names it at start (and says nothing of a removed destination that had delivered all).
+    with LocalStore(tmp_path / "gw0", sync="normal") as store:  # make_gateway's first data_dir
+        store.append_sync(records(spool_topic("gone"), 3))
+        done = store.append_sync(records(spool_topic("done"), 2))
+        store.commit_cursor(CURSOR_GROUP, spool_topic("done"), done[-1])
+    with caplog.at_level(logging.WARNING, logger="umcef.gateway"):
+        await make_gateway()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "umcef.gateway"]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith("_spool.gone holds 3 undelivered events (after seq 0) but destination 'gone' "
+                                  "is not configured")
