@@ -156,15 +156,15 @@ class Gateway:
     def _warn_of_orphan_spools(self) -> None:
         """A spool whose destination is no longer configured keeps its undelivered events (no retention
         deletes them): say so at start, or they would wait unseen."""
-        spools = {topic for lane, topic in self._spool_topics.items()}
+        spools = set(self._spool_topics.values())
         for topic, count in self.store.topics().items():
             if not topic.startswith(SPOOL_PREFIX) or topic in spools:
                 continue
             cursor = self.store.cursor(CURSOR_GROUP, topic)
             if self.store.last_seq(topic) > cursor:
-                log.warning("%s holds %d undelivered events (after seq %d) but destination %r is not configured: "
-                            "they wait until a gateway with it delivers them (`umcef tail --data-dir %s --topic %s "
-                            "--from-beginning` shows them)", topic, count, cursor, topic[len(SPOOL_PREFIX):],
+                log.warning("%s holds %d undelivered events (after seq %d) but no configured destination %r "
+                            "delivers it: they wait until a gateway with it does (`umcef tail --data-dir %s --topic "
+                            "%s --from-beginning` shows them)", topic, count, cursor, topic[len(SPOOL_PREFIX):],
                             self.config.data_dir, topic)
 
     def _spool_gauge(self) -> SpoolGauge:

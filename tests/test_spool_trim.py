@@ -335,5 +335,5 @@ async def test_a_spool_whose_destination_is_gone_is_named_at_start(
         await make_gateway()
     warnings = [r.getMessage() for r in caplog.records if r.name == "umcef.gateway"]
     assert len(warnings) == 1, warnings
-    assert warnings[0].startswith("_spool.gone holds 3 undelivered events (after seq 0) but destination 'gone' "
-                                  "is not configured")
+    assert warnings[0].startswith("_spool.gone holds 3 undelivered events (after seq 0) but no configured "
+                                  "destination 'gone' delivers it")
