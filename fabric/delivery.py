@@ -297,7 +297,9 @@ class DeliveryWorker:
             feed.close()
             if self._cursor is not None:
                 with contextlib.suppress(Exception):  # the store closing under us: redelivery, not loss
-                    await asyncio.wrap_future(self._cursor)
+                    # Shielded: the move may wait in the store for company (`cursor_delay`), and a shutdown
+                    # deadline cancelling us meanwhile must not cancel it (the store commits it at close).
+                    await asyncio.shield(asyncio.wrap_future(self._cursor))
 
     def _may_launch(self, gathering: _Gathering, flights: deque[_Flight]) -> bool:
         """Per-key order: a page that shares a key with a page in flight publishes only after it, so it keeps
