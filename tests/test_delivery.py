@@ -88,16 +88,23 @@ def store(tmp_path: Path):  # type: ignore[no-untyped-def]
         yield opened
 
 
-async def test_a_worker_cancelled_while_its_last_cursor_move_waits_still_moves_the_cursor(tmp_path: Path) -> None:
-    # The move waits in the store for an append to share its commit (cursor_delay); a shutdown deadline that
-    # cancels the worker meanwhile must not cancel the move: it is committed when the store closes.
-    store = LocalStore(tmp_path / "gw", cursor_delay=60.0)
+async def deliver_locally(store: LocalStore, tmp_path: Path, n: int) -> tuple[
+        LocalStore, LocalAdapter, DeliveryWorker, asyncio.Task[None]]:
+    """A worker delivering `store`'s spool for `out` to a local store, once it delivered `n` spooled events."""
     remote = LocalStore(tmp_path / "remote")
     adapter = LocalAdapter("local://out", "out", remote, owns_store=True)
     worker = DeliveryWorker("out", adapter, store, DeadLetterQueue(store), policy=FAST)
     task = asyncio.create_task(worker.run())
-    await spool(store, "out", [event(i) for i in range(5)])
-    await wait_until(lambda: worker.delivered == 5)
+    await spool(store, "out", [event(i) for i in range(n)])
+    await wait_until(lambda: worker.delivered == n)
+    return remote, adapter, worker, task
+
+
+async def test_a_worker_cancelled_while_its_last_cursor_move_waits_still_moves_the_cursor(tmp_path: Path) -> None:
+    # The move waits in the store for an append to share its commit (cursor_delay); a shutdown deadline that
+    # cancels the worker meanwhile must not cancel the move: it is committed when the store closes.
+    store = LocalStore(tmp_path / "gw", cursor_delay=60.0)
+    _, adapter, worker, task = await deliver_locally(store, tmp_path, 5)
     await worker.stop()
     await asyncio.sleep(0.1)  # the worker is in its `finally`, waiting for the held move
     assert not task.done() and store.cursor(CURSOR_GROUP, spool_topic("out")) == 0
@@ -111,12 +118,7 @@ async def test_a_worker_cancelled_while_its_last_cursor_move_waits_still_moves_t
 
 
 async def test_worker_delivers_to_a_real_adapter_and_moves_the_cursor(store: LocalStore, tmp_path: Path) -> None:
-    remote = LocalStore(tmp_path / "remote")
-    adapter = LocalAdapter("local://out", "out", remote, owns_store=True)
-    worker = DeliveryWorker("out", adapter, store, DeadLetterQueue(store), policy=FAST)
-    task = asyncio.create_task(worker.run())
-    await spool(store, "out", [event(i) for i in range(50)])
-    await wait_until(lambda: worker.delivered == 50)
+    remote, adapter, worker, task = await deliver_locally(store, tmp_path, 50)
     await spool(store, "out", [event(i) for i in range(50, 60)])
     await wait_until(lambda: worker.delivered == 60)
     await worker.stop()
