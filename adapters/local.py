@@ -95,15 +95,19 @@ _COUNT_APPENDS: Final = (
     "ON CONFLICT (topic) DO UPDATE SET count = count + excluded.count, appended = appended + excluded.count"
 )
 # Trimming consumed records: a range of the (topic, seq) index, oldest first, one chunk per transaction.
-_TRIM_SQL: Final = (
-    "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE topic = ? AND seq <= ? ORDER BY seq LIMIT ?)"
-)
+_CONSUMED: Final = "topic = ? AND seq <= ?"
 # Which cursors of a consumer have anything at or below them to trim: one index probe per cursor, outside
 # any write transaction, so an idle pass takes no write lock and writes nothing.
 _TRIMMABLE_SQL: Final = (
-    "SELECT c.topic, c.seq FROM cursors c WHERE c.consumer = ? "
+    "SELECT c.topic FROM cursors c WHERE c.consumer = ? "
     "AND EXISTS (SELECT 1 FROM events e WHERE e.topic = c.topic AND e.seq <= c.seq)"
 )
+
+
+def _delete_sql(where: str, order: str) -> str:
+    """Deletes up to `LIMIT ?` records matching `where`, in `order`, and returns their topics."""
+    return (f"DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE {where} ORDER BY {order} LIMIT ?) "
+            "RETURNING topic")
 
 
 @functools.lru_cache(maxsize=16)
@@ -156,8 +160,8 @@ class StoredEvent:
 @dataclass(frozen=True, slots=True)
 class TrimConsumed:
     """Topics whose name starts with `prefix` hold records only until `consumer` has consumed them: what is
-    at or below its cursor on the topic is deleted (every `trim_interval`), and count retention never
-    deletes above it. A topic without a cursor of `consumer` is left alone."""
+    at or below its cursor on the topic is deleted (every `trim_interval`), and age and count retention
+    leave such topics alone. A topic without a cursor of `consumer` is never trimmed."""
 
     prefix: str
     consumer: str
@@ -170,7 +174,7 @@ class TrimConsumed:
 @dataclass(frozen=True, slots=True)
 class Retention:
     """What the writer deletes: records older than `max_age_seconds`, all but the newest
-    `max_events_per_topic` of a topic (never above a `trim_consumed` consumer's cursor), and what
+    `max_events_per_topic` of a topic (neither on a topic a `trim_consumed` rule covers), and what
     `trim_consumed` rules say their consumers have consumed."""
 
     max_age_seconds: float | None = 7 * 24 * 3600
@@ -841,6 +845,8 @@ class LocalStore:
         if max_events is not None:
             over = self._wconn.execute("SELECT topic FROM topics WHERE count > ?", (max_events,)).fetchall()
             for (topic,) in over:
+                if self.retention.consumer_of(topic) is not None:
+                    continue  # (as for age: what trimming left there, its consumer has not consumed)
                 while n := self._trim_topic(topic, max_events):
                     total += n
                     self._serve_writes()
@@ -851,18 +857,13 @@ class LocalStore:
             return self._delete(conn, where, order, params, limit)
 
     def _trim_topic(self, topic: str, keep: int) -> int:
-        consumer = self.retention.consumer_of(topic)
         with self._transaction() as conn:
             # Re-read inside the transaction: another process may have trimmed since we listed the topics.
             row = conn.execute("SELECT count FROM topics WHERE topic = ?", (topic,)).fetchone()
             excess = 0 if row is None else row[0] - keep
             if excess <= 0:
                 return 0
-            if consumer is None:
-                return self._delete(conn, "topic = ?", "seq", (topic,), min(excess, _RETENTION_CHUNK))
-            # Never past the consumer's cursor (a delivery spool: what the broker has not acknowledged yet).
-            upto = self._cursor_in(conn, consumer, topic)
-            return self._delete(conn, "topic = ? AND seq <= ?", "seq", (topic, upto), min(excess, _RETENTION_CHUNK))
+            return self._delete(conn, "topic = ?", "seq", (topic,), min(excess, _RETENTION_CHUNK))
 
     @staticmethod
     def _cursor_in(conn: sqlite3.Connection, consumer: str, topic: str) -> int:
@@ -886,7 +887,7 @@ class LocalStore:
         retention = self.retention
         return [(topic, consumer)
                 for consumer in dict.fromkeys(rule.consumer for rule in retention.trim_consumed)
-                for topic, _ in self._wconn.execute(_TRIMMABLE_SQL, (consumer,)).fetchall()
+                for (topic,) in self._wconn.execute(_TRIMMABLE_SQL, (consumer,)).fetchall()
                 if retention.consumer_of(topic) == consumer]
 
     def _trim_chunk(self) -> int:
@@ -899,10 +900,7 @@ class LocalStore:
         with self._transaction() as conn:
             for topic, consumer in trimmable:
                 # The cursor as of now, under the write lock: another process may have moved it.
-                n = conn.execute(_TRIM_SQL, (topic, self._cursor_in(conn, consumer, topic), left)).rowcount
-                if n > 0:
-                    conn.execute("UPDATE topics SET count = count - ? WHERE topic = ?", (n, topic))
-                    left -= n
+                left -= self._delete(conn, _CONSUMED, "seq", (topic, self._cursor_in(conn, consumer, topic)), left)
                 if not left:
                     break
         return _TRIM_CHUNK - left
@@ -913,14 +911,7 @@ class LocalStore:
     ) -> int:
         # `order` must match an index (stored_at, or seq within the topic index): ordering by seq alone
         # would make the age check scan the whole table when nothing has expired.
-        gone = Counter(
-            t
-            for (t,) in conn.execute(
-                "DELETE FROM events WHERE seq IN "
-                f"(SELECT seq FROM events WHERE {where} ORDER BY {order} LIMIT ?) RETURNING topic",
-                (*params, limit),
-            ).fetchall()
-        )
+        gone = Counter(t for (t,) in conn.execute(_delete_sql(where, order), (*params, limit)).fetchall())
         # An emptied topic keeps its row (count 0): its `appended` counter must never go back.
         conn.executemany(
             "UPDATE topics SET count = count - ? WHERE topic = ?", [(n, t) for t, n in gone.items()]
@@ -987,10 +978,7 @@ class LocalStore:
     def cursor(self, consumer: str, topic: str) -> int:
         """Last committed seq of this consumer on this topic, 0 if none."""
         with self._reader() as conn:
-            row = conn.execute(
-                "SELECT seq FROM cursors WHERE consumer = ? AND topic = ?", (consumer, topic)
-            ).fetchone()
-        return 0 if row is None else int(row[0])
+            return self._cursor_in(conn, consumer, topic)
 
     async def follow(
         self, topic: str | None, after: int = 0, poll_interval: float = 0.1, *, batch: int = 1000

@@ -641,18 +641,21 @@ class Bench:
             60,
         )
         busy1 = cpu_busy()
-        broker1 = sum(thread_cpu([self.broker.process.proc.pid]).values())
-        consumer.stdin.write(f"{out['sent'] + 30}\n")  # + the load generator's 3 warm-up batches of 10
+        events = out["sent"] + 30  # + the load generator's 3 warm-up batches of 10
+        consumer.stdin.write(f"{events}\n")
         consumer.stdin.flush()
         text, _ = consumer.communicate(timeout=60)
         got = orjson.loads(text.strip().splitlines()[-1])
-        if got["count"] < out["sent"] + 30:
-            raise RuntimeError(f"{system}: only {got['count']} of {out['sent'] + 30} events reached Kafka")
+        if got["count"] < events:
+            raise RuntimeError(f"{system}: only {got['count']} of {events} events reached Kafka")
+        # CPU until every event is in Kafka, like the server's (a gateway's spool drains after its last 202).
         cpu1 = thread_cpu(server)
+        busy2 = cpu_busy()
+        broker1 = sum(thread_cpu([self.broker.process.proc.pid]).values())
         elapsed = out["finished"] - out["started"]
         delivered_at = got["last"]
         return {
-            "server_cpu": cpu_delta(cpu0, cpu1, out["sent"] + 30) if server else None,
+            "server_cpu": cpu_delta(cpu0, cpu1, events) if server else None,
             "server_cpu_share_of_one_core": (sum(cpu1.values()) - sum(cpu0.values()))
             / (max(delivered_at, out["finished"]) - out["started"])
             if server
@@ -664,24 +667,22 @@ class Bench:
             "statuses": out.get("statuses"),
             "events": out["sent"],
             "machine_cpu_busy_during_load": (busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1]),
-            # Every process's CPU per event while the load ran (server, Tansu, load generator, consumer,
+            # Every process's CPU per event until all were in Kafka (server, Tansu, load generator, consumer,
             # anything else on the machine), and Tansu's share: what the 2 cores had to pay per event.
-            "machine_cpu_us_per_event": (busy1[0] - busy0[0]) / os.sysconf("SC_CLK_TCK") / (out["sent"] + 30) * 1e6,
-            "broker_cpu_us_per_event": (broker1 - broker0) / (out["sent"] + 30) * 1e6,
+            "machine_cpu_us_per_event": (busy2[0] - busy0[0]) / os.sysconf("SC_CLK_TCK") / events * 1e6,
+            "broker_cpu_us_per_event": (broker1 - broker0) / events * 1e6,
         }
 
-    def latency(self, system: str, rate: int, batch: int, slot: int, warm_up: bool = True) -> dict[str, Any]:
+    def latency(self, system: str, rate: int, batch: int, slot: int, seconds: float | None = None,
+                warm_up: bool = True) -> dict[str, Any]:
         """One open-loop run on the slot's own topic, after an untimed half second on it: the gateway's (and the
         bridge's) producer meets that topic first there (a cold start is not steady latency)."""
         if warm_up:
-            seconds, self.lat_seconds = self.lat_seconds, 0.5
-            try:
-                self.latency(system, 200, 1, slot, warm_up=False)
-            finally:
-                self.lat_seconds = seconds
+            self.latency(system, 200, 1, slot, seconds=0.5, warm_up=False)
+        seconds = self.lat_seconds if seconds is None else seconds
         topic = self.lat_topics[system][slot]
         tag = f"{LATENCY_TAG}{slot:02d}{self.tag()}"
-        expected = int(rate * self.lat_seconds / batch) * batch
+        expected = int(rate * seconds / batch) * batch
         offsets = self.wm.offsets(topic)
         consumer = spawn_role(
             "consume",
@@ -691,7 +692,7 @@ class Bench:
                 "offsets": offsets,
                 "tag": tag,
                 "expected": expected,
-                "timeout": self.lat_seconds + 15,
+                "timeout": seconds + 15,
             },
         )
         assert consumer.stdout is not None
@@ -707,7 +708,7 @@ class Bench:
                 "batch": batch,
                 "rate": rate,
                 "concurrency": 1,
-                "duration": self.lat_seconds,
+                "duration": seconds,
             },
             60,
         )
@@ -790,11 +791,10 @@ class Bench:
         finally:
             for gateway in {*self.gateways.values(), *([self.gateway] if self.gateway else [])}:
                 gateway.stop()
-            for process in (bridge,):
-                if process is not None:
-                    process.terminate()
-                    with contextlib.suppress(Exception):
-                        process.wait(10)
+            if bridge is not None:
+                bridge.terminate()
+                with contextlib.suppress(Exception):
+                    bridge.wait(10)
             self.wm.close()
             self.broker.stop()
             shutil.rmtree(self.tmp, ignore_errors=True)  # spool, logs, profile (its top is in the JSON)

@@ -77,17 +77,15 @@ class Lane:
         accounts for the records it holds (the depth found at start): `reconcile` compares later values."""
         self._baseline = (appended, self.added)
 
-    def reconcile(self, appended: int) -> int:
+    def reconcile(self, appended: int) -> None:
         """`appended`: the store's appended counter of this spool now, whoever appended. What it gained since
         the baseline beyond what this process was told of (its own appends, failover moves and dead letters
         reported by delivery) another process appended; deletions (trimming what was delivered, retention)
         do not lower it. Recomputed at every look, so a count that raced an append being reported is right
-        again at the next one. Returns the change."""
+        again at the next one."""
         base_appended, base_added = self._baseline
         known = self.added - base_added + self.spooled_in()
-        foreign = max(0, appended - base_appended - known)
-        change, self.foreign = foreign - self.foreign, foreign
-        return change
+        self.foreign = max(0, appended - base_appended - known)
 
     @property
     def depth(self) -> int:
@@ -128,7 +126,7 @@ class SpoolGauge:
         self.max_in_flight_bytes = max_in_flight_bytes  # request bodies inside the pipeline (HTTP)
         self.route_classes: Mapping[str, int] = route_classes or {}  # routes[].priority_class by route name
         self.spooled = 0  # appended to spool topics by this process (plus the depth found at start)
-        self.foreign = 0  # appended to them by other processes (the lanes' `foreign`)
+        self.foreign = 0  # appended to them by other processes: the lanes' `foreign`, summed at each reconcile
         self.reserved = 0
         self._drained = drained
         self.lanes: dict[str, Lane] = {}  # destination name (and `_deadletter`, when it is spooled) -> lane
@@ -157,7 +155,8 @@ class SpoolGauge:
     def reconcile(self, appended: Mapping[Lane, int]) -> None:
         """`appended`: the store's appended counter of each lane's spool now (`Lane.reconcile`)."""
         for lane, count in appended.items():
-            self.foreign += lane.reconcile(count)
+            lane.reconcile(count)
+        self.foreign = sum(lane.foreign for lane in set(self.lanes.values()))  # kept as a number: `depth` is hot
 
     @property
     def depth(self) -> int:

@@ -64,11 +64,12 @@ def spool_records(events: Sequence[Event], destinations: Sequence[tuple[str, ...
         payload = encode(event)
         attributes = event.attributes
         key = attributes.get("partitionkey") or attributes["id"]
+        if type(key) is not str:
+            key = str(key)
         if len(names) == 1:  # the usual case, without a generator per event
-            records.append(Record(topics[names[0]], payload, key if type(key) is str else str(key), event))
+            records.append(Record(topics[names[0]], payload, key, event))
         else:
-            records.extend(Record(topics[name], payload, key if type(key) is str else str(key), event)
-                           for name in names)
+            records.extend(Record(topics[name], payload, key, event) for name in names)
     return records
 
 

@@ -214,11 +214,11 @@ class Pipeline:
         route = self.router.route
         route_classes = self.backpressure.route_classes if self.backpressure is not None else {}
         out: list[_Decided] = []
-        routes: tuple[str, ...] = ()
         for i, event in enumerate(events):
             routed = route(event)
+            routes: tuple[str, ...] = ()  # only asked for when a route has a priority class
             if isinstance(routed, tuple):
-                destinations, reason, routes = routed, None, ()
+                destinations, reason = routed, None
             else:
                 destinations, reason = routed.destinations, routed.reason
                 if route_classes:

@@ -8,6 +8,7 @@ import errno
 import os
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -202,7 +203,11 @@ def test_a_failed_fsync_also_fails_a_retention_request_the_writer_had_taken(tmp_
         answer: list[object] = []
         asker = threading.Thread(target=lambda: answer.append(_outcome(s.apply_retention)))
         asker.start()
-        threading.Event().wait(0.1)
+        deadline = time.monotonic() + 5
+        while s._queue.qsize() < 2:  # the second append and the retention request wait behind the fsync
+            assert time.monotonic() < deadline, "the retention request was never queued"
+            threading.Event().wait(0.005)
+        threading.Event().wait(0.1)  # held past the interval: once the gate opens, the next fsync is due at once
         shim.fail_from = 2
         shim.gate.set()
         assert first.result(5) == [1]
