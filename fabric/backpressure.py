@@ -82,9 +82,10 @@ class Lane:
         the baseline beyond what this process was told of (its own appends, failover moves and dead letters
         reported by delivery) another process appended; deletions (trimming what was delivered, retention)
         do not lower it. Recomputed at every look, so a count that raced an append being reported is right
-        again at the next one."""
+        again at the next one. Batches reserved here count as known: their commit may already be in the
+        counter before this process adds them (a look between the two must not count them twice)."""
         base_appended, base_added = self._baseline
-        known = self.added - base_added + self.spooled_in()
+        known = self.added - base_added + self.spooled_in() + self.reserved
         self.foreign = max(0, appended - base_appended - known)
 
     @property

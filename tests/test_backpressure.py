@@ -99,6 +99,21 @@ def test_appends_by_other_processes_are_what_the_store_gained_beyond_what_this_o
     assert lane.foreign == 0
 
 
+def test_a_batch_in_the_store_before_its_reservation_is_committed_is_not_counted_twice() -> None:
+    # The writer committed the batch and bumped the counter; the pipeline has not resumed to commit its
+    # reservation yet. A look in between must see it as this process's own (it is in `reserved`).
+    gauge = SpoolGauge(100)
+    lane = gauge.lane(Lane("eu", 50, drained=lambda: 0))
+    lane.baseline(appended=0)
+    demand = gauge.demand([("eu",)] * 40, [NORMAL] * 40)
+    assert gauge.reserve(demand) is None
+    gauge.reconcile({lane: 40})
+    assert (lane.foreign, lane.depth + lane.reserved) == (0, 40)
+    gauge.commit(demand, demand)
+    gauge.reconcile({lane: 40})
+    assert (lane.foreign, lane.depth, lane.reserved) == (0, 40, 0)
+
+
 def test_low_priority_is_shed_first() -> None:
     gauge, _ = lane_gauge(100, shed_low_at=0.5, shed_normal_at=0.8)
     forty = gauge.demand([("eu",)] * 40, [HIGH] * 40)
