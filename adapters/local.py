@@ -23,13 +23,14 @@ import threading
 import time
 from collections import Counter
 from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Final, Literal
+from typing import Final, Literal, NamedTuple
 
-__all__ = ["DB_FILENAME", "Committed", "LocalStore", "Record", "Retention", "StoredEvent", "SyncPolicy",
-           "TrimConsumed"]
+__all__ = ["DB_FILENAME", "Committed", "CursorMove", "CursorMoved", "LocalStore", "Record", "Retention", "StoredEvent",
+           "SyncPolicy", "TrimConsumed"]
 
 log = logging.getLogger(__name__)
 
@@ -186,11 +187,26 @@ class Retention:
         return next((rule.consumer for rule in self.trim_consumed if topic.startswith(rule.prefix)), None)
 
 
+class CursorMove(NamedTuple):
+    """A consumer's position set in an append's own transaction; with `expected`, only if the position committed
+    before it is that (else the append fails with `CursorMoved` and writes nothing)."""
+
+    consumer: str
+    topic: str
+    seq: int
+    expected: int | None = None
+
+
+class CursorMoved(Exception):
+    """An append's `CursorMove.expected` did not hold: another writer moved that cursor first."""
+
+
 @dataclass(slots=True)
 class _Append:
     rows: list[tuple[str, str | None, bytes]]
     future: concurrent.futures.Future[list[int]]
     records: Sequence[Record]
+    cursors: tuple[CursorMove, ...] = ()  # set in the records' transaction
 
 
 @dataclass(slots=True)
@@ -445,9 +461,15 @@ class LocalStore:
             rows.append((r.topic, r.key, payload))
         return rows
 
-    def _append_future(self, records: Sequence[Record]) -> concurrent.futures.Future[list[int]]:
+    def _append_future(self, records: Sequence[Record],
+                       cursors: Sequence[CursorMove | tuple[str, str, int]] = ()) -> Future[list[int]]:
+        moves = tuple(CursorMove(*move) for move in cursors)
+        for consumer, topic, seq, expected in moves:
+            if not (type(consumer) is str and type(topic) is str and type(seq) is int
+                    and (expected is None or type(expected) is int)):
+                raise TypeError(f"a cursor move is (str consumer, str topic, int seq[, int expected]), not {moves!r}")
         future: concurrent.futures.Future[list[int]] = concurrent.futures.Future()
-        self._submit(_Append(self._rows(records), future, records))
+        self._submit(_Append(self._rows(records), future, records, moves))
         return future
 
     async def append(self, records: Sequence[Record]) -> list[int]:
@@ -456,10 +478,14 @@ class LocalStore:
             return []
         return await asyncio.wrap_future(self._append_future(records))
 
-    def append_sync(self, records: Sequence[Record]) -> list[int]:
-        if not records:
+    def append_sync(self, records: Sequence[Record],
+                    cursors: Sequence[CursorMove | tuple[str, str, int]] = ()) -> list[int]:
+        """`append` from a thread without an event loop. `cursors`: positions set in the records' own transaction,
+        so that a crash leaves both or neither (moving records between topics); a move with `expected` makes the
+        append conditional on that cursor's committed position (`CursorMoved` otherwise, nothing written)."""
+        if not records and not cursors:
             return []
-        return self._append_future(records).result()
+        return self._append_future(records, cursors).result()
 
     def commit_cursor(self, consumer: str, topic: str, seq: int) -> None:
         """Durably sets the consumer's position (it may move backwards: that is how a replay is asked for)."""
@@ -745,6 +771,9 @@ class LocalStore:
         results: list[list[int]] = []
         try:
             with self._transaction() as conn:
+                if any(a.cursors for a in appends):
+                    appends = self._where_expected(conn, appends)
+                moves = self._moves(ops, appends, cursors)
                 # One statement reserves the seqs and reads where they start (see `_ROWS_PER_INSERT`).
                 total = sum(len(a.rows) for a in appends)
                 last = int(conn.execute("UPDATE counters SET value = value + ? WHERE name = 'last_seq' "
@@ -762,11 +791,11 @@ class LocalStore:
                     per_topic.update(t for t, _, _ in a.rows)
                 _insert_events(conn, rows)
                 conn.executemany(_COUNT_APPENDS, per_topic.items())
-                if cursors:
+                if moves:
                     conn.executemany(
                         "INSERT INTO cursors (consumer, topic, seq) VALUES (?, ?, ?) "
                         "ON CONFLICT (consumer, topic) DO UPDATE SET seq = excluded.seq",
-                        [(c.consumer, c.topic, c.seq) for c in cursors],
+                        moves,
                     )
         except Exception as exc:
             failed: list[_Append | _Cursor] = [*appends, *cursors]
@@ -779,6 +808,36 @@ class LocalStore:
             self._unsynced.append((appends, results, cursors, now, gap))
             return
         self._resolve(appends, results, cursors, now, gap)
+
+    def _where_expected(self, conn: sqlite3.Connection, appends: list[_Append]) -> list[_Append]:
+        """The appends whose conditional cursor moves hold (read under the write lock); the others fail."""
+        kept: list[_Append] = []
+        for a in appends:
+            stale = next(((m, now) for m in a.cursors if m.expected is not None
+                          and (now := self._cursor_in(conn, m.consumer, m.topic)) != m.expected), None)
+            if stale is None:
+                kept.append(a)
+            else:
+                move, now = stale
+                a.future.set_exception(CursorMoved(f"cursor of {move.consumer} on {move.topic} is at {now}, "
+                                                   f"not {move.expected}"))
+        return kept
+
+    @staticmethod
+    def _moves(ops: list[_Op], appends: list[_Append], cursors: list[_Cursor]) -> list[tuple[str, str, int]]:
+        """The cursor positions to write, in queue order (a later move of one cursor wins)."""
+        if not cursors and not any(a.cursors for a in appends):
+            return []
+        taken = {id(op) for op in (*appends, *cursors)}
+        moves: list[tuple[str, str, int]] = []
+        for op in ops:
+            if id(op) not in taken:
+                continue
+            if isinstance(op, _Append):
+                moves += [(m.consumer, m.topic, m.seq) for m in op.cursors]
+            elif isinstance(op, _Cursor):
+                moves.append((op.consumer, op.topic, op.seq))
+        return moves
 
     def _resolve(
         self,
@@ -961,6 +1020,12 @@ class LocalStore:
             else:
                 row = conn.execute("SELECT max(seq) FROM events WHERE topic = ?", (topic,)).fetchone()
         return int(row[0] or 0)
+
+    def count(self, topic: str, after: int = 0) -> int:
+        """How many events of `topic` have seq > after (one range of the topic index)."""
+        with self._reader() as conn:
+            return int(conn.execute("SELECT count(*) FROM events WHERE topic = ? AND seq > ?",
+                                    (topic, after)).fetchone()[0])
 
     def topics(self) -> dict[str, int]:
         """Topic -> number of stored events (topics emptied by retention are absent)."""

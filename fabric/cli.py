@@ -1,4 +1,5 @@
-"""The `umcef` command line: serve, publish, tail, demo, config check, route explain, dlq list/replay.
+"""The `umcef` command line: serve, publish, tail, demo, config check, route explain, dlq list/replay,
+spool list/dead-letter.
 
 Bad input prints one clear line on stderr and exits non-zero; never a traceback.
 """
@@ -268,8 +269,8 @@ def _dlq_setup(config: Path | None, data_dir: Path | None,
     return cfg, cfg.data_dir, chosen
 
 
-def _plural(n: int) -> str:
-    return f"{n} dead letter{'' if n == 1 else 's'}"
+def _plural(n: int, noun: str = "dead letter") -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 @dlq_app.command("list")
@@ -285,7 +286,7 @@ def dlq_list(config: Path | None, data_dir: Path | None, dlqs: tuple[str, ...], 
     from umcef.fabric import dlq
 
     _cfg, data_dir, targets = _dlq_setup(config, data_dir, dlqs)
-    store = _dlq_store(data_dir, write=False)
+    store = _open_store(data_dir, write=False)
     try:
         letters = dlq.pending(store, destination, targets)
     finally:
@@ -324,20 +325,27 @@ def dlq_replay(config: Path | None, data_dir: Path | None, dlqs: tuple[str, ...]
     from umcef.fabric import dlq
 
     cfg, data_dir, targets = _dlq_setup(config, data_dir, dlqs)
-    if config is not None:
-        for name in (to, destination):
-            if name is not None and not name.startswith(dlq.LOCAL_PREFIX) and name not in cfg.destinations:
-                raise CliError(f"destination {name!r} is not in {config}")
+    # (--destination may name a destination removed since: it only selects what was dead-lettered from it.)
+    if config is not None and to is not None and not to.startswith(dlq.LOCAL_PREFIX) and to not in cfg.destinations:
+        raise CliError(f"destination {to!r} is not in {config}")
     if ids and replay_all:
         raise CliError("give --id or --all, not both")
     remote = [t for t in targets if t.remote]
     if dlqs and remote:  # asked for by name: say we cannot, rather than skip it
         raise CliError(dlq.not_replayable(remote[0]))
     local_topics = {name: d.topic for name, d in cfg.destinations.items()}
-    store = _dlq_store(data_dir, write=True)
+    store = _open_store(data_dir, write=True)
     try:
         letters = dlq.pending(store, destination, targets)
+        if not letters and config is not None and destination is not None and destination not in cfg.destinations:
+            raise CliError(f"no pending dead letter from destination {destination!r} (not in {config} either)")
         chosen = dlq.select(letters, ids, replay_all, targets)
+        if config is not None and to is None:
+            gone = next((d for d in chosen if d.destination not in ("", dlq.ROUTER_DEST, *cfg.destinations)), None)
+            if gone is not None:  # its spool has no worker any more: the replay would strand the event there
+                raise CliError(f"dead letter {gone.id} (#{gone.seq}) was dead-lettered from {gone.destination!r}, "
+                               f"which is not in {config}: replay those with --destination {gone.destination} "
+                               f"--to DEST")
         plan = dlq.replay(store, chosen, to, local_topics)
     except dlq.DlqError as exc:
         raise CliError(str(exc)) from None
@@ -353,7 +361,94 @@ def dlq_replay(config: Path | None, data_dir: Path | None, dlqs: tuple[str, ...]
     err.print(f"replayed {_plural(len(plan))}", highlight=False, markup=False, soft_wrap=True)
 
 
-def _dlq_store(data_dir: Path, *, write: bool) -> LocalStore:
+@app.group("spool", help="Inspect the delivery spools; dead-letter the undelivered events of a destination "
+                         "removed from the configuration.")
+def spool_app() -> None:
+    pass
+
+
+_SPOOL_CONFIG = click.option("--config", "-c", "config", type=click.Path(path_type=Path),
+                             help="the gateway's YAML configuration (as umcef serve takes): data_dir and which "
+                                  "destinations still deliver their spools")
+
+
+def _remote_destinations(cfg: config_mod.Config) -> dict[str, str]:
+    """Name -> URL of the destinations whose delivery workers drain a spool."""
+    return {name: d.url for name, d in cfg.destinations.items() if not d.is_local}
+
+
+@spool_app.command("list")
+@_SPOOL_CONFIG
+@_DATA_DIR
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
+def spool_list(config: Path | None, data_dir: Path | None, as_json: bool) -> None:
+    """Each spool: destination, configured or not (with --config), undelivered events, the oldest one's age,
+    records stored (delivered ones not trimmed yet included)."""
+    from umcef.fabric import spools
+
+    cfg = _load_config(config, data_dir=data_dir)
+    store = _open_store(cfg.data_dir, write=False)
+    try:
+        found = spools.states(store, None if config is None else _remote_destinations(cfg))
+    finally:
+        store.close()
+    now = time.time()
+    for state in found:
+        row = state.summary(now)
+        if as_json:
+            click.echo(orjson.dumps(row).decode())
+            continue
+        status = {None: "-", True: "configured", False: "NOT CONFIGURED"}[state.configured]
+        oldest = row["oldest_undelivered_age_s"]
+        click.echo(f"{state.topic}\t{state.destination}\t{status}\tundelivered={state.undelivered}\t"
+                   f"oldest={'-' if oldest is None else spools.age(oldest)}\tstored={state.stored}")
+    orphans = [s for s in found if s.orphaned]
+    for state in orphans:
+        err.print(f"{state.topic}: {state.undelivered} undelivered events and no configured destination "
+                  f"{state.destination!r} to deliver them: umcef spool dead-letter {state.destination} --config "
+                  f"{config}, then umcef dlq replay --destination {state.destination} --to NEW --all",
+                  highlight=False, markup=False, soft_wrap=True)
+    if config is None:
+        err.print("without --config it is not known which spools a destination still delivers",
+                  highlight=False, markup=False, soft_wrap=True)
+    err.print(f"{_plural(len(found), 'spool')} in {cfg.data_dir}", highlight=False, markup=False, soft_wrap=True)
+
+
+@spool_app.command("dead-letter")
+@click.argument("destination")
+@_SPOOL_CONFIG
+@_DATA_DIR
+@click.option("--reason", help="the fabricreason the dead letters carry (default: the destination is no longer "
+                               "configured)")
+def spool_dead_letter(destination: str, config: Path | None, data_dir: Path | None, reason: str | None) -> None:
+    """Move the undelivered events of DESTINATION's spool to the dead-letter queue _deadletter, with a reason,
+    when DESTINATION is no longer in the configuration; `umcef dlq replay --destination DESTINATION --to NEW`
+    re-drives them. Restart the gateway with that configuration first: a spool a running gateway still delivers
+    is refused (it marks them every 2 s)."""
+    from umcef.fabric import spools
+    from umcef.fabric.delivery import spool_topic
+
+    if config is None:
+        raise CliError("spool dead-letter needs --config FILE: the gateway's configuration says whether "
+                       f"{destination!r} still has a delivery worker")
+    cfg = _load_config(config, data_dir=data_dir)
+    store = _open_store(cfg.data_dir, write=True)
+    try:
+        moved = spools.dead_letter(store, destination, reason or spools.default_reason(destination),
+                                   _remote_destinations(cfg))
+    except spools.SpoolError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        store.close()
+    err.print(f"dead-lettered {_plural(moved.events, 'event')} of {spool_topic(destination)} to _deadletter; "
+              f"re-drive them with umcef dlq replay --config {config} --destination {destination} --to NEW --all",
+              highlight=False, markup=False, soft_wrap=True)
+    if moved.undecodable:
+        err.print(f"{_plural(moved.undecodable, 'record')} of them undecodable, moved as they were: umcef dlq list "
+                  f"shows them", highlight=False, markup=False, soft_wrap=True)
+
+
+def _open_store(data_dir: Path, *, write: bool) -> LocalStore:
     from umcef.fabric import dlq
 
     try:

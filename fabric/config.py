@@ -40,6 +40,7 @@ class ServerConfig:
     grpc_port: int | None = 8081  # None disables gRPC ingress
 
 
+DEFAULTS_SOURCE = "(defaults)"  # Config.source without a configuration file
 SYNC_POLICIES = ("full", "normal", "interval")  # store.sync (docs/local-store.md, "Durability contract")
 MAX_FSYNC_INTERVAL_MS = 1000
 
@@ -144,7 +145,7 @@ RouteConfig = Route  # the router's model of a route (name, filter, to, mode, we
 
 @dataclass(frozen=True, slots=True)
 class Config:
-    source: str = "(defaults)"
+    source: str = DEFAULTS_SOURCE
     data_dir: Path = Path("umcef-data")
     server: ServerConfig = ServerConfig()
     limits: Limits = DEFAULT_LIMITS
@@ -162,7 +163,7 @@ class Config:
 def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
     """Read the YAML file (if any), apply environment overrides, validate everything."""
     env = os.environ if env is None else env
-    source = str(path) if path is not None else "(defaults)"
+    source = str(path) if path is not None else DEFAULTS_SOURCE
     raw: Any = {}
     if path is not None:
         try:

@@ -7,6 +7,7 @@ The reason, the destination and the attempt count travel as extensions (`fabricr
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from umcef.adapters.local import LocalStore, Record
 from umcef.fabric.event import Event
@@ -14,6 +15,13 @@ from umcef.fabric.formats import json_format
 
 log = logging.getLogger("umcef.deadletter")
 DEAD_LETTER_TOPIC = "_deadletter"
+MAX_REASON_CHARS = 1024
+
+
+def with_reason(attributes: dict[str, Any], destination: str, reason: str, attempts: int) -> dict[str, Any]:
+    """`attributes` plus the dead-letter extensions."""
+    return {**attributes, "fabricdest": destination, "fabricreason": reason[:MAX_REASON_CHARS],
+            "fabricattempts": attempts}
 
 
 class DeadLetterQueue:
@@ -23,8 +31,7 @@ class DeadLetterQueue:
         self.count = 0
 
     async def put(self, event: Event, reason: str, *, destination: str, attempts: int) -> None:
-        attrs = {**event.attributes, "fabricdest": destination, "fabricreason": reason[:1024],
-                 "fabricattempts": attempts}
+        attrs = with_reason(event.attributes, destination, reason, attempts)
         await self.put_raw(json_format.encode(Event(attrs, event.data)), event.id, reason)
 
     async def put_raw(self, payload: bytes, key: str | None, reason: str) -> None:

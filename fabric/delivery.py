@@ -45,6 +45,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("umcef.delivery")
 CURSOR_GROUP = "delivery"
+# A delivering gateway marks each spool it has a worker for: a cursor of this consumer holding the Unix time,
+# renewed every ALIVE_INTERVAL seconds (and set to 0 at a clean stop). `umcef spool dead-letter` refuses a
+# spool marked within ALIVE_TIMEOUT: whatever configuration file the operator holds, a gateway delivers it.
+ALIVE_GROUP = "delivery-alive"
+ALIVE_INTERVAL = 2.0
+ALIVE_TIMEOUT = 10.0
 SPOOL_PREFIX = "_spool."
 NO_HEALTHY = "no allowed destination healthy: "
 MAX_EJECTED_WAIT = 1.0  # seconds between two looks at an ejected destination (re-admission, failover targets)

@@ -19,7 +19,15 @@ from umcef.adapters.contract import Adapter, Handler, PublishOutcome, Rejected, 
 from umcef.adapters.local import LocalStore
 from umcef.fabric.config import DEAD_LETTER, Config, DeliveryLimits
 from umcef.fabric.deadletter import DEAD_LETTER_TOPIC, DeadLetterQueue
-from umcef.fabric.delivery import SPOOL_PREFIX, DeliveryWorker, RetryPolicy, RouterFailover, spool_topic
+from umcef.fabric.delivery import (
+    ALIVE_GROUP,
+    ALIVE_INTERVAL,
+    SPOOL_PREFIX,
+    DeliveryWorker,
+    RetryPolicy,
+    RouterFailover,
+    spool_topic,
+)
 from umcef.fabric.event import Event
 from umcef.router.decide import Router
 from umcef.router.estimator import ProbeLoop
@@ -117,6 +125,7 @@ class DeliveryHost:
         self._dead_letters: list[DeadLetterQueue] = []  # one per worker
         self._dead_letter_spools: list[DeadLetterQueue] = []  # those whose target is a remote spool
         self._tasks: list[asyncio.Task[None]] = []
+        self._alive: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         for name, dest in self.config.destinations.items():
@@ -142,6 +151,16 @@ class DeliveryHost:
         if self.adapters:
             self.probes = ProbeLoop(self.router.estimator, {n: a.probe for n, a in self.adapters.items()})
             self._spawn(self.probes.run(), "probe")
+            self._alive = asyncio.create_task(self._say_alive(), name="delivery-alive")
+            self._alive.add_done_callback(_report_exit)
+
+    async def _say_alive(self) -> None:
+        """Marks the spools this host delivers (ALIVE_GROUP), so that no CLI empties one under its worker."""
+        while True:
+            now = int(time.time())
+            for name in self.workers:  # lazy: rides on the next append's commit, or waits for cursor_delay
+                self.store.commit_cursor_later(ALIVE_GROUP, spool_topic(name), now)
+            await asyncio.sleep(ALIVE_INTERVAL)
 
     def _spawn(self, work: Any, name: str) -> None:
         task = asyncio.create_task(work, name=name)
@@ -175,6 +194,13 @@ class DeliveryHost:
         if self.probes is not None:
             await self.probes.stop()
         await finish(self._tasks, grace)
+        if self._alive is not None:
+            self._alive.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._alive
+            with contextlib.suppress(RuntimeError):  # a store closed under us: the mark expires by itself
+                for name in self.workers:  # stopped cleanly: no need to wait for the mark to expire
+                    self.store.commit_cursor_later(ALIVE_GROUP, spool_topic(name), 0)
         for adapter in self.adapters.values():
             await adapter.close()
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from umcef.adapters import open_adapter
 from umcef.adapters.local import LocalStore, Retention, TrimConsumed
 from umcef.fabric.backpressure import CLASSES, Lane, SpoolGauge, backlog
-from umcef.fabric.config import DEAD_LETTER, Config, SpoolLimit
+from umcef.fabric.config import DEAD_LETTER, DEFAULTS_SOURCE, Config, SpoolLimit
 from umcef.fabric.deadletter import DeadLetterQueue
 from umcef.fabric.dedup import DedupStore, DedupWindow
 from umcef.fabric.delivery import CURSOR_GROUP, SPOOL_PREFIX, DeliveryWorker
@@ -155,17 +155,20 @@ class Gateway:
 
     def _warn_of_orphan_spools(self) -> None:
         """A spool whose destination is no longer configured keeps its undelivered events (no retention
-        deletes them): say so at start, or they would wait unseen."""
+        deletes them): say so at start, and how to re-drive them, or they would wait unseen."""
         spools = set(self._spool_topics.values())
-        for topic, count in self.store.topics().items():
+        for topic in self.store.topics():
             if not topic.startswith(SPOOL_PREFIX) or topic in spools:
                 continue
             cursor = self.store.cursor(CURSOR_GROUP, topic)
-            if self.store.last_seq(topic) > cursor:
+            undelivered = self.store.count(topic, cursor)
+            if undelivered:
+                name = topic[len(SPOOL_PREFIX):]
                 log.warning("%s holds %d undelivered events (after seq %d) but no configured destination %r "
-                            "delivers it: they wait until a gateway with it does (`umcef tail --data-dir %s --topic "
-                            "%s --from-beginning` shows them)", topic, count, cursor, topic[len(SPOOL_PREFIX):],
-                            self.config.data_dir, topic)
+                            "delivers it: `umcef spool dead-letter %s --config %s` moves them to the dead-letter "
+                            "queue, `umcef dlq replay --destination %s --to NEW --all` then re-drives them",
+                            topic, undelivered, cursor, name, name,
+                            "FILE" if self.config.source == DEFAULTS_SOURCE else self.config.source, name)
 
     def _spool_gauge(self) -> SpoolGauge:
         """Backpressure: a lane per remote destination's spool, seeded with what an earlier run left."""

@@ -20,7 +20,7 @@ from typing import NamedTuple, Protocol
 from umcef.adapters.local import LocalStore
 from umcef.fabric.backpressure import CLASSES, NORMAL, Lane, Load, SpoolGauge
 from umcef.fabric.bindings import http as http_binding
-from umcef.fabric.deadletter import DEAD_LETTER_TOPIC
+from umcef.fabric.deadletter import DEAD_LETTER_TOPIC, with_reason
 from umcef.fabric.dedup import Claim, DedupStore, DedupUnavailable, Key
 from umcef.fabric.delivery import SPOOL_PREFIX, spool_records
 from umcef.fabric.errors import InvalidAttribute
@@ -271,5 +271,4 @@ def _records(decided: list[_Decided], sizes: list[int] | None) -> tuple[list[tup
 def dead_letter_copy(event: Event, reason: str) -> Event:
     """The event as the dead-letter queue stores it: with `fabricreason`, `fabricdest`, `fabricattempts`."""
     log.error("dead-lettered %s from %s: %s", event.attributes.get("id"), event.attributes.get("source"), reason)
-    attrs = {**event.attributes, "fabricdest": "(router)", "fabricreason": reason[:1024], "fabricattempts": 0}
-    return Event(attrs, event.data)
+    return Event(with_reason(event.attributes, "(router)", reason, 0), event.data)

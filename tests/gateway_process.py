@@ -17,6 +17,7 @@ class GatewayProcess:
     def __init__(self, data_dir: Path, *extra: str, env: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
         self.delivery_pid: int | None = None  # `delivery.process: true`: the child running the workers
+        self.startup_log = ""  # what it wrote to stderr up to its banner
         args = [sys.executable, "-m", "umcef.fabric.cli", "serve", "--port", "0", "--grpc-port", "0",
                 "--data-dir", str(data_dir), *extra]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -37,6 +38,7 @@ class GatewayProcess:
                 self.delivery_pid = int(child.group(1))
             match = BANNER.search(line)
             if match:
+                self.startup_log = "".join(seen)
                 return int(match.group(1))
         self.proc.kill()
         raise RuntimeError("gateway did not start: " + "".join(seen))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from umcef.adapters.local import LocalStore, Record, Retention, StoredEvent, SyncPolicy
+from umcef.adapters.local import CursorMove, CursorMoved, LocalStore, Record, Retention, StoredEvent, SyncPolicy
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
@@ -312,6 +312,35 @@ def test_cursors_are_per_consumer_and_topic_and_durable(tmp_path: Path) -> None:
         assert positions == [6, 7, 9, 0]
     with LocalStore(tmp_path) as s:
         assert s.cursor("c1", "a") == 6
+
+
+def test_an_append_moves_cursors_in_its_own_transaction(tmp_path: Path) -> None:
+    # Moving records between topics (umcef spool dead-letter): the copies and the cursor past the originals
+    # commit together, so a crash leaves both or neither.
+    with LocalStore(tmp_path, cursor_delay=5.0) as s:
+        s.append_sync(records("src", 3))
+        s.commit_cursor_later("c", "src", 3)  # held (cursor_delay) until an append shares its commit
+        commits = s.commit_count
+        seqs = s.append_sync(records("dst", 2), [("c", "src", 2), ("c", "other", 1)])
+        assert s.commit_count == commits + 1  # the held move, the records and both moves: one transaction
+        assert [e.seq for e in s.read("dst")] == seqs
+        assert (s.cursor("c", "src"), s.cursor("c", "other")) == (2, 1)  # queued later: the append's move wins
+        assert s.count("src") == 3 and s.count("src", after=2) == 1 and s.count("dst", after=seqs[0]) == 1
+        assert s.append_sync([], [("c", "src", 3)]) == [] and s.cursor("c", "src") == 3
+        with pytest.raises(TypeError, match="cursor move"):
+            s.append_sync(records("dst", 1), [("c", "src", "4")])  # type: ignore[list-item]
+        assert s.count("dst") == 2 and s.cursor("c", "src") == 3  # refused before anything was queued
+
+
+@pytest.mark.parametrize("sync", ["full", "interval"])
+def test_a_conditional_cursor_move_fails_its_append_alone_when_the_cursor_moved(tmp_path: Path, sync: str) -> None:
+    with LocalStore(tmp_path, sync=sync) as s:  # type: ignore[arg-type]
+        s.commit_cursor("c", "src", 5)
+        with pytest.raises(CursorMoved, match="cursor of c on src is at 5, not 4"):
+            s.append_sync(records("dst", 2), [CursorMove("c", "src", 9, expected=4)])
+        assert s.count("dst") == 0 and s.cursor("c", "src") == 5
+        assert s.append_sync(records("dst", 2), [CursorMove("c", "src", 9, expected=5)]) == [1, 2]
+        assert s.cursor("c", "src") == 9
 
 
 async def test_async_cursor_commit(store: LocalStore) -> None:
