@@ -54,6 +54,7 @@ _BUSY_TIMEOUT_S: Final = 10.0
 # commit beside a busy thread (p50): one INSERT per row 244 ms, a few multi-row INSERTs 47 ms (18 ms at
 # the gateway's 1 ms switch interval, umcef.fabric.runtime); ~3 ms alone.
 _ROWS_PER_INSERT: Final = 512
+_MAX_SEQ: Final = 2**63 - 1  # SQLite's largest integer: "no upper bound" for a seq range
 # sync="interval": the longest fsync interval accepted (a second of unacknowledged appends is plenty).
 MAX_FSYNC_INTERVAL: Final = 1.0
 
@@ -95,8 +96,11 @@ _COUNT_APPENDS: Final = (
     "INSERT INTO topics (topic, count, appended) VALUES (?1, ?2, ?2) "
     "ON CONFLICT (topic) DO UPDATE SET count = count + excluded.count, appended = appended + excluded.count"
 )
-# Trimming consumed records: a range of the (topic, seq) index, oldest first, one chunk per transaction.
-_CONSUMED: Final = "topic = ? AND seq <= ?"
+# The oldest records of one topic, up to a seq, as one range of the (topic, seq) index: the chunk's last seq
+# is found in the index alone, then one DELETE takes the range. (A DELETE ... RETURNING per record, as age
+# retention needs, builds a Python row per deleted record and takes the GIL back for each.)
+_NTH_OLDEST: Final = "SELECT seq FROM events WHERE topic = ? AND seq <= ? ORDER BY seq LIMIT 1 OFFSET ?"
+_DELETE_UP_TO: Final = "DELETE FROM events WHERE topic = ? AND seq <= ?"
 # Which cursors of a consumer have anything at or below them to trim: one index probe per cursor, outside
 # any write transaction, so an idle pass takes no write lock and writes nothing.
 _TRIMMABLE_SQL: Final = (
@@ -105,9 +109,11 @@ _TRIMMABLE_SQL: Final = (
 )
 
 
-def _delete_sql(where: str, order: str) -> str:
-    """Deletes up to `LIMIT ?` records matching `where`, in `order`, and returns their topics."""
-    return (f"DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE {where} ORDER BY {order} LIMIT ?) "
+def _delete_sql(where: str) -> str:
+    """Deletes up to `LIMIT ?` records matching `where`, oldest stored first, and returns their topics (age
+    retention: records of any topic). Ordered by the stored_at index: ordering by seq would make the age check
+    scan the whole table when nothing has expired."""
+    return (f"DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE {where} ORDER BY stored_at LIMIT ?) "
             "RETURNING topic")
 
 
@@ -896,7 +902,7 @@ class LocalStore:
             where = "stored_at < ?" + " AND substr(topic, 1, ?) != ?" * len(rules)
             params = (now - max_age, *(v for rule in rules for v in (len(rule.prefix), rule.prefix)))
             while True:
-                n = self._delete_chunk(where, "stored_at", params, _RETENTION_CHUNK)
+                n = self._delete_chunk(where, params, _RETENTION_CHUNK)
                 total += n
                 if n < _RETENTION_CHUNK:
                     break
@@ -911,9 +917,9 @@ class LocalStore:
                     self._serve_writes()
         return total
 
-    def _delete_chunk(self, where: str, order: str, params: tuple[object, ...], limit: int) -> int:
+    def _delete_chunk(self, where: str, params: tuple[object, ...], limit: int) -> int:
         with self._transaction() as conn:
-            return self._delete(conn, where, order, params, limit)
+            return self._delete(conn, where, params, limit)
 
     def _trim_topic(self, topic: str, keep: int) -> int:
         with self._transaction() as conn:
@@ -922,7 +928,7 @@ class LocalStore:
             excess = 0 if row is None else row[0] - keep
             if excess <= 0:
                 return 0
-            return self._delete(conn, "topic = ?", "seq", (topic,), min(excess, _RETENTION_CHUNK))
+            return self._delete_oldest(conn, topic, _MAX_SEQ, min(excess, _RETENTION_CHUNK))
 
     @staticmethod
     def _cursor_in(conn: sqlite3.Connection, consumer: str, topic: str) -> int:
@@ -956,21 +962,40 @@ class LocalStore:
         if not trimmable:
             return 0
         left = _TRIM_CHUNK
-        with self._transaction() as conn:
+        with self._unsynced_commit(), self._transaction() as conn:
             for topic, consumer in trimmable:
                 # The cursor as of now, under the write lock: another process may have moved it.
-                left -= self._delete(conn, _CONSUMED, "seq", (topic, self._cursor_in(conn, consumer, topic)), left)
+                left -= self._delete_oldest(conn, topic, self._cursor_in(conn, consumer, topic), left)
                 if not left:
                     break
         return _TRIM_CHUNK - left
 
+    @contextlib.contextmanager
+    def _unsynced_commit(self) -> Iterator[None]:
+        """A commit without its own fsync with sync="full": a trim lost in a power cut only brings back records
+        at or below a cursor that was durable before the trim read it (they are trimmed again), and the next
+        fsync'd commit covers it anyway (the WAL is synced up to its end)."""
+        if self.sync != "full":
+            yield
+            return
+        self._wconn.execute("PRAGMA synchronous = NORMAL")
+        try:
+            yield
+        finally:
+            self._wconn.execute("PRAGMA synchronous = FULL")
+
     @staticmethod
-    def _delete(
-        conn: sqlite3.Connection, where: str, order: str, params: tuple[object, ...], limit: int
-    ) -> int:
-        # `order` must match an index (stored_at, or seq within the topic index): ordering by seq alone
-        # would make the age check scan the whole table when nothing has expired.
-        gone = Counter(t for (t,) in conn.execute(_delete_sql(where, order), (*params, limit)).fetchall())
+    def _delete_oldest(conn: sqlite3.Connection, topic: str, up_to: int, limit: int) -> int:
+        """Deletes the oldest records of `topic` with seq <= up_to, at most `limit` of them."""
+        nth = conn.execute(_NTH_OLDEST, (topic, up_to, limit - 1)).fetchone()
+        n = conn.execute(_DELETE_UP_TO, (topic, up_to if nth is None else nth[0])).rowcount
+        if n:  # an emptied topic keeps its row (count 0): its `appended` counter must never go back
+            conn.execute("UPDATE topics SET count = count - ? WHERE topic = ?", (n, topic))
+        return n
+
+    @staticmethod
+    def _delete(conn: sqlite3.Connection, where: str, params: tuple[object, ...], limit: int) -> int:
+        gone = Counter(t for (t,) in conn.execute(_delete_sql(where), (*params, limit)).fetchall())
         # An emptied topic keeps its row (count 0): its `appended` counter must never go back.
         conn.executemany(
             "UPDATE topics SET count = count - ? WHERE topic = ?", [(n, t) for t, n in gone.items()]

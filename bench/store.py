@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -27,6 +28,7 @@ import tempfile
 import textwrap
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,14 +101,35 @@ async def appenders(store: LocalStore, batch: int, concurrency: int, seconds: fl
     into.seconds += took
 
 
+@contextlib.contextmanager
+def python_running_beside() -> Iterator[None]:
+    """Another thread of this process runs Python non-stop meanwhile, as the gateway's event loop does at
+    saturation: the store's writer thread needs the GIL back after every SQLite statement."""
+    import threading
+
+    stop = threading.Event()
+
+    def spin() -> None:
+        x = 0
+        while not stop.is_set():
+            for i in range(1000):
+                x += i
+
+    spinner = threading.Thread(target=spin)
+    spinner.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        spinner.join()
+
+
 def busy_thread_commits(directory: Path, seconds: float, batch: int = 300) -> dict[str, float]:
     """p50/p99 ms of one `batch`-record append (sync full) while another thread of this process runs Python
     non-stop, as the gateway's event loop does at saturation. The writer thread needs the GIL back after
     every SQLite statement, so this compares one INSERT per row against the store's multi-row INSERTs
     (`_ROWS_PER_INSERT`), at CPython's default switch interval and at the gateway's
     (`umcef.fabric.runtime.SWITCH_INTERVAL_SECONDS`)."""
-    import threading
-
     from umcef.adapters import local
     from umcef.fabric.runtime import SWITCH_INTERVAL_SECONDS
 
@@ -115,30 +138,19 @@ def busy_thread_commits(directory: Path, seconds: float, batch: int = 300) -> di
     try:
         for per_insert in (1, rows_per_insert):
             for switch in (0.005, SWITCH_INTERVAL_SECONDS):
-                local._ROWS_PER_INSERT, stop = per_insert, threading.Event()
+                local._ROWS_PER_INSERT = per_insert
                 sys.setswitchinterval(switch)
-
-                def spin(stop: threading.Event) -> None:
-                    x = 0
-                    while not stop.is_set():
-                        for i in range(1000):
-                            x += i
-
-                spinner = threading.Thread(target=spin, args=(stop,))
                 store = LocalStore(directory / f"busy-{per_insert}-{switch}", sync="full")
                 try:
                     store.append_sync(batch_of(1, -1))
-                    spinner.start()
                     lat: list[float] = []
-                    end = time.perf_counter() + seconds
-                    while time.perf_counter() < end or len(lat) < 5:
-                        t0 = time.perf_counter()
-                        store.append_sync(batch_of(batch, len(lat)))
-                        lat.append(time.perf_counter() - t0)
+                    with python_running_beside():
+                        end = time.perf_counter() + seconds
+                        while time.perf_counter() < end or len(lat) < 5:
+                            t0 = time.perf_counter()
+                            store.append_sync(batch_of(batch, len(lat)))
+                            lat.append(time.perf_counter() - t0)
                 finally:
-                    stop.set()
-                    if spinner.is_alive():
-                        spinner.join()
                     store.close()
                 lat.sort()
                 name = f"rows_per_insert_{per_insert}/switch_{switch * 1000:g}ms"
@@ -229,11 +241,12 @@ def reads(directory: Path, events: int) -> dict[str, float]:
     return out
 
 
-def trim_cost(directory: Path, rounds: int = 5, per_round: int = 10_000) -> dict[str, float]:
+def trim_cost(directory: Path, rounds: int = 5, per_round: int = 10_000, busy: bool = False) -> dict[str, float]:
     """Deleting delivered spool records (`Retention.trim_consumed`), as the gateway does every second: each
     round appends `per_round` records to a spool, interleaved with as many to a local topic (so the spool's
     rows share pages with others, as in a gateway), in commits of 100 + 100; moves the delivery cursor past
-    them and times the trim pass (sync full: a commit and an fsync per 1,000 records). Medians over rounds."""
+    them and times the trim pass (sync full; a trim commit skips its own fsync), with `busy` beside a thread
+    running Python non-stop. Medians over rounds."""
     spool = "_spool.k"
     retention = Retention(None, None, (TrimConsumed("_spool.", "delivery"),))
     trims: list[float] = []
@@ -246,17 +259,20 @@ def trim_cost(directory: Path, rounds: int = 5, per_round: int = 10_000) -> dict
                 last = store.append_sync(batch)[-2]
             appends.append((time.perf_counter() - t0) / (2 * per_round))
             store.commit_cursor("delivery", spool, last)
-            t0 = time.perf_counter()
-            trimmed = store.trim_consumed()
-            trims.append((time.perf_counter() - t0) / trimmed)
+            with python_running_beside() if busy else contextlib.nullcontext():
+                t0 = time.perf_counter()
+                trimmed = store.trim_consumed()
+                trims.append((time.perf_counter() - t0) / trimmed)
         assert spool not in store.topics()
-    return {
-        "trim_us_per_record": 1e6 * statistics.median(trims),
-        "trim_ms_per_pass": 1e3 * statistics.median(trims) * per_round,
-        "trim_ms_per_chunk_of_1000": 1e3 * statistics.median(trims) * 1000,  # what an append may wait behind
-        "append_us_per_record_batch200": 1e6 * statistics.median(appends),
-        "records_per_pass": per_round,
+    prefix = "busy_" if busy else ""
+    out = {
+        f"{prefix}trim_us_per_record": 1e6 * statistics.median(trims),
+        f"{prefix}trim_ms_per_chunk_of_1000": 1e3 * statistics.median(trims) * 1000,  # what an append may wait
     }
+    if not busy:
+        out |= {"trim_ms_per_pass": 1e3 * statistics.median(trims) * per_round,
+                "append_us_per_record_batch200": 1e6 * statistics.median(appends), "records_per_pass": per_round}
+    return out
 
 
 _VICTIM = textwrap.dedent(
@@ -514,8 +530,8 @@ def main() -> None:
         results["read"] = reads(base / "read", args.read_events)
         for k, v in results["read"].items():
             print(f"  {k:34} {v:12,.1f}")
-        results["trim"] = trim_cost(base / "trim")
-        print("trimming delivered spool records (sync full), medians:")
+        results["trim"] = trim_cost(base / "trim") | trim_cost(base / "trim-busy", busy=True)
+        print("trimming delivered spool records (sync full; busy_: beside a thread running Python), medians:")
         for k, v in results["trim"].items():
             print(f"  {k:34} {v:12,.2f}")
         slow = slow_disk(args.slow_fsync_ms, base, 0.6, fsync_interval)

@@ -6,6 +6,7 @@ delivery worker's lazy cursor moves ride on append commits instead of committing
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import socket
 import sqlite3
@@ -112,13 +113,35 @@ def test_trimming_deletes_through_the_topic_seq_index(tmp_path: Path) -> None:
         s.append_sync(records("_spool.a", 1))
     conn = sqlite3.connect(tmp_path / "events.db")
     try:
-        trim = local._delete_sql(local._CONSUMED, "seq")
-        for sql, params in ((trim, ("_spool.a", 10, 1000)), (local._TRIMMABLE_SQL, (CURSOR_GROUP,))):
+        for sql, params, use in ((local._NTH_OLDEST, ("_spool.a", 10, 999), "COVERING INDEX"),
+                                 (local._DELETE_UP_TO, ("_spool.a", 10), "INDEX"),
+                                 (local._TRIMMABLE_SQL, (CURSOR_GROUP,), "COVERING INDEX")):
             plan = [row[-1] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params)]
-            assert "USING COVERING INDEX events_topic_seq (topic=? AND seq<?)" in " ".join(plan), plan
+            assert f"USING {use} events_topic_seq (topic=? AND seq<?)" in " ".join(plan), plan
             assert not any(step.startswith("SCAN") for step in plan), plan
     finally:
         conn.close()
+
+
+def test_trim_commits_skip_their_own_fsync_with_sync_full(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A trim lost in a power cut only brings back records at or below a durable cursor (trimmed again later),
+    # so it commits at synchronous=NORMAL; every other commit keeps FULL.
+    seen: list[tuple[str, int]] = []
+    transaction = LocalStore._transaction
+
+    def spying(self: LocalStore):  # type: ignore[no-untyped-def]
+        seen.append(("trim" if any(f.function == "_trim_chunk" for f in inspect.stack()[1:3]) else "other",
+                     self._wconn.execute("PRAGMA synchronous").fetchone()[0]))
+        return transaction(self)
+
+    monkeypatch.setattr(LocalStore, "_transaction", spying)
+    with LocalStore(tmp_path, sync="full", retention=Retention(None, None, (RULE,)), trim_interval=3600) as s:
+        spooled = s.append_sync(records("_spool.a", 3))
+        s.commit_cursor(CURSOR_GROUP, "_spool.a", spooled[-1])
+        assert s.trim_consumed() == 3
+        s.append_sync(records("_spool.a", 1))
+    # (0 OFF, 1 NORMAL, 2 FULL)
+    assert ("trim", 1) in seen and {level for kind, level in seen if kind == "other"} == {2}, seen
 
 
 def test_count_retention_never_deletes_what_the_consumer_has_not_consumed(tmp_path: Path) -> None:
