@@ -36,6 +36,12 @@ log = logging.getLogger(__name__)
 
 DB_FILENAME: Final = "events.db"
 _SCHEMA_VERSION: Final = 2
+# The oldest code (by the schema version it writes) that can use a file of this schema, stored in the file
+# (`counters`, 'compatible_from'): code opens a newer file when that row says it can. A migration leaves it
+# alone only if older code may ignore what it adds (an index; a column or table nothing keeps up to date on
+# writes); anything every writer must maintain (as schema 2's `appended` counter) raises it. The check runs
+# at open: migrate with the older processes stopped. (Code of schema 1 predates the row.)
+_COMPATIBLE_FROM: Final = 2
 _APPLICATION_ID: Final = 0x554D4345  # "UMCE": lets us refuse somebody else's SQLite file.
 # Bounds one transaction so a flood of appends cannot make a single commit (and everyone's latency) huge.
 _MAX_GROUP_RECORDS: Final = 10_000
@@ -43,9 +49,9 @@ _MAX_GROUP_RECORDS: Final = 10_000
 # must not stall ingestion for seconds.
 _RETENTION_CHUNK: Final = 5_000
 # Trimming consumed records runs every `trim_interval` (a second in the gateway) under load, not once a
-# minute: smaller chunks, so an append waits behind at most ~5 ms of deleting (bench/store.py: ~5 us per
-# record when the rows share pages with other topics). Each chunk is one commit (an fsync with sync="full"):
-# ten a second at 10,000 events/s.
+# minute: smaller chunks, so an append waits behind at most ~4-5 ms of deleting (bench/store.py: ~4-4.5 us
+# per record when the rows share pages with other topics). Each chunk is one commit (without an fsync of its
+# own: `_unsynced_commit`): ten a second at 10,000 events/s.
 _TRIM_CHUNK: Final = 1_000
 _BUSY_TIMEOUT_S: Final = 10.0
 # The most rows one INSERT statement takes (5 parameters each; SQLite allows 32,766 per statement). The
@@ -86,10 +92,19 @@ CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NU
 INSERT OR IGNORE INTO counters (name, value) VALUES ('last_seq', 0);
 """
 # Statements that bring a store file of schema version N (the key) to N + 1.
-_MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
+class _Migration(NamedTuple):
+    """Brings a file from schema N to N + 1: the column it adds (table, column, definition), not added again
+    when it exists (a file taken back to N by hand with `PRAGMA user_version` migrates forward again), then
+    its statements."""
+
+    adds: tuple[str, str, str] | None
+    then: tuple[str, ...] = ()
+
+
+_MIGRATIONS: Final[dict[int, _Migration]] = {
     # v2: a per-topic appended counter (backpressure counts other processes' appends with it). Counting
-    # starts from the records stored: only differences of it are ever used.
-    1: ("ALTER TABLE topics ADD COLUMN appended INTEGER NOT NULL DEFAULT 0", "UPDATE topics SET appended = count"),
+    # starts from the records stored: only differences of it are ever used (so a recount is harmless).
+    1: _Migration(("topics", "appended", "INTEGER NOT NULL DEFAULT 0"), ("UPDATE topics SET appended = count",)),
 }
 # The commit's per-topic upsert: the stored count and the appended counter in the one statement it already ran.
 _COUNT_APPENDS: Final = (
@@ -115,6 +130,10 @@ def _delete_sql(where: str) -> str:
     scan the whole table when nothing has expired."""
     return (f"DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE {where} ORDER BY stored_at LIMIT ?) "
             "RETURNING topic")
+
+
+def _has_column(conn: sqlite3.Connection, table: str, column: str) -> bool:
+    return any(row[1] == column for row in conn.execute(f"PRAGMA table_info({table})"))
 
 
 @functools.lru_cache(maxsize=16)
@@ -391,7 +410,12 @@ class LocalStore:
         if app_id not in (0, _APPLICATION_ID):
             raise ValueError(f"{db}: SQLite file of another application (application_id={app_id:#x})")
         if version > _SCHEMA_VERSION:
-            raise ValueError(f"{db}: store schema v{version} is newer than this code (v{_SCHEMA_VERSION})")
+            # (Only a file of ours has the row: another application's file is refused as newer, as before.)
+            row = conn.execute("SELECT value FROM counters WHERE name = 'compatible_from'").fetchone() \
+                if app_id == _APPLICATION_ID else None
+            if row is None or row[0] > _SCHEMA_VERSION:
+                raise ValueError(f"{db}: store schema v{version} is newer than this code (v{_SCHEMA_VERSION}) and "
+                                 f"needs code of schema v{version if row is None else row[0]} or later")
         if app_id == 0 and version == 0:
             if self.read_only:
                 raise ValueError(f"{db}: not initialised as a UMCEF local store")
@@ -423,10 +447,18 @@ class LocalStore:
                 conn.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
             else:
                 for old in range(version, _SCHEMA_VERSION):  # an older store file: brought up to date
-                    for statement in _MIGRATIONS[old]:
+                    migration = _MIGRATIONS[old]
+                    if migration.adds is not None:
+                        table, column, definition = migration.adds
+                        if not _has_column(conn, table, column):
+                            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+                    for statement in migration.then:
                         conn.execute(statement)
             if version < _SCHEMA_VERSION:
                 conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+            if version <= _SCHEMA_VERSION:  # (also files of this schema made before the row existed)
+                conn.execute("INSERT INTO counters (name, value) VALUES ('compatible_from', ?) "
+                             "ON CONFLICT (name) DO UPDATE SET value = excluded.value", (_COMPATIBLE_FROM,))
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -907,6 +939,8 @@ class LocalStore:
                 if n < _RETENTION_CHUNK:
                     break
                 self._serve_writes()
+                if self._closing():
+                    return total
         if max_events is not None:
             over = self._wconn.execute("SELECT topic FROM topics WHERE count > ?", (max_events,)).fetchall()
             for (topic,) in over:
@@ -915,7 +949,15 @@ class LocalStore:
                 while n := self._trim_topic(topic, max_events):
                     total += n
                     self._serve_writes()
+                    if self._closing():
+                        return total
         return total
+
+    def _closing(self) -> bool:
+        """close() was called while a retention or trim pass ran: the rest waits for the next start's pass
+        (which runs at once), rather than holding up the shutdown. (`_closed`, not the stop op: a request taken
+        in the same turn as the stop would not see that op among the deferred ones.)"""
+        return self._closed
 
     def _delete_chunk(self, where: str, params: tuple[object, ...], limit: int) -> int:
         with self._transaction() as conn:
@@ -944,7 +986,7 @@ class LocalStore:
             if n < _TRIM_CHUNK:
                 return total
             self._serve_writes()
-            if _STOP in self._deferred:  # closing: the rest waits for the next start's pass
+            if self._closing():
                 return total
 
     def _trimmable(self) -> list[tuple[str, str]]:
@@ -957,7 +999,7 @@ class LocalStore:
 
     def _trim_chunk(self) -> int:
         """One transaction deleting up to a chunk of consumed records, over every topic that has some (one
-        commit, and with sync="full" one fsync, for all of them)."""
+        commit for all of them)."""
         trimmable = self._trimmable()
         if not trimmable:
             return 0
@@ -987,6 +1029,8 @@ class LocalStore:
     @staticmethod
     def _delete_oldest(conn: sqlite3.Connection, topic: str, up_to: int, limit: int) -> int:
         """Deletes the oldest records of `topic` with seq <= up_to, at most `limit` of them."""
+        if limit <= 0:  # (SQLite reads a negative OFFSET as 0: one record would go)
+            return 0
         nth = conn.execute(_NTH_OLDEST, (topic, up_to, limit - 1)).fetchone()
         n = conn.execute(_DELETE_UP_TO, (topic, up_to if nth is None else nth[0])).rowcount
         if n:  # an emptied topic keeps its row (count 0): its `appended` counter must never go back

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from umcef.adapters.contract import AdapterError, Capabilities, Handler, PublishOutcome, Rejected, Transient
 from umcef.adapters.local import LocalStore, Record
 from umcef.adapters.local_adapter import LocalAdapter
+from umcef.fabric import delivery
 from umcef.fabric.deadletter import DeadLetterQueue
 from umcef.fabric.delivery import CURSOR_GROUP, DeliveryWorker, Reroute, RetryPolicy, spool_topic
 from umcef.fabric.event import Event
@@ -98,6 +100,27 @@ async def deliver_locally(store: LocalStore, tmp_path: Path, n: int) -> tuple[
     await spool(store, "out", [event(i) for i in range(n)])
     await wait_until(lambda: worker.delivered == n)
     return remote, adapter, worker, task
+
+
+async def test_pages_done_before_one_that_gave_up_still_move_the_cursor(tmp_path: Path) -> None:
+    # At stop, pages finish or give up their retry wait: the cursor must pass every finished page at the head,
+    # up to the first that gave up (before, it stayed put: those pages were delivered again after a restart).
+    store = LocalStore(tmp_path / "gw")
+    adapter = LocalAdapter("local://out", "out", LocalStore(tmp_path / "remote"), owns_store=True)
+    worker = DeliveryWorker("out", adapter, store, DeadLetterQueue(store), policy=FAST)
+    flights: deque[delivery._Flight] = deque()
+    for last_seq, outcome in ((10, True), (20, True), (30, False), (40, True)):
+        flight = delivery._Flight(last_seq, set(), 1)
+        flight.task = asyncio.get_running_loop().create_future()
+        flight.task.set_result(outcome)
+        flights.append(flight)
+    assert worker._land(flights) is False
+    assert worker._cursor is not None
+    worker._cursor.result(timeout=10)
+    assert store.cursor(CURSOR_GROUP, spool_topic("out")) == 20
+    assert [f.last_seq for f in flights] == [30, 40]  # the one that gave up, and what follows it, stay
+    store.close()
+    await adapter.close()
 
 
 async def test_a_worker_cancelled_while_its_last_cursor_move_waits_still_moves_the_cursor(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+import umcef.adapters.local as local
 from umcef.adapters.local import CursorMove, CursorMoved, LocalStore, Record, Retention, StoredEvent, SyncPolicy
 
 
@@ -281,6 +282,60 @@ def test_retention_larger_than_one_chunk(tmp_path: Path) -> None:
         assert s.read("a", limit=1)[0].seq == 11_001
         assert s.apply_retention(now=time.time() + 120) == 1000
         assert s.topics() == {}
+
+
+@pytest.mark.parametrize("retention", [Retention(max_age_seconds=60), Retention(None, max_events_per_topic=5)])
+def test_a_close_during_a_long_retention_pass_waits_for_one_chunk_only(
+        tmp_path: Path, retention: Retention, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(local, "_RETENTION_CHUNK", 10)
+    s = LocalStore(tmp_path, retention=retention, retention_interval=3600)
+    s.append_sync(records("a", 45))
+    closer = threading.Thread(target=s.close)
+    serve_writes = LocalStore._serve_writes
+
+    def closed_meanwhile(self: LocalStore) -> None:  # between two chunks, close() is called
+        if not closer.is_alive() and closer.ident is None:
+            closer.start()
+            wait_until(lambda: not self._queue.empty(), what="close() queued its stop")
+        serve_writes(self)
+
+    monkeypatch.setattr(LocalStore, "_serve_writes", closed_meanwhile)
+    assert s.apply_retention(now=time.time() + 120) == 10  # one chunk, then the close goes first
+    closer.join(10)
+    assert not closer.is_alive()
+    monkeypatch.setattr(LocalStore, "_serve_writes", serve_writes)
+    with LocalStore(tmp_path, retention=retention) as reopened:  # a later pass does the rest
+        reopened.apply_retention(now=time.time() + 120)
+        assert reopened.count("a") == (0 if retention.max_age_seconds else 5)
+
+
+def test_a_retention_request_taken_together_with_the_close_stops_after_one_chunk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(local, "_RETENTION_CHUNK", 10)
+    s = LocalStore(tmp_path, retention=Retention(max_age_seconds=60), retention_interval=3600)
+    s.append_sync(records("a", 45))
+    gate, held = threading.Event(), threading.Event()
+    take = LocalStore._take
+
+    def gated(self: LocalStore, timeout: float) -> list[local._Op]:
+        if held.is_set() and not gate.is_set():
+            gate.wait(10)  # the writer waits here while both requests are queued
+        return take(self, timeout)
+
+    monkeypatch.setattr(LocalStore, "_take", gated)
+    held.set()
+    s.commit_cursor("c", "t", 1)  # wakes the writer, which then holds at its next take
+    result: list[int] = []
+    request = threading.Thread(target=lambda: result.append(s.apply_retention(now=time.time() + 120)))
+    request.start()
+    wait_until(lambda: s._queue.qsize() == 1, what="the retention request queued")
+    closer = threading.Thread(target=s.close)
+    closer.start()
+    wait_until(lambda: s._queue.qsize() == 2, what="the stop queued behind it")
+    gate.set()  # one turn takes both
+    request.join(10)
+    closer.join(10)
+    assert result == [10] and not closer.is_alive()
 
 
 def test_retention_runs_periodically_in_the_writer(tmp_path: Path) -> None:

@@ -218,10 +218,74 @@ def test_a_store_file_of_schema_v1_opens_and_gets_the_appended_counter(tmp_path:
     conn = sqlite3.connect(tmp_path / "events.db")
     try:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("SELECT value FROM counters WHERE name = 'compatible_from'").fetchone() == (2,)
     finally:
         conn.close()
     with LocalStore(tmp_path, read_only=True) as ro:
         assert ro.appended() == {"a": 5, "b": 1} and [e.seq for e in ro.read("a")] == [1, 2, 4, 5, 6]
+
+
+def test_a_newer_store_file_opens_when_it_says_this_code_can_use_it(tmp_path: Path) -> None:
+    # A release whose migration only adds keeps `compatible_from`: rolling back to this code needs nothing
+    # done by hand. One that raises it, or a file without the row, is refused with the versions named.
+    with spool_store(tmp_path) as s:
+        s.append_sync(records("a", 2))
+    db = tmp_path / "events.db"
+
+    def set_header(version: int, compatible_from: int | None) -> None:
+        conn = sqlite3.connect(db, isolation_level=None)
+        try:
+            conn.execute(f"PRAGMA user_version = {version}")
+            if compatible_from is None:
+                conn.execute("DELETE FROM counters WHERE name = 'compatible_from'")
+            else:
+                conn.execute("UPDATE counters SET value = ? WHERE name = 'compatible_from'", (compatible_from,))
+        finally:
+            conn.close()
+
+    def header() -> tuple[int, int | None]:
+        conn = sqlite3.connect(db)
+        try:
+            row = conn.execute("SELECT value FROM counters WHERE name = 'compatible_from'").fetchone()
+            return conn.execute("PRAGMA user_version").fetchone()[0], None if row is None else row[0]
+        finally:
+            conn.close()
+
+    assert header() == (2, 2)
+    set_header(3, 2)
+    with spool_store(tmp_path) as s:
+        assert s.append_sync(records("a", 1)) == [3] and seqs(s, "a") == [1, 2, 3]
+    with LocalStore(tmp_path, read_only=True) as ro:
+        assert ro.appended() == {"a": 3}
+    assert header() == (3, 2)  # left as the newer code wrote it
+    set_header(3, 3)
+    with pytest.raises(ValueError, match=r"store schema v3 is newer than this code \(v2\) and needs code of schema "
+                                         r"v3 or later"):
+        spool_store(tmp_path)
+    set_header(4, None)
+    with pytest.raises(ValueError, match=r"schema v4 is newer than this code \(v2\) and needs code of schema v4"):
+        LocalStore(tmp_path, read_only=True)
+    set_header(2, None)  # a file of this schema written before the row existed gets it
+    spool_store(tmp_path).close()
+    assert header() == (2, 2)
+
+
+def test_a_file_taken_back_to_schema_v1_by_hand_migrates_forward_again(tmp_path: Path) -> None:
+    # The documented rollback to schema-1 code: `PRAGMA user_version = 1`. Schema-1 code then appends without
+    # the appended counter; the next schema-2 open must not trip over the column it already has.
+    with spool_store(tmp_path) as s:
+        s.append_sync(records("a", 2))
+    conn = sqlite3.connect(tmp_path / "events.db", isolation_level=None)
+    try:
+        conn.execute("PRAGMA user_version = 1")
+        conn.execute("INSERT INTO events VALUES (3, 'a', 0.0, NULL, x'7b7d')")  # as schema-1 code appends
+        conn.execute("UPDATE topics SET count = count + 1 WHERE topic = 'a'")
+        conn.execute("UPDATE counters SET value = 3 WHERE name = 'last_seq'")
+    finally:
+        conn.close()
+    with spool_store(tmp_path) as s:
+        assert s.topics() == s.appended() == {"a": 3}  # recounted from what is stored
+        assert s.append_sync(records("a", 1)) == [4] and s.appended() == {"a": 4}
 
 
 # -- lazy cursor moves ------------------------------------------------------------------------------------
