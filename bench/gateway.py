@@ -9,6 +9,8 @@ so that nothing shares a GIL with the server under test:
 
 - the gateway: `umcef serve --config <tmp yaml>` routing the order events to `kafka://.../gw` with
   `store: {sync: full}` (accepted = fsynced in the durable spool; a delivery worker drains it to Kafka);
+- the same gateway writing Kafka's structured mode (`?mode=structured`: the JSON event as the record value,
+  no `ce_` headers), as the bridge writes its records: saturation only, compared with the bridge;
 - a naive bridge written here (`--role bridge`): aiohttp, `POST` -> `produce()` every event of the body
   (the whole JSON event as the record value, `partitionkey` as key) -> await every delivery report -> 202.
   confluent-kafka, idempotent, acks=all, linger.ms=0 (the gateway's client and settings), plain asyncio;
@@ -72,7 +74,10 @@ PARTITIONS = 4
 BASE: dict[str, Any] = {k: v for k, v in ATTRIBUTES.items() if k not in ("id", "partitionkey")}
 BATCH_CT = "application/cloudevents-batch+json"
 GATEWAYS = ["gateway", "gateway 2-proc"]  # delivery inside the gateway's process / in a second one
-SYSTEMS_SAT = ["direct confluent", "direct aiokafka", "naive bridge", *GATEWAYS]
+# The gateway writing what the bridge writes (structured mode: the JSON event as the value, no ce_ headers),
+# saturation only: the throughput comparison with the bridge on the same Kafka records.
+STRUCTURED = "gateway structured"
+SYSTEMS_SAT = ["direct confluent", "direct aiokafka", "naive bridge", *GATEWAYS, STRUCTURED]
 SYSTEMS_LAT = ["direct confluent", "naive bridge", *GATEWAYS]
 LATENCY_TAG = "L"  # latency runs' event ids start with it and their slot: the gateway routes them to its topic
 
@@ -744,7 +749,7 @@ class Bench:
         lat_topics = [t for topics in self.lat_topics.values() for t in topics]
         asyncio.run(create_topics(self.bootstrap, [*self.topics.values(), *lat_topics]))
         self.wm = Watermarks(self.bootstrap)
-        configs = {s: self.gateway_config(s) for s in GATEWAYS}
+        configs = {s: self.gateway_config(s) for s in (*GATEWAYS, STRUCTURED)}
         config = configs["gateway"]
         bridge = self.bridge = None
         self.gateways: dict[str, Gateway] = {}
@@ -801,19 +806,22 @@ class Bench:
         return results
 
     def gateway_config(self, system: str) -> Path:
-        """`gateway` delivers in its own process's event loop, `gateway 2-proc` in a second process."""
+        """`gateway` delivers in its own process's event loop, `gateway 2-proc` in a second process,
+        `gateway structured` as `gateway` in Kafka's structured mode (no latency runs)."""
         config = self.tmp / f"umcef-{system.replace(' ', '-')}.yaml"
+        lat_topics = self.lat_topics.get(system, [])
         lat_destinations = "".join(f'  kafka-lat{n}: {{url: "kafka://{self.bootstrap}/{topic}"}}\n'
-                                   for n, topic in enumerate(self.lat_topics[system]))
+                                   for n, topic in enumerate(lat_topics))
         lat_routes = "".join(f'  - {{name: latency{n}, filter: {{prefix: {{id: "{LATENCY_TAG}{n:02d}"}}}}, '
-                             f'to: [kafka-lat{n}]}}\n' for n in range(self.lat_slots))
+                             f'to: [kafka-lat{n}]}}\n' for n in range(len(lat_topics)))
+        mode = "?mode=structured" if system == STRUCTURED else ""
         config.write_text(
             "server: {host: 127.0.0.1, port: 0, grpc_port: null}\n"
             "store: {sync: full}\n"
             "limits: {max_batch: 1000}\n"
             f"delivery: {{process: {'true' if system == 'gateway 2-proc' else 'false'}}}\n"
             "destinations:\n"
-            f'  kafka: {{url: "kafka://{self.bootstrap}/{self.topics[system]}"}}\n'
+            f'  kafka: {{url: "kafka://{self.bootstrap}/{self.topics[system]}{mode}"}}\n'
             f"{lat_destinations}"
             "routes:\n"
             '  - {name: orders, filter: {all: [{prefix: {type: "com.example.shop."}}, '
@@ -905,6 +913,8 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             "direct_p99_ms": direct_lat["p99_ms"],
             "direct_p99_spread_ms": noise,
         }
+    targets[f"{STRUCTURED} delivered / naive bridge (same records, reference)"] = {
+        "value": sat[STRUCTURED]["delivered_per_s"] / sat["naive bridge"]["delivered_per_s"]}
     return {"saturation": sat, "latency": lat, "targets": targets}
 
 
