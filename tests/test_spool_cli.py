@@ -35,13 +35,15 @@ def spool_rows(*args: str) -> dict[str, dict[str, object]]:
     return {str(row["destination"]): row for row in map(orjson.loads, result.stdout.splitlines())}
 
 
+@pytest.mark.parametrize("process", [False, True], ids=["inline", "delivery-process"])
 def test_a_removed_destinations_spool_is_listed_dead_lettered_and_redriven_to_kafka(
-        tmp_path: Path, kafka_broker: KafkaBroker) -> None:
+        tmp_path: Path, kafka_broker: KafkaBroker, process: bool) -> None:
     data_dir = tmp_path / "gw"
     before, after = tmp_path / "before.yaml", tmp_path / "after.yaml"
     # Before: every order goes to `old`, whose broker never answers, so they wait in its spool.
+    # (With delivery in its own process, that process's workers mark the spools they deliver.)
     before.write_text(f"data_dir: {data_dir}\ndestinations:\n  old: {unreachable_kafka('t')}}}\ndefault: old\n"
-                      + NEVER_EJECT)
+                      f"delivery: {{process: {str(process).lower()}}}\n" + NEVER_EJECT)
     # After: `old` is gone, `new` is a working Kafka topic.
     topic = unique_name("spool-new")
     asyncio.run(create_topic(kafka_broker.bootstrap, topic, partitions=1))
