@@ -372,11 +372,6 @@ _SPOOL_CONFIG = click.option("--config", "-c", "config", type=click.Path(path_ty
                                   "destinations still deliver their spools")
 
 
-def _remote_destinations(cfg: config_mod.Config) -> dict[str, str]:
-    """Name -> URL of the destinations whose delivery workers drain a spool."""
-    return {name: d.url for name, d in cfg.destinations.items() if not d.is_local}
-
-
 @spool_app.command("list")
 @_SPOOL_CONFIG
 @_DATA_DIR
@@ -389,7 +384,7 @@ def spool_list(config: Path | None, data_dir: Path | None, as_json: bool) -> Non
     cfg = _load_config(config, data_dir=data_dir)
     store = _open_store(cfg.data_dir, write=False)
     try:
-        found = spools.states(store, None if config is None else _remote_destinations(cfg))
+        found = spools.states(store, None if config is None else spools.remote_destinations(cfg))
     finally:
         store.close()
     now = time.time()
@@ -404,9 +399,9 @@ def spool_list(config: Path | None, data_dir: Path | None, as_json: bool) -> Non
                    f"oldest={'-' if oldest is None else spools.age(oldest)}\tstored={state.stored}")
     orphans = [s for s in found if s.orphaned]
     for state in orphans:
+        dead_letter, replay = spools.redrive_commands(state.destination, config)
         err.print(f"{state.topic}: {state.undelivered} undelivered events and no configured destination "
-                  f"{state.destination!r} to deliver them: umcef spool dead-letter {state.destination} --config "
-                  f"{config}, then umcef dlq replay --destination {state.destination} --to NEW --all",
+                  f"{state.destination!r} to deliver them: {dead_letter}, then {replay}",
                   highlight=False, markup=False, soft_wrap=True)
     if config is None:
         err.print("without --config it is not known which spools a destination still delivers",
@@ -435,13 +430,13 @@ def spool_dead_letter(destination: str, config: Path | None, data_dir: Path | No
     store = _open_store(cfg.data_dir, write=True)
     try:
         moved = spools.dead_letter(store, destination, reason or spools.default_reason(destination),
-                                   _remote_destinations(cfg))
+                                   spools.remote_destinations(cfg))
     except spools.SpoolError as exc:
         raise CliError(str(exc)) from None
     finally:
         store.close()
     err.print(f"dead-lettered {_plural(moved.events, 'event')} of {spool_topic(destination)} to _deadletter; "
-              f"re-drive them with umcef dlq replay --config {config} --destination {destination} --to NEW --all",
+              f"re-drive them with {spools.redrive_commands(destination, config)[1]}",
               highlight=False, markup=False, soft_wrap=True)
     if moved.undecodable:
         err.print(f"{_plural(moved.undecodable, 'record')} of them undecodable, moved as they were: umcef dlq list "

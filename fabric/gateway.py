@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from umcef.adapters import open_adapter
 from umcef.adapters.local import LocalStore, Retention, TrimConsumed
+from umcef.fabric import spools
 from umcef.fabric.backpressure import CLASSES, Lane, SpoolGauge, backlog
 from umcef.fabric.config import DEAD_LETTER, DEFAULTS_SOURCE, Config, SpoolLimit
 from umcef.fabric.deadletter import DeadLetterQueue
@@ -58,13 +59,13 @@ def build_router(config: Config, estimator: Estimator | None = None) -> Router:
     return Router(compile_table(routing, estimator.slot), estimator, sample_every=routing.explain_sample_every)
 
 
-def open_store(config: Config, cursor_delay: float = CURSOR_DELAY_SECONDS, *, retain: bool = True) -> LocalStore:
+def open_store(config: Config, *, retain: bool = True) -> LocalStore:
     """`retain=False`: another process applies the retention (and trims delivered spool records) to this store
     (the gateway's, when delivery runs in its own process), so it runs once per store, not once per writer."""
     retention = Retention(config.store.max_age_seconds, config.store.max_events_per_topic, (TRIM_DELIVERED,)) \
         if retain else Retention(None, None)
     return LocalStore(config.data_dir, sync=config.store.sync, retention=retention,  # type: ignore[arg-type]
-                      fsync_interval=config.store.fsync_interval, cursor_delay=cursor_delay,
+                      fsync_interval=config.store.fsync_interval, cursor_delay=CURSOR_DELAY_SECONDS,
                       trim_interval=TRIM_SECONDS)
 
 
@@ -156,19 +157,12 @@ class Gateway:
     def _warn_of_orphan_spools(self) -> None:
         """A spool whose destination is no longer configured keeps its undelivered events (no retention
         deletes them): say so at start, and how to re-drive them, or they would wait unseen."""
-        spools = set(self._spool_topics.values())
-        for topic in self.store.topics():
-            if not topic.startswith(SPOOL_PREFIX) or topic in spools:
-                continue
-            cursor = self.store.cursor(CURSOR_GROUP, topic)
-            undelivered = self.store.count(topic, cursor)
-            if undelivered:
-                name = topic[len(SPOOL_PREFIX):]
-                log.warning("%s holds %d undelivered events (after seq %d) but no configured destination %r "
-                            "delivers it: `umcef spool dead-letter %s --config %s` moves them to the dead-letter "
-                            "queue, `umcef dlq replay --destination %s --to NEW --all` then re-drives them",
-                            topic, undelivered, cursor, name, name,
-                            "FILE" if self.config.source == DEFAULTS_SOURCE else self.config.source, name)
+        config = "FILE" if self.config.source == DEFAULTS_SOURCE else self.config.source
+        for state in spools.orphans(self.store, spools.remote_destinations(self.config)):
+            dead_letter, replay = spools.redrive_commands(state.destination, config)
+            log.warning("%s holds %d undelivered events (after seq %d) but no configured destination %r "
+                        "delivers it: `%s` moves them to the dead-letter queue, `%s` then re-drives them",
+                        state.topic, state.undelivered, state.cursor, state.destination, dead_letter, replay)
 
     def _spool_gauge(self) -> SpoolGauge:
         """Backpressure: a lane per remote destination's spool, seeded with what an earlier run left."""

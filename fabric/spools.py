@@ -16,15 +16,18 @@ spool it has a worker for (`ALIVE_GROUP`), and a spool marked recently is refuse
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from umcef.adapters.local import CursorMove, CursorMoved, LocalStore, Record
 from umcef.fabric.deadletter import DEAD_LETTER_TOPIC, with_reason
 from umcef.fabric.delivery import ALIVE_GROUP, ALIVE_TIMEOUT, CURSOR_GROUP, SPOOL_PREFIX, spool_topic
+
+if TYPE_CHECKING:
+    from umcef.fabric.config import Config
 
 CHUNK = 1000  # records per transaction when dead-lettering a spool
 
@@ -57,19 +60,41 @@ class SpoolState:
                 "oldest_undelivered_age_s": None if oldest is None else round(max(0.0, now - oldest), 3)}
 
 
-def states(store: LocalStore, remote: Mapping[str, object] | None) -> list[SpoolState]:
-    """Every spool in the store, and every remote destination of the configuration (`remote`: by name; None:
-    no configuration), by destination name."""
-    names = {topic[len(SPOOL_PREFIX):] for topic in store.topics() if topic.startswith(SPOOL_PREFIX)}
+def remote_destinations(config: Config) -> set[str]:
+    """The destinations whose delivery workers drain a spool."""
+    return {name for name, dest in config.destinations.items() if not dest.is_local}
+
+
+def states(store: LocalStore, remote: Collection[str] | None) -> list[SpoolState]:
+    """Every spool in the store, and every remote destination of the configuration (`remote`: their names;
+    None: no configuration), by destination name."""
+    stored = {t: n for t, n in store.topics().items() if t.startswith(SPOOL_PREFIX)}
+    names = {topic[len(SPOOL_PREFIX):] for topic in stored}
     names.update(remote or ())
-    out: list[SpoolState] = []
-    for name in sorted(names):
-        topic = spool_topic(name)
-        cursor = store.cursor(CURSOR_GROUP, topic)
-        first = store.read(topic, cursor, 1)
-        out.append(SpoolState(name, None if remote is None else name in remote, store.count(topic),
-                              store.count(topic, cursor), cursor, first[0].stored_at if first else None))
-    return out
+    return [_state(store, name, None if remote is None else name in remote, stored.get(spool_topic(name), 0))
+            for name in sorted(names)]
+
+
+def orphans(store: LocalStore, remote: Collection[str]) -> list[SpoolState]:
+    """`states` of the spools holding undelivered events that no destination of `remote` delivers. Reads only
+    those: a configured spool's backlog (possibly huge) is not counted."""
+    out = [_state(store, topic[len(SPOOL_PREFIX):], False, n) for topic, n in store.topics().items()
+           if topic.startswith(SPOOL_PREFIX) and topic[len(SPOOL_PREFIX):] not in remote]
+    return [state for state in out if state.orphaned]
+
+
+def _state(store: LocalStore, name: str, configured: bool | None, stored: int) -> SpoolState:
+    topic = spool_topic(name)
+    cursor = store.cursor(CURSOR_GROUP, topic)
+    first = store.read(topic, cursor, 1)
+    return SpoolState(name, configured, stored, store.count(topic, cursor), cursor,
+                      first[0].stored_at if first else None)
+
+
+def redrive_commands(destination: str, config: object) -> tuple[str, str]:
+    """The two commands that empty an orphaned spool into the dead-letter queue and re-drive its events."""
+    return (f"umcef spool dead-letter {destination} --config {config}",
+            f"umcef dlq replay --destination {destination} --to NEW --all --config {config}")
 
 
 def default_reason(destination: str) -> str:
@@ -82,7 +107,7 @@ class Moved:
     undecodable: int  # of those, records that are no JSON event: moved as they are, without a destination
 
 
-def dead_letter(store: LocalStore, destination: str, reason: str, remote: Mapping[str, object],
+def dead_letter(store: LocalStore, destination: str, reason: str, remote: Collection[str],
                 chunk: int = CHUNK, now: Callable[[], float] = time.time) -> Moved:
     """Moves the undelivered events of `destination`'s spool to `_deadletter`, each with `fabricdest`,
     `fabricreason` and `fabricattempts` 0 (an event that already is a dead letter, in the spool of a remote

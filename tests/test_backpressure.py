@@ -21,14 +21,14 @@ import pytest
 from tests.brokers import KafkaBroker, SqsServer, unique_name
 from tests.conformance.target_kafka import create_topic
 from tests.conftest import GatewayFactory, http_url
-from umcef.adapters.local import LocalStore, Record, Retention, TrimConsumed
+from umcef.adapters.local import LocalStore, Record, Retention
 from umcef.fabric import config as config_mod
 from umcef.fabric.backpressure import HIGH, LOW, NORMAL, Lane, SpoolGauge
 from umcef.fabric.config import SpoolLimit
 from umcef.fabric.dedup import DedupWindow
-from umcef.fabric.delivery import CURSOR_GROUP, SPOOL_PREFIX, spool_topic
+from umcef.fabric.delivery import CURSOR_GROUP, spool_topic
 from umcef.fabric.event import Event
-from umcef.fabric.gateway import Gateway
+from umcef.fabric.gateway import TRIM_DELIVERED, Gateway
 from umcef.fabric.grpc_client import AsyncGrpcGatewayClient, GrpcOverloaded
 from umcef.fabric.limits import NO_LIMITS
 from umcef.fabric.pipeline import Overloaded, Pipeline
@@ -421,11 +421,11 @@ NEVER_EJECT = {"estimator": {"eject_after_failures": 1000}}
 MODES = pytest.mark.parametrize("process", [False, True], ids=["in-process", "delivery-process"])
 
 
-async def until(check: Callable[[], bool], seconds: float, what: str) -> None:
+async def until(check: Callable[[], bool], seconds: float, what: str, poll: float = 0.05) -> None:
     deadline = time.monotonic() + seconds
     while not check():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(poll)
 
 
 async def replay_with_the_cli(gateway: Gateway, destination: str, n: int) -> None:
@@ -487,7 +487,7 @@ async def test_replayed_events_that_are_delivered_leave_the_depth(make_gateway: 
 
 def test_reconcile_counts_another_writers_appends_while_delivered_records_are_trimmed(tmp_path: Path) -> None:
     spool = spool_topic("eu")
-    trim = Retention(None, None, (TrimConsumed(SPOOL_PREFIX, CURSOR_GROUP),))
+    trim = Retention(None, None, (TRIM_DELIVERED,))  # the gateway's own rule
     with LocalStore(tmp_path, sync="normal", retention=trim, trim_interval=3600) as store, \
             LocalStore(tmp_path, sync="normal", retention=Retention(None, None)) as other:  # `umcef dlq replay`
         drained = [0]

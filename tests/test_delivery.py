@@ -129,7 +129,8 @@ async def test_a_worker_cancelled_while_its_last_cursor_move_waits_still_moves_t
     store = LocalStore(tmp_path / "gw", cursor_delay=60.0)
     _, adapter, worker, task = await deliver_locally(store, tmp_path, 5)
     await worker.stop()
-    await asyncio.sleep(0.1)  # the worker is in its `finally`, waiting for the held move
+    # In its `finally`, waiting for the held move: the feed is closed (no await between that and the wait).
+    await wait_until(lambda: spool_topic("out") not in store._listeners)
     assert not task.done() and store.cursor(CURSOR_GROUP, spool_topic("out")) == 0
     task.cancel()
     with pytest.raises(asyncio.CancelledError):

@@ -8,10 +8,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import socket
 import sqlite3
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,8 @@ import umcef.adapters.local as local
 from tests.brokers import KafkaBroker, unique_name
 from tests.conformance.target_kafka import create_topic
 from tests.conftest import GatewayFactory, gateway_config, http_url
-from tests.test_failover import UNREACHABLE_OPTIONS
+from tests.test_backpressure import until
+from tests.test_failover import UNREACHABLE_OPTIONS, closed_port
 from umcef.adapters.local import LocalStore, Record, Retention, TrimConsumed
 from umcef.fabric.deadletter import DEAD_LETTER_TOPIC
 from umcef.fabric.delivery import CURSOR_GROUP, SPOOL_PREFIX, spool_topic
@@ -343,12 +342,6 @@ def test_a_held_cursor_move_does_not_hold_back_trimming_or_retention(tmp_path: P
 # -- the gateway ------------------------------------------------------------------------------------------
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def batch(start: int, n: int) -> bytes:
     return orjson.dumps([{"specversion": "1.0", "id": f"e{i}", "source": "/trim", "type": "t"}
                          for i in range(start, start + n)])
@@ -358,13 +351,6 @@ async def post(client: httpx.AsyncClient, gateway: Gateway, body: bytes) -> None
     response = await client.post(http_url(gateway) + "/v1/events", content=body,
                                  headers={"content-type": "application/cloudevents-batch+json"})
     assert response.status_code == 202, response.text
-
-
-async def until(check: Callable[[], bool], seconds: float, what: str, poll: float = 0.05) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(poll)
 
 
 @MODES
