@@ -457,8 +457,9 @@ class LocalStore:
             if version < _SCHEMA_VERSION:
                 conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
             if version <= _SCHEMA_VERSION:  # (also files of this schema made before the row existed)
-                conn.execute("INSERT INTO counters (name, value) VALUES ('compatible_from', ?) "
-                             "ON CONFLICT (name) DO UPDATE SET value = excluded.value", (_COMPATIBLE_FROM,))
+                # The WHERE: an open that finds the row right writes nothing (no page, no WAL frame).
+                conn.execute("INSERT INTO counters (name, value) VALUES ('compatible_from', ?) ON CONFLICT (name) "
+                             "DO UPDATE SET value = excluded.value WHERE value != excluded.value", (_COMPATIBLE_FROM,))
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
