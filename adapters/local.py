@@ -51,7 +51,7 @@ _RETENTION_CHUNK: Final = 5_000
 # Trimming consumed records runs every `trim_interval` (a second in the gateway) under load, not once a
 # minute: smaller chunks, so an append waits behind at most ~4-5 ms of deleting (bench/store.py: ~4-4.5 us
 # per record when the rows share pages with other topics). Each chunk is one commit (without an fsync of its
-# own: `_unsynced_commit`): ten a second at 10,000 events/s.
+# own, as every deleting commit: see `_trim_consumed`): ten a second at 10,000 events/s.
 _TRIM_CHUNK: Final = 1_000
 _BUSY_TIMEOUT_S: Final = 10.0
 # The most rows one INSERT statement takes (5 parameters each; SQLite allows 32,766 per statement). The
@@ -255,17 +255,21 @@ class _Stop:
 
 
 class _FsyncFailed(BaseException):
-    """sync="interval": the writer's fsync failed. A BaseException so that no handler on the way (retention
-    logs and carries on after its own errors) can swallow it: the writer must stop."""
+    """An fsync of the WAL failed: the writer must stop. A BaseException so that no handler on the way
+    (retention logs and carries on after its own errors) can swallow it."""
+
+    def __init__(self, message: str, cause: Exception) -> None:
+        super().__init__(message)
+        self.cause = cause  # the fsync's own error: what the callers it fails get
 
 
 _STOP: Final = _Stop()
 _Op = _Append | _Cursor | _Retain | _Stop
 
 
-# One group commit that sync="interval" has not fsynced yet: its futures, listener hand-off and wake-ups
-# wait for the fsync. (appends, their seqs, cursor moves, stored_at, gap): _resolve's arguments.
-_Unsynced = tuple[list[_Append], list[list[int]], list[_Cursor], float, bool]
+# One group commit not fsynced yet (sync="full" or "interval"): its futures wait for the fsync. (appends, their
+# seqs, cursor moves): _acknowledge's arguments.
+_Unsynced = tuple[list[_Append], list[list[int]], list[_Cursor]]
 
 
 def _fsync_file(fd: int) -> None:
@@ -279,6 +283,116 @@ def _fsync_file(fd: int) -> None:
         os.fsync(fd)
 
 
+class _WalSyncer:
+    """Fsyncs the WAL on a thread of its own and then acknowledges the commits it covers, in commit order.
+
+    The writer hands each commit over (`submit`) and goes straight on to the next one, so a slow fsync (0.5 ms
+    typical on a busy disk, tens of ms in its tail) delays acknowledgements but never the commits, nor the
+    hand-over of their records to this process's consumers. One fsync covers every commit submitted before
+    it started; with `interval` > 0 they start at most once per interval (sync="interval").
+
+    A failed fsync fails every commit it would have covered, and every later one: after a failed fsync the
+    kernel may have dropped the dirty pages and a later fsync can succeed without them, and WAL recovery
+    stops at the first missing frame, so nothing committed after it could honestly be acknowledged."""
+
+    def __init__(self, wal: Path, directory: Path, interval: float, on_failure: Callable[[], None]) -> None:
+        self.wal = wal
+        self.directory = directory
+        self.interval = interval
+        self.on_failure = on_failure  # called once, before any future fails: the store stops (writer included)
+        self.count = 0  # fsyncs done
+        self.failed: _FsyncFailed | None = None
+        self._cond = threading.Condition()
+        self._pending: list[_Unsynced] = []
+        self._stopping = False
+        self._fd: int | None = None
+        self._thread = threading.Thread(target=self._main, name=f"umcef-fsync:{wal}", daemon=True)
+        self._thread.start()
+
+    def submit(self, group: _Unsynced) -> None:
+        """A committed group, to acknowledge once an fsync covers it. Raises _FsyncFailed after a failure
+        (the group's futures fail with it first)."""
+        with self._cond:
+            if self.failed is None:
+                self._pending.append(group)
+                self._cond.notify()
+                return
+        _fail_groups([group], self.failed.cause)
+        raise self.failed
+
+    def stop(self) -> None:
+        """Fsyncs and acknowledges whatever is pending (without waiting out the interval), then ends. Idempotent."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join()
+
+    def _main(self) -> None:
+        last = -float("inf")  # time.monotonic() when the last fsync started
+        try:
+            while True:
+                with self._cond:
+                    while not self._stopping and (not self._pending or time.monotonic() < last + self.interval):
+                        self._cond.wait(None if not self._pending else last + self.interval - time.monotonic())
+                    if not self._pending:
+                        return  # stopping, nothing left
+                    groups, self._pending = self._pending, []
+                last = time.monotonic()
+                try:
+                    self._fsync()
+                except Exception as exc:
+                    self._fail(groups, exc)
+                    return
+                self.count += 1
+                for appends, results, cursors in groups:
+                    try:
+                        LocalStore._acknowledge(appends, results, cursors)
+                    except Exception:  # a bug; the syncer must live on, or every later caller waits forever
+                        log.exception("acknowledging a commit of %s failed", self.wal)
+        finally:
+            if self._fd is not None:
+                os.close(self._fd)
+
+    def _fail(self, groups: list[_Unsynced], exc: Exception) -> None:
+        failed = _FsyncFailed(f"fsync of {self.wal} failed: {exc!r}", exc)
+        with self._cond:  # first: from here on the writer commits nothing more (`LocalStore._transaction`)
+            self.failed = failed
+            groups += self._pending
+            self._pending = []
+        log.error("%s; the store stops", failed)
+        self.on_failure()  # before any future fails: whoever sees the failure finds the store refusing work
+        _fail_groups(groups, exc)
+
+    def _fsync(self) -> None:
+        if self._fd is None:
+            # The WAL exists from the first commit on and lives as long as the writer's connection (SQLite
+            # deletes it only when the last connection closes), so one fd serves for good: fsync on any fd of
+            # the inode flushes it.
+            fd = os.open(self.wal, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            try:
+                _fsync_file(fd)
+                # SQLite syncs the WAL's directory entry at its first sync of a new WAL, which with
+                # synchronous=NORMAL is the first checkpoint: do it now, once.
+                dfd = os.open(self.directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fd = fd
+            return
+        _fsync_file(self._fd)
+
+
+def _fail_groups(groups: list[_Unsynced], exc: BaseException) -> None:
+    for appends, _, cursors in groups:
+        failed: list[_Append | _Cursor] = [*appends, *cursors]
+        for op in failed:
+            op.future.set_exception(exc)
+
+
 def _open_error(db: Path, exc: sqlite3.Error) -> Exception:
     code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
     if code in _OS_ERROR_CODES:
@@ -289,13 +403,16 @@ def _open_error(db: Path, exc: sqlite3.Error) -> Exception:
 class LocalStore:
     """Durable, append-only, multi-topic event log in ``<path>/events.db``.
 
-    ``sync="full"`` fsyncs the WAL on every group commit (survives power loss); ``"normal"`` skips that fsync
-    (survives a crash of this process, not of the machine); ``"interval"`` commits without fsync and has the
-    writer fsync the WAL itself at most once per ``fsync_interval`` seconds, resolving every append (and
-    calling commit listeners) only once an fsync covers it: as durable as ``"full"``, with fewer fsyncs
-    under load and up to one interval of added latency. ``read_only=True`` opens an existing store
-    without a writer thread, for inspecting a store another process is writing. The writer also applies
-    the `Retention` (age and count every ``retention_interval``, consumed records every ``trim_interval``).
+    ``sync="full"`` fsyncs the WAL after every group commit before it resolves the commit's appends
+    (survives power loss); ``"normal"`` skips that fsync (survives a crash of this process, not of the
+    machine); ``"interval"`` fsyncs at most once per ``fsync_interval`` seconds and resolves every append
+    only once an fsync covers it: as durable as ``"full"``, with fewer fsyncs under load and up to one
+    interval of added latency. Whatever the policy, a commit's records go to this process's commit
+    listeners and followers as soon as it is committed, before its fsync (as other processes' readers see
+    them): in-process consumers do not wait for the disk; only the caller's acknowledgement does.
+    ``read_only=True`` opens an existing store without a writer thread, for inspecting a store another
+    process is writing. The writer also applies the `Retention` (age and count every
+    ``retention_interval``, consumed records every ``trim_interval``).
     """
 
     def __init__(
@@ -340,16 +457,13 @@ class LocalStore:
         self._commits = 0
         self._writer: threading.Thread | None = None
         self._last_written = 0
-        # sync="interval" only (None otherwise): commits waiting for the writer's next fsync of the WAL.
-        self._unsynced: list[_Unsynced] | None = [] if sync == "interval" else None
+        # Fsyncs the WAL and acknowledges commits (None with sync="normal": SQLite syncs at checkpoints only).
+        self._syncer: _WalSyncer | None = None
         self.fsync_interval = float(fsync_interval)
         self.cursor_delay = cursor_delay
         # Lazy cursor moves waiting for company (an append's commit) until `_held_until` (monotonic).
         self._held: list[_Op] = []
         self._held_until = float("inf")
-        self._last_fsync = -float("inf")  # time.monotonic() when the writer's last fsync started
-        self._wal_fd: int | None = None
-        self._fsyncs = 0
 
         if read_only:
             if not self.db_path.is_file():
@@ -370,6 +484,10 @@ class LocalStore:
         # A read-only store may look at a file of schema v1 (no appended counter: its count stands in).
         self._appended_column = "appended" if self._schema_version >= 2 else "count"
         if not read_only:
+            if sync != "normal":
+                interval = self.fsync_interval if sync == "interval" else 0.0
+                self._syncer = _WalSyncer(Path(f"{self.db_path.resolve()}-wal"), self.path.resolve(), interval,
+                                          self._stop_after_fsync_failure)
             self._writer = threading.Thread(
                 target=self._writer_main, name=f"umcef-local:{self.path}", daemon=True
             )
@@ -427,8 +545,10 @@ class LocalStore:
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode != "wal":
             raise OSError(errno.EINVAL, f"filesystem does not support SQLite WAL (got {mode})", str(db))
-        # "interval": SQLite does not sync at commit; the writer fsyncs the WAL itself (_sync_unsynced).
-        conn.execute(f"PRAGMA synchronous = {'NORMAL' if self.sync == 'interval' else self.sync.upper()}")
+        # SQLite never syncs at commit: with "full" and "interval" the store fsyncs the WAL itself after the
+        # commit (_WalSyncer), so the commit's records can be handed over before the fsync. (SQLite still
+        # syncs around checkpoints.)
+        conn.execute("PRAGMA synchronous = NORMAL")
         if sys.platform == "darwin" and self.sync in ("full", "interval"):
             # macOS fsync() does not flush the drive cache; F_FULLFSYNC does.
             conn.execute("PRAGMA fullfsync = ON")
@@ -597,9 +717,9 @@ class LocalStore:
 
     @property
     def fsync_count(self) -> int:
-        """Fsyncs of the WAL that acknowledged commits so far: one per group commit with sync="full", at most
-        one per interval with "interval" (done by the writer itself), none with "normal"."""
-        return self._commits if self.sync == "full" else self._fsyncs
+        """Fsyncs of the WAL that acknowledged commits so far (the store's own, on its syncer thread): one per
+        group commit or fewer with sync="full", at most one per interval with "interval", none with "normal"."""
+        return 0 if self._syncer is None else self._syncer.count
 
     # -- writer thread ---------------------------------------------------------------------------------------
 
@@ -613,7 +733,7 @@ class LocalStore:
                 stopping = bool(ops) and ops[-1] is _STOP  # close() guarantees nothing is queued after it
                 if not stopping:
                     # After every turn, not only when the queue is idle: a steady stream of appends must not
-                    # starve the fsync, the held cursor moves, trimming or retention.
+                    # starve the held cursor moves, trimming or retention.
                     self._do_due_work()
                 for op in ops:
                     if isinstance(op, _Retain) and op.future.set_running_or_notify_cancel():
@@ -622,10 +742,8 @@ class LocalStore:
                         except Exception as exc:
                             op.future.set_exception(exc)
                 if stopping:
-                    if self._unsynced:
-                        self._sync_unsynced()
                     return
-        except _FsyncFailed as exc:  # an expected way to stop: logged, every pending caller fails with it
+        except _FsyncFailed as exc:  # an expected way to stop: logged; every pending caller fails
             log.error("writer of %s stopped: %s", self.db_path, exc)
             self._fail_pending(exc)
         except BaseException as exc:
@@ -633,18 +751,16 @@ class LocalStore:
             self._fail_pending(exc)
             raise
         finally:
+            if self._syncer is not None:
+                self._syncer.stop()  # acknowledges what was committed (if its fsync succeeds)
             self._wconn.close()
-            if self._wal_fd is not None:
-                os.close(self._wal_fd)
 
     def _next_due(self) -> float:
-        """The earliest of the writer's own deadlines (retention, trimming, the fsync of parked commits, the
-        commit of held cursor moves): no wait for the queue outlasts it."""
+        """The earliest of the writer's own deadlines (retention, trimming, the commit of held cursor moves): no
+        wait for the queue outlasts it."""
         due = self._next_retention
         if self.retention.trim_consumed:
             due = min(due, self._next_trim)
-        if self._unsynced:
-            due = min(due, self._last_fsync + self.fsync_interval)
         if self._held:
             due = min(due, self._held_until)
         return due
@@ -665,12 +781,10 @@ class LocalStore:
             self._next_retention = time.monotonic() + self._retention_interval
 
     def _serve_due(self) -> None:
-        """Commits held cursor moves whose wait is over and fsyncs (sync="interval") when the interval is."""
+        """Commits held cursor moves whose wait is over."""
         if self._held and time.monotonic() >= self._held_until:
             held, self._held = self._held, []
             self._commit_writes(held)
-        if self._unsynced:
-            self._sync_if_due()
 
     def _apply_retention(self, op: _Retain) -> int:
         trimmed = self._trim_consumed()
@@ -711,67 +825,22 @@ class LocalStore:
             if isinstance(op, _Append):
                 n += len(op.rows)
 
-    def _sync_if_due(self) -> None:
-        if self._unsynced and time.monotonic() - self._last_fsync >= self.fsync_interval:
-            self._sync_unsynced()
-
-    def _sync_unsynced(self) -> None:
-        """sync="interval": fsyncs the WAL once for every commit since the last fsync, then resolves their
-        futures, hands their records to the commit listeners and wakes followers, in commit order.
-
-        A failed fsync fails those futures and kills the writer (the store closes): after a failed fsync the
-        kernel may have dropped the dirty pages and a later fsync can succeed without them, and WAL recovery
-        stops at the first missing frame, so nothing committed after it could honestly be acknowledged."""
-        assert self._unsynced is not None
-        groups, self._unsynced = self._unsynced, []
-        self._last_fsync = time.monotonic()
-        try:
-            self._fsync_wal()
-        except Exception as exc:
-            with self._lock:  # first: whoever sees these failures finds the store refusing new work
-                self._closed = True
-            for appends, _, cursors, _, _ in groups:
-                failed: list[_Append | _Cursor] = [*appends, *cursors]
-                for op in failed:
-                    op.future.set_exception(exc)
-            raise _FsyncFailed(f"fsync of {self.db_path}-wal failed: {exc!r}") from exc
-        self._fsyncs += 1
-        for appends, results, cursors, now, gap in groups:
-            self._resolve(appends, results, cursors, now, gap, notify=False)
-        if any(group[0] for group in groups):
-            self._notify()
-
-    def _fsync_wal(self) -> None:
-        if self._wal_fd is None:
-            # The WAL exists from the first commit on and lives as long as our connection (SQLite deletes it
-            # only when the last connection closes), so one fd serves for good: fsync on any fd of the inode
-            # flushes it.
-            fd = os.open(f"{self.db_path}-wal", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            try:
-                _fsync_file(fd)
-                # SQLite syncs the WAL's directory entry at its first sync of a new WAL, which with
-                # synchronous=NORMAL is the first checkpoint: do it now, once.
-                dfd = os.open(self.path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-                try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
-            except BaseException:
-                os.close(fd)
-                raise
-            self._wal_fd = fd
-            return
-        _fsync_file(self._wal_fd)
-
-    def _fail_pending(self, exc: BaseException) -> None:
+    def _refuse_work(self) -> None:
         with self._lock:
             self._closed = True
+
+    def _stop_after_fsync_failure(self) -> None:
+        """The syncer's fsync failed: refuse new work and wake the writer so that it stops (an idle one would
+        otherwise live on, trimming, until the process ends)."""
+        self._refuse_work()
+        self._queue.put(_STOP)
+
+    def _fail_pending(self, exc: BaseException) -> None:
+        self._refuse_work()
         failure = RuntimeError(f"local store writer failed: {exc!r}")
-        # Already taken (this turn's retention requests) or committed and waiting for an fsync: running, so
-        # failed here unless done (a failed fsync fails its own groups first).
+        # Already taken (this turn's retention requests): running, so failed here unless done. (Commits waiting
+        # for their fsync are the syncer's: committed, they are acknowledged if it succeeds.)
         started: list[_Append | _Cursor | _Retain] = [op for op in self._turn if isinstance(op, _Retain)]
-        for appends, _, cursors, _, _ in self._unsynced or ():
-            started += [*appends, *cursors]
         for running in started:
             if not running.future.done():
                 running.future.set_exception(failure)
@@ -785,6 +854,8 @@ class LocalStore:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
+        if self._syncer is not None and self._syncer.failed is not None:
+            raise self._syncer.failed  # nothing is committed after a failed fsync: the writer stops
         conn = self._wconn
         # IMMEDIATE takes the write lock up front, so last_seq cannot change under us (other processes too).
         conn.execute("BEGIN IMMEDIATE")
@@ -836,17 +907,30 @@ class LocalStore:
                         "ON CONFLICT (consumer, topic) DO UPDATE SET seq = excluded.seq",
                         moves,
                     )
+        except _FsyncFailed as exc:  # the syncer's fsync failed: not committed, and the writer stops
+            _fail_groups([(appends, [], cursors)], exc.cause)
+            raise
         except Exception as exc:
-            failed: list[_Append | _Cursor] = [*appends, *cursors]
-            for op in failed:
-                op.future.set_exception(exc)
+            _fail_groups([(appends, [], cursors)], exc)
             return
         self._commits += 1
         self._last_written = last
-        if self._unsynced is not None:  # sync="interval": nothing is acknowledged or handed over before fsync
-            self._unsynced.append((appends, results, cursors, now, gap))
-            return
-        self._resolve(appends, results, cursors, now, gap)
+        # Handed over before the fsync: a delivery worker in this process publishes the records while the disk
+        # syncs them (as another process's reader already could). They survive a crash of this process once
+        # committed; a power cut before the fsync could lose a record that was published, whose caller was
+        # never acknowledged: a retry publishes it again (at least once, as for any unacknowledged publish).
+        # A commit of cursor moves alone reports a gap too: it advances `_last_written` past the other writer's
+        # records, so no later commit would, and a feed would hand out our next record in memory and skip them.
+        try:
+            if appends or gap:
+                self._tell_listeners(appends, results, now, gap)
+            if appends:
+                self._notify()
+        finally:  # whatever happens, the commit's callers get their answer
+            if self._syncer is None:  # sync="normal"
+                self._acknowledge(appends, results, cursors)
+            else:
+                self._syncer.submit((appends, results, cursors))
 
     def _where_expected(self, conn: sqlite3.Connection, appends: list[_Append]) -> list[_Append]:
         """The appends whose conditional cursor moves hold (read under the write lock); the others fail."""
@@ -878,26 +962,13 @@ class LocalStore:
                 moves.append((op.consumer, op.topic, op.seq))
         return moves
 
-    def _resolve(
-        self,
-        appends: list[_Append],
-        results: list[list[int]],
-        cursors: list[_Cursor],
-        now: float,
-        gap: bool,
-        notify: bool = True,
-    ) -> None:
-        """A durable group commit: resolves its futures, hands its records to the commit listeners."""
+    @staticmethod
+    def _acknowledge(appends: list[_Append], results: list[list[int]], cursors: list[_Cursor]) -> None:
+        """A group commit as durable as the sync policy asks: its callers get their seqs."""
         for a, seqs in zip(appends, results, strict=True):
             a.future.set_result(seqs)
         for c in cursors:
             c.future.set_result(None)
-        # A commit of cursor moves alone reports a gap too: it advances `_last_written` past the other writer's
-        # records, so no later commit would, and a feed would hand out our next record in memory and skip them.
-        if appends or gap:
-            self._tell_listeners(appends, results, now, gap)
-        if appends and notify:
-            self._notify()
 
     def _tell_listeners(self, appends: list[_Append], results: list[list[int]], now: float, gap: bool) -> None:
         # Looked up after COMMIT: a listener registered before it hears these records, one registered after it
@@ -1005,27 +1076,16 @@ class LocalStore:
         if not trimmable:
             return 0
         left = _TRIM_CHUNK
-        with self._unsynced_commit(), self._transaction() as conn:
+        # No fsync of its own (nor has age or count retention's): a trim lost in a power cut only brings back
+        # records at or below a cursor committed before it (the WAL keeps commit order), trimmed again; the
+        # next fsync covers it anyway (the WAL is synced up to its end).
+        with self._transaction() as conn:
             for topic, consumer in trimmable:
                 # The cursor as of now, under the write lock: another process may have moved it.
                 left -= self._delete_oldest(conn, topic, self._cursor_in(conn, consumer, topic), left)
                 if not left:
                     break
         return _TRIM_CHUNK - left
-
-    @contextlib.contextmanager
-    def _unsynced_commit(self) -> Iterator[None]:
-        """A commit without its own fsync with sync="full": a trim lost in a power cut only brings back records
-        at or below a cursor that was durable before the trim read it (they are trimmed again), and the next
-        fsync'd commit covers it anyway (the WAL is synced up to its end)."""
-        if self.sync != "full":
-            yield
-            return
-        self._wconn.execute("PRAGMA synchronous = NORMAL")
-        try:
-            yield
-        finally:
-            self._wconn.execute("PRAGMA synchronous = FULL")
 
     @staticmethod
     def _delete_oldest(conn: sqlite3.Connection, topic: str, up_to: int, limit: int) -> int:
@@ -1162,15 +1222,13 @@ class LocalStore:
     def close(self) -> None:
         """Commits everything already queued, stops the writer and closes the files. Idempotent."""
         with self._lock:
-            if self._closed:
-                writer = None
-            else:
+            if not self._closed:
                 self._closed = True
-                writer = self._writer
-                if writer is not None:
+                if self._writer is not None:
                     self._queue.put(_STOP)
-        if writer is not None:
-            writer.join()
+        # Joined even when the store was closed already: a failed fsync closes it and stops the writer itself.
+        if self._writer is not None and self._writer is not threading.current_thread():
+            self._writer.join()
         with self._rlock:
             self._rconn.close()  # closing a closed sqlite3 connection is a no-op
         self._notify()  # followers see _closed and end

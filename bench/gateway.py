@@ -57,6 +57,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -488,13 +489,14 @@ def bridge_url(bridge: subprocess.Popen[str]) -> str:
 class Gateway:
     """`umcef serve --config FILE` in its own process; stderr to a file (never a pipe nobody reads)."""
 
-    def __init__(self, config: Path, data_dir: Path, log: Path, profile_to: Path | None = None) -> None:
+    def __init__(self, config: Path, data_dir: Path, log: Path, profile_to: Path | None = None,
+                 cli: Sequence[str] = ("-m", "umcef.fabric.cli")) -> None:
+        """`cli`: what runs `umcef` (bench/gateway_trace.py passes its own traced entry point)."""
         prefix = ["-m", "cProfile", "-o", str(profile_to)] if profile_to else []
         args = [
             sys.executable,
             *prefix,
-            "-m",
-            "umcef.fabric.cli",
+            *cli,
             "serve",
             "--config",
             str(config),

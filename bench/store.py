@@ -5,7 +5,8 @@ appenders; the three fsync policies at batch 1 with 1, 8 and 64 appenders (appen
 fsyncs/s), also on a simulated slow disk; a 300-record append beside a busy thread (one INSERT per row
 against multi-row INSERTs, default against the gateway's switch interval); a raw append-only segment
 file (write + fdatasync per group, the ceiling any hand-rolled segment log could reach) for comparison;
-read throughput; the cost of trimming delivered spool records; and recovery time after SIGKILL. Writes
+read throughput; the cost of trimming delivered spool records; how soon a commit listener (a delivery
+worker) gets a record against how soon its append returns, per policy; and recovery time after SIGKILL. Writes
 bench/results/store.json and bench/results/store.png.
 Run: .venv/bin/python bench/store.py [--seconds 1.0] [--fsync-interval-ms 5]
 """
@@ -160,6 +161,47 @@ def busy_thread_commits(directory: Path, seconds: float, batch: int = 300) -> di
         local._ROWS_PER_INSERT = rows_per_insert
         sys.setswitchinterval(interval)
     return out
+
+
+async def handover(directory: Path, sync: SyncPolicy, fsync_interval: float, rate: float,
+                   seconds: float) -> dict[str, float]:
+    """Single-record appends at `rate`/s: ms from the append call to the commit listener's call (what a delivery
+    worker waits for) and to the append's return (the 202), p50/p99."""
+    store = LocalStore(directory, sync=sync, fsync_interval=fsync_interval)
+    loop = asyncio.get_running_loop()
+    started: dict[bytes, float] = {}
+    heard: list[float] = []
+    acked: list[float] = []
+
+    def listener(committed: list[Any], gap: bool) -> None:
+        now = time.perf_counter()
+        heard.extend(now - started[record.payload] for _, _, record in committed)
+
+    unlisten = store.listen("h", listener)
+
+    async def one(i: int) -> None:
+        payload = b"%d" % i
+        started[payload] = t = time.perf_counter()
+        await store.append([Record("h", payload)])
+        acked.append(time.perf_counter() - t)
+
+    try:
+        tasks = []
+        begin = loop.time()
+        for i in range(int(rate * seconds)):
+            await asyncio.sleep(max(0.0, begin + i / rate - loop.time()))
+            tasks.append(asyncio.ensure_future(one(i)))
+        await asyncio.gather(*tasks)
+        await asyncio.sleep(0.05)  # the last listener calls
+    finally:
+        unlisten()
+        store.close()
+
+    def pct(values: list[float], q: float) -> float:
+        return sorted(values)[min(len(values) - 1, int(len(values) * q))] * 1000
+
+    return {"heard_p50_ms": pct(heard, 0.5), "heard_p99_ms": pct(heard, 0.99),
+            "acked_p50_ms": pct(acked, 0.5), "acked_p99_ms": pct(acked, 0.99)}
 
 
 def fsync_probe_ms(directory: Path) -> float:
@@ -540,6 +582,13 @@ def main() -> None:
             print(f"simulated slow disk (every fsync +{args.slow_fsync_ms} ms), records/s unless named:")
             for k, v in slow.items():
                 print(f"  {k:34} {v:12,.2f}")
+        results["handover"] = {}
+        print("1,000 single-record appends/s, ms from append() to the commit listener's call / to its return:")
+        for sync in SYNC_MODES:
+            r = results["handover"][sync] = asyncio.run(handover(base / f"handover-{sync}", sync, fsync_interval,
+                                                                 1000, 3.0))
+            print(f"  {sync:9} listener p50 {r['heard_p50_ms']:6.2f} p99 {r['heard_p99_ms']:6.2f}   "
+                  f"return p50 {r['acked_p50_ms']:6.2f} p99 {r['acked_p99_ms']:6.2f}")
         results["busy_thread"] = busy_thread_commits(base, 2.0)
         print("a 300-record append (sync full) beside a thread running Python non-stop, ms:")
         for k, v in results["busy_thread"].items():

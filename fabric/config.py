@@ -50,7 +50,7 @@ class StoreConfig:
     sync: str = "full"
     max_age_seconds: float | None = 7 * 24 * 3600
     max_events_per_topic: int | None = None
-    fsync_interval_ms: float = 5.0  # sync: interval only: the writer fsyncs the WAL at most this often
+    fsync_interval_ms: float = 5.0  # sync: interval only: the store fsyncs the WAL at most this often
 
     @property
     def fsync_interval(self) -> float:

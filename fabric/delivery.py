@@ -354,16 +354,14 @@ class DeliveryWorker:
     def _land(self, flights: deque[_Flight]) -> bool:
         """Move the cursor past the finished pages at the head, up to one that gave up (stopping): False then."""
         last = None
-        gave_up = False
         while flights and flights[0].task.done():
             if not flights[0].task.result():  # an exception here is a bug: let it stop the worker loudly
-                gave_up = True
                 break
             last = flights.popleft().last_seq
         if last is not None:
             # Not awaited: the move rides on the next group commit (a lost move = redelivery only).
             self._cursor = self.store.commit_cursor_later(CURSOR_GROUP, self.topic, last)
-        return not gave_up
+        return not (flights and flights[0].task.done())  # the loop stopped at a finished page: it gave up
 
     async def stop(self) -> None:
         """Take no new page and abandon retry waits; a publish in flight completes (the gateway bounds

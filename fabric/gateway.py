@@ -41,7 +41,7 @@ TRIM_DELIVERED = TrimConsumed(SPOOL_PREFIX, CURSOR_GROUP)
 # How often delivered spool records are deleted. At 10,000 events/s a spool then holds ~10,000 delivered
 # records (~7 MB) beyond the undelivered ones. The cost is per record deleted (~5 us, bench/store.py), so a
 # longer interval saves nothing but grows the spool; a pass with nothing to delete is one index probe per
-# spool and takes no write lock, one that deletes pays a commit (an fsync with sync: full) per 1,000 records.
+# spool and takes no write lock, one that deletes pays a commit (without an fsync of its own) per 1,000 records.
 TRIM_SECONDS = 1.0
 # How long a delivery worker's cursor move (`commit_cursor_later`) may wait to ride on the next append's commit
 # instead of committing (and fsyncing) alone: a lost move only redelivers, and anything a caller waits for

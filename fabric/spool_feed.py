@@ -17,7 +17,6 @@ SQLite nor decodes JSON. The memory is only trusted while it is known to be comp
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -48,7 +47,7 @@ class SpoolFeed:
         self.from_store = 0
         self._inbox: deque[Committed] = deque()
         self._incomplete = False
-        self._wake = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None  # next_page() waiting for the store's news
         self._next_check = 0.0
         self._unlisten = store.listen(topic, self._heard)
 
@@ -64,7 +63,12 @@ class SpoolFeed:
             self._inbox.clear()
         else:
             self._inbox.extend(committed)
-        self._wake.set()
+        self._wake_up()
+
+    def _wake_up(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def next_page(self) -> list[Spooled]:
         """The next events after the last page, at most `page_size`; waits until there is one. Raises
@@ -74,9 +78,16 @@ class SpoolFeed:
             if page:
                 self.last = page[-1].seq
                 return page
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+            # A bare future and a timer, not wait_for(Event.wait()): two event-loop turns fewer between a commit
+            # and its publish. (Nothing is lost while nobody waits: the next call looks at the inbox first.)
+            loop = asyncio.get_running_loop()
+            self._waiter = loop.create_future()
+            timer = loop.call_later(self.poll_interval, self._wake_up)
+            try:
+                await self._waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
 
     def _from_store(self) -> list[Spooled]:
         stored = self.store.read(self.topic, self.last, self.page_size)

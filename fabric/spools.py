@@ -78,9 +78,9 @@ def states(store: LocalStore, remote: Collection[str] | None) -> list[SpoolState
 def orphans(store: LocalStore, remote: Collection[str]) -> list[SpoolState]:
     """`states` of the spools holding undelivered events that no destination of `remote` delivers. Reads only
     those: a configured spool's backlog (possibly huge) is not counted."""
-    out = [_state(store, topic[len(SPOOL_PREFIX):], False, n) for topic, n in store.topics().items()
-           if topic.startswith(SPOOL_PREFIX) and topic[len(SPOOL_PREFIX):] not in remote]
-    return [state for state in out if state.orphaned]
+    return [state for topic, n in store.topics().items()
+            if topic.startswith(SPOOL_PREFIX) and (name := topic[len(SPOOL_PREFIX):]) not in remote
+            and (state := _state(store, name, False, n)).orphaned]
 
 
 def _state(store: LocalStore, name: str, configured: bool | None, stored: int) -> SpoolState:

@@ -39,7 +39,7 @@ async def publish_until_killed(gateway: GatewayProcess, accepted: set[str], targ
     await asyncio.gather(*(worker(w) for w in range(8)))
 
 
-@pytest.mark.parametrize("sync", ["full", "interval"])  # interval: the 202 waits for the writer's own fsync
+@pytest.mark.parametrize("sync", ["full", "interval"])  # both: the 202 waits for the store's own fsync
 def test_sigkill_after_202_loses_nothing(tmp_path: Path, sync: str) -> None:
     data_dir = tmp_path / "store"
     accepted: set[str] = set()

@@ -1,5 +1,6 @@
-"""`store.sync: interval`: SQLite commits without fsync and the writer fsyncs the WAL itself at most once per
-interval; nothing is acknowledged, handed to a commit listener or woken before an fsync covers it."""
+"""How the store syncs: SQLite commits without fsync and the store's syncer thread fsyncs the WAL, after every commit
+(`sync: full`) or at most once per interval (`sync: interval`). Nothing is acknowledged before an fsync covers
+it; commit listeners and followers get the records at commit, without waiting for the disk."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import errno
 import os
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,6 +62,15 @@ def store(tmp_path: Path, shim: FsyncShim) -> Iterator[LocalStore]:
     s.close()
 
 
+@pytest.fixture(params=["full", "interval"])
+def synced_store(request: pytest.FixtureRequest, tmp_path: Path, shim: FsyncShim) -> Iterator[LocalStore]:
+    """A store of each policy whose appends wait for the store's own fsync (interval: 1 s)."""
+    s = LocalStore(tmp_path / "store", sync=request.param, fsync_interval=1.0)
+    yield s
+    shim.gate.set()
+    s.close()
+
+
 async def settle(predicate: object, what: str) -> None:
     assert callable(predicate)
     for _ in range(500):
@@ -71,10 +80,12 @@ async def settle(predicate: object, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-async def test_append_is_acknowledged_only_after_an_fsync_of_the_wal(store: LocalStore, shim: FsyncShim) -> None:
-    shim.gate.clear()  # the writer's fsync blocks until the test lets it go
+async def test_append_is_acknowledged_only_after_an_fsync_of_the_wal(synced_store: LocalStore,
+                                                                     shim: FsyncShim) -> None:
+    store = synced_store
+    shim.gate.clear()  # the syncer's fsync blocks until the test lets it go
     task = asyncio.create_task(store.append(records("a", 3)))
-    await settle(shim.entered.is_set, "the writer's fsync")
+    await settle(shim.entered.is_set, "the syncer's fsync")
     # Committed (a reader sees it) but not fsynced: no acknowledgement yet.
     assert store.commit_count == 1 and [e.seq for e in store.read("a")] == [1, 2, 3]
     await asyncio.sleep(0.05)
@@ -100,7 +111,9 @@ async def test_commits_within_one_interval_share_one_fsync(store: LocalStore, sh
     assert len(shim.calls) - fsyncs == 1 and store.fsync_count == 2
 
 
-async def test_listeners_and_followers_get_records_only_after_the_fsync(store: LocalStore, shim: FsyncShim) -> None:
+async def test_listeners_and_followers_get_records_at_commit_before_the_fsync(synced_store: LocalStore,
+                                                                              shim: FsyncShim) -> None:
+    store = synced_store
     heard: list[Committed] = []
 
     def listener(committed: list[Committed], gap: bool) -> None:
@@ -113,14 +126,16 @@ async def test_listeners_and_followers_get_records_only_after_the_fsync(store: L
     await asyncio.sleep(0)
     shim.gate.clear()
     task = asyncio.create_task(store.append(records("a", 2) + records("b", 1)))
-    await settle(shim.entered.is_set, "the writer's fsync")
+    await settle(shim.entered.is_set, "the syncer's fsync")
+    # Committed, the fsync not done: the listener and the follower have the records, the caller waits.
+    await settle(lambda: len(heard) == 2, "the listener")
+    assert [e.seq for e in await asyncio.wait_for(woken, 5)] == [3]
+    assert [seq for seq, _, _ in heard] == [1, 2] and store.commit_count == 1
     await asyncio.sleep(0.05)
-    assert store.commit_count == 1 and heard == [] and not woken.done() and not task.done()
+    assert not task.done() and shim.log == ["heard"]
     shim.gate.set()
     assert await asyncio.wait_for(task, 5) == [1, 2, 3]
-    assert [e.seq for e in await asyncio.wait_for(woken, 5)] == [3]
-    await settle(lambda: len(heard) == 2, "the listener")
-    assert [seq for seq, _, _ in heard] == [1, 2] and shim.log == ["fsync", "heard"]
+    assert shim.log == ["heard", "fsync"]
     unlisten()
     await follower.aclose()
 
@@ -128,7 +143,7 @@ async def test_listeners_and_followers_get_records_only_after_the_fsync(store: L
 async def test_cursor_moves_resolve_with_the_fsync(store: LocalStore, shim: FsyncShim) -> None:
     shim.gate.clear()
     moved = asyncio.wrap_future(store.commit_cursor_later("c", "a", 7))
-    await settle(shim.entered.is_set, "the writer's fsync")
+    await settle(shim.entered.is_set, "the syncer's fsync")
     await asyncio.sleep(0.05)
     assert store.cursor("c", "a") == 7 and not moved.done()  # committed, not yet durable
     shim.gate.set()
@@ -180,9 +195,12 @@ async def test_a_failed_fsync_fails_the_pending_appends_and_stops_the_writer(
         outcomes = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
         assert outcomes and all(isinstance(o, OSError) and o.errno == errno.EIO for o in outcomes), outcomes
         assert s.fsync_count == 1
-        # Nothing is acknowledged any more: the store is closed for writes (and reads) until reopened.
+        # Nothing is acknowledged any more: the store is closed for writes (and reads) until reopened, and its
+        # writer stops by itself (an idle one too: it would otherwise go on trimming).
         with pytest.raises(RuntimeError, match="closed"):
             s.append_sync(records("a", 1))
+        assert s._writer is not None
+        await settle(lambda: not s._writer.is_alive(), "the writer to stop")  # type: ignore[union-attr]
     finally:
         s.close()
     shim.fail_from = None
@@ -190,42 +208,53 @@ async def test_a_failed_fsync_fails_the_pending_appends_and_stops_the_writer(
         assert again.append_sync(records("a", 1))[0] > 1
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-def test_a_failed_fsync_also_fails_a_retention_request_the_writer_had_taken(tmp_path: Path, shim: FsyncShim) -> None:
-    # The writer takes an append and a retention request in one turn; the append's commit makes an fsync due,
-    # which fails before the request is served: its caller must get the failure, not wait forever.
-    s = LocalStore(tmp_path, sync="interval", fsync_interval=0.05)
+async def test_the_writer_commits_and_hands_over_while_an_fsync_is_slow(tmp_path: Path, shim: FsyncShim) -> None:
+    # The fsync runs on a thread of its own: a held fsync delays acknowledgements, not the next commits, their
+    # hand-over to listeners, or a retention request.
+    heard: list[int] = []
+    s = LocalStore(tmp_path, sync="full")
     try:
+        unlisten = s.listen("a", lambda committed, gap: heard.extend(seq for seq, _, _ in committed))
         shim.gate.clear()
-        first = s._append_future(records("a", 1))
-        assert shim.entered.wait(5)  # the writer is inside the first fsync, holding it for longer than an interval
-        second = s._append_future(records("a", 1, "b"))
-        answer: list[object] = []
-        asker = threading.Thread(target=lambda: answer.append(_outcome(s.apply_retention)))
-        asker.start()
-        deadline = time.monotonic() + 5
-        while s._queue.qsize() < 2:  # the second append and the retention request wait behind the fsync
-            assert time.monotonic() < deadline, "the retention request was never queued"
-            threading.Event().wait(0.005)
-        threading.Event().wait(0.1)  # held past the interval: once the gate opens, the next fsync is due at once
-        shim.fail_from = 2
+        first = asyncio.create_task(s.append(records("a", 1)))
+        await settle(shim.entered.is_set, "the first fsync")
+        later = [asyncio.create_task(s.append(records("a", 1, f"l{i}-"))) for i in range(3)]
+        await settle(lambda: len(heard) == 4, "the later commits' hand-over")
+        assert s.apply_retention() == 0  # served meanwhile (nothing to delete)
+        assert not first.done() and not any(t.done() for t in later) and len(shim.calls) == 1
         shim.gate.set()
-        assert first.result(5) == [1]
-        with pytest.raises(OSError):
-            second.result(5)
-        asker.join(5)
-        assert not asker.is_alive(), "apply_retention() never returned"
-        assert isinstance(answer[0], RuntimeError) and "writer failed" in str(answer[0])
+        assert await asyncio.wait_for(first, 5) == [1]
+        assert sorted(x for seqs in await asyncio.wait_for(asyncio.gather(*later), 5) for x in seqs) == [2, 3, 4]
+        assert len(shim.calls) == 2  # one fsync covered the three commits made during the first
+        unlisten()
     finally:
+        shim.gate.set()
         s.close()
 
 
-def _outcome(call: object) -> object:
-    assert callable(call)
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+async def test_after_a_failed_fsync_nothing_more_is_committed_or_acknowledged(tmp_path: Path, shim: FsyncShim) -> None:
+    s = LocalStore(tmp_path, sync="full")
     try:
-        return call()
-    except Exception as exc:
-        return exc
+        assert await s.append(records("a", 1)) == [1]
+        shim.gate.clear()
+        shim.fail_from = len(shim.calls) + 1
+        failing = asyncio.create_task(s.append(records("a", 1, "f")))
+        await settle(shim.entered.is_set, "the failing fsync")
+        commits = s.commit_count
+        queued = [asyncio.create_task(s.append(records("a", 1, f"q{i}-"))) for i in range(3)]
+        await settle(lambda: s.commit_count > commits, "the queued appends' commit")  # waiting for the next fsync
+        shim.gate.set()
+        outcomes = await asyncio.wait_for(asyncio.gather(failing, *queued, return_exceptions=True), 5)
+        assert all(isinstance(o, OSError) and o.errno == errno.EIO for o in outcomes), outcomes
+        with pytest.raises(RuntimeError, match="closed"):
+            s.append_sync(records("a", 1))
+        assert s.fsync_count == 1
+        commits = s.commit_count
+    finally:
+        s.close()
+    assert s._writer is not None and not s._writer.is_alive()  # close() joined it
+    assert s.commit_count == commits
 
 
 @pytest.mark.parametrize("name", ["retention_interval", "trim_interval"])
@@ -236,7 +265,7 @@ def test_pass_intervals_must_be_positive(tmp_path: Path, name: str, value: float
 
 
 def test_an_idle_store_fsyncs_every_commit_at_once(tmp_path: Path, shim: FsyncShim) -> None:
-    # The interval bounds how often the writer fsyncs, it is not a delay added to every append: a commit
+    # The interval bounds how often the store fsyncs, it is not a delay added to every append: a commit
     # more than an interval after the last fsync is fsynced straight away.
     with LocalStore(tmp_path, sync="interval", fsync_interval=0.001) as s:
         for i in range(3):
@@ -251,7 +280,9 @@ def test_fsync_counts_per_policy(tmp_path: Path, shim: FsyncShim) -> None:
             s.append_sync(records("a", 1))
             s.append_sync(records("a", 1))
             assert s.fsync_count == (2 if sync == "full" else 0)
-    assert shim.calls == []  # full and normal leave the syncing to SQLite, as before
+    # full: the store's own fsync of the WAL, one per commit; normal: none (SQLite syncs at checkpoints only)
+    assert shim.calls == [str((tmp_path / "full" / "events.db-wal").resolve())] * 2 if sys.platform == "linux" \
+        else len(shim.calls) == 2
 
 
 @pytest.mark.parametrize("interval", [0, -1, 1.5, True, "5"])

@@ -6,7 +6,6 @@ delivery worker's lazy cursor moves ride on append commits instead of committing
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import sqlite3
 import time
@@ -124,23 +123,18 @@ def test_trimming_deletes_through_the_topic_seq_index(tmp_path: Path) -> None:
 
 def test_trim_commits_skip_their_own_fsync_with_sync_full(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A trim lost in a power cut only brings back records at or below a durable cursor (trimmed again later),
-    # so it commits at synchronous=NORMAL; every other commit keeps FULL.
-    seen: list[tuple[str, int]] = []
-    transaction = LocalStore._transaction
-
-    def spying(self: LocalStore):  # type: ignore[no-untyped-def]
-        seen.append(("trim" if any(f.function == "_trim_chunk" for f in inspect.stack()[1:3]) else "other",
-                     self._wconn.execute("PRAGMA synchronous").fetchone()[0]))
-        return transaction(self)
-
-    monkeypatch.setattr(LocalStore, "_transaction", spying)
+    # so it gets no fsync of its own; every commit that acknowledges a caller does.
+    fsyncs: list[int] = []
+    monkeypatch.setattr(local, "_fsync_file", fsyncs.append)
     with LocalStore(tmp_path, sync="full", retention=Retention(None, None, (RULE,)), trim_interval=3600) as s:
         spooled = s.append_sync(records("_spool.a", 3))
         s.commit_cursor(CURSOR_GROUP, "_spool.a", spooled[-1])
+        assert len(fsyncs) == 2
         assert s.trim_consumed() == 3
+        assert len(fsyncs) == 2
         s.append_sync(records("_spool.a", 1))
-    # (0 OFF, 1 NORMAL, 2 FULL)
-    assert ("trim", 1) in seen and {level for kind, level in seen if kind == "other"} == {2}, seen
+        assert len(fsyncs) == 3 == s.fsync_count
+        assert s._wconn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL: the writer syncs, not SQLite
 
 
 def test_count_retention_never_deletes_what_the_consumer_has_not_consumed(tmp_path: Path) -> None:

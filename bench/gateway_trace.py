@@ -1,0 +1,265 @@
+"""Where an event's time goes inside the gateway at 1,000 single-event requests/s, per store sync policy.
+
+    python bench/gateway_trace.py            # 2 interleaved rounds of 5 s per policy (about 1 minute)
+    python bench/gateway_trace.py --quick    # 1 round of 3 s
+
+The end-to-end figures of bench/gateway.py include the load generator, the broker and the consumer, and on
+a shared 2-core machine they move by several ms between runs. This benchmark times the gateway alone:
+`umcef serve` runs in its own process with a few of its functions wrapped to stamp each event id
+(wall-clock ns) as it passes:
+
+- decoded: the pipeline got the event (HTTP parsed, validated);
+- queued: its spool record is queued for the store's writer thread;
+- committing / committed: the writer's group commit that holds it starts / has handed it over;
+- handed: the delivery worker's feed has it (the commit listener ran on the event loop);
+- produce: the Kafka adapter hands it to librdkafka; acked: the broker acknowledged it;
+- accepted: the publish returned (the 202: the commit is fsynced, with `full` and `interval`).
+
+Stages are reported as p50/p90/p99 ms between consecutive stamps, plus "decoded -> produce" (the gateway's
+residence time before Kafka) and "decoded -> accepted" (the 202) whole. Policies run interleaved, each on a
+fresh gateway and topic, against one Tansu broker; the first 1.5 s of each run are not counted
+(connections, producer start-up).
+Writes bench/results/gateway_trace.json and gateway_trace.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(1, str(ROOT))
+
+import orjson  # noqa: E402
+from _plot import write_results  # noqa: E402
+from _sample import ATTRIBUTES, ORDER  # noqa: E402
+from gateway import Gateway, pct  # noqa: E402  (bench/gateway.py)
+
+POLICIES = ("full", "interval", "normal")
+STAGES = ("decoded", "queued", "committing", "committed", "handed", "produce", "acked")  # in the order they pass
+RATE = 1000
+SKIP_SECONDS = 1.5
+BATCH_CT = "application/cloudevents-batch+json"
+
+
+# ==================================================================================================
+# role: the traced gateway (its own process)
+
+
+def traced_gateway_main(out: Path, argv: list[str]) -> None:
+    """`umcef serve ARGV` with stamping wrappers; the stamps go to `out` (JSON) at exit."""
+    import atexit
+
+    from umcef.adapters import kafka, local
+    from umcef.fabric import pipeline, spool_feed
+    from umcef.fabric.cli import main
+
+    stamps: dict[str, dict[str, int]] = {}
+
+    def stamp(event: Any, stage: str) -> None:
+        attributes = getattr(event, "attributes", None)
+        if attributes is not None:
+            stamps.setdefault(attributes["id"], {})[stage] = time.time_ns()
+
+    def carried(records: Any) -> list[Any]:
+        return [r.carry for r in records if r.carry is not None]
+
+    publish = pipeline.Pipeline.publish
+
+    async def traced_publish(self: Any, events: list[Any], size: int = 0) -> Any:
+        for e in events:
+            stamp(e, "decoded")
+        result = await publish(self, events, size)
+        for e in events:
+            stamp(e, "accepted")
+        return result
+
+    append = local.LocalStore.append
+
+    async def traced_append(self: Any, records: Any) -> Any:
+        for e in carried(records):
+            stamp(e, "queued")
+        return await append(self, records)
+
+    commit_writes = local.LocalStore._commit_writes
+
+    def traced_commit_writes(self: Any, ops: list[Any]) -> None:
+        events = [e for op in ops if isinstance(op, local._Append) for e in carried(op.records)]
+        for e in events:
+            stamp(e, "committing")
+        try:
+            commit_writes(self, ops)
+        finally:
+            for e in events:
+                stamp(e, "committed")
+
+    heard = spool_feed.SpoolFeed._heard
+
+    def traced_heard(self: Any, committed: list[Any], gap: bool) -> None:
+        for _, _, record in committed:
+            stamp(record.carry, "handed")
+        heard(self, committed, gap)
+
+    send_chunk = kafka.KafkaAdapter._send_chunk
+
+    async def traced_send_chunk(self: Any, producer: Any, events: Any, issued: Any = None) -> Any:
+        for e in events:
+            stamp(e, "produce")
+        results = await send_chunk(self, producer, events, issued)
+        for e in events:
+            stamp(e, "acked")
+        return results
+
+    pipeline.Pipeline.publish = traced_publish  # type: ignore[method-assign]
+    local.LocalStore.append = traced_append  # type: ignore[method-assign]
+    local.LocalStore._commit_writes = traced_commit_writes  # type: ignore[method-assign]
+    spool_feed.SpoolFeed._heard = traced_heard  # type: ignore[method-assign]
+    kafka.KafkaAdapter._send_chunk = traced_send_chunk  # type: ignore[method-assign]
+    atexit.register(lambda: out.write_bytes(orjson.dumps(stamps)))
+    sys.argv = ["umcef", *argv]
+    main()
+
+
+# ==================================================================================================
+# orchestration
+
+
+def start_gateway(tmp: Path, policy: str, bootstrap: str, topic: str) -> tuple[Gateway, Path]:
+    """A traced gateway delivering to `topic`, and the file its stamps go to when it stops."""
+    config = tmp / f"{topic}.yaml"
+    config.write_text(
+        "server: {host: 127.0.0.1, port: 0, grpc_port: null}\n"
+        f"store: {{sync: {policy}}}\n"
+        "delivery: {process: false}\n"
+        f'destinations:\n  kafka: {{url: "kafka://{bootstrap}/{topic}"}}\n'
+        "default: kafka\n"
+    )
+    out = tmp / f"{topic}.json"
+    gateway = Gateway(config, tmp / topic, tmp / f"{topic}.log",
+                      cli=(__file__, "--role", "gateway", "--out", str(out), "--"))
+    return gateway, out
+
+
+async def offer(url: str, tag: str, seconds: float) -> int:
+    """RATE single-event requests per second (open loop) for SKIP_SECONDS + seconds; returns events sent."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        async def one(i: int) -> None:
+            event = {**ATTRIBUTES, "id": f"{tag}-{i}", "data": ORDER}
+            async with session.post(url, data=orjson.dumps([event]), headers={"content-type": BATCH_CT}) as resp:
+                if resp.status != 202:
+                    raise RuntimeError(f"gateway answered {resp.status}: {await resp.text()}")
+
+        loop = asyncio.get_running_loop()
+        begin = loop.time()
+        tasks = []
+        total = int(RATE * (SKIP_SECONDS + seconds))
+        for i in range(total):
+            await asyncio.sleep(max(0.0, begin + i / RATE - loop.time()))
+            tasks.append(asyncio.ensure_future(one(i)))
+        await asyncio.gather(*tasks)
+        await asyncio.sleep(0.5)  # the last deliveries
+        return total
+
+
+def stage_figures(stamps: dict[str, dict[str, int]], tag: str) -> dict[str, list[float]]:
+    """ms between consecutive stamps, and decoded -> produce, for the counted events of one run."""
+    runs = [(int(key.rsplit("-", 1)[1]), marks) for key, marks in stamps.items() if key.startswith(tag + "-")]
+    counted = [marks for i, marks in runs
+               if i >= RATE * SKIP_SECONDS and all(s in marks for s in (*STAGES, "accepted"))]
+    out: dict[str, list[float]] = {}
+    for earlier, later in itertools.pairwise(STAGES):
+        out[f"{earlier} -> {later}"] = [(m[later] - m[earlier]) / 1e6 for m in counted]
+    out["decoded -> produce"] = [(m["produce"] - m["decoded"]) / 1e6 for m in counted]
+    out["decoded -> accepted"] = [(m["accepted"] - m["decoded"]) / 1e6 for m in counted]
+    return out
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    return {"p50": pct(values, 0.5), "p90": pct(values, 0.9), "p99": pct(values, 0.99), "n": len(values)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--role", choices=["gateway"], help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("argv", nargs="*", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.role == "gateway":
+        traced_gateway_main(Path(args.out), args.argv)
+        return
+
+    sys.path.insert(0, str(HERE))  # bench/adapters.py, not the package of that name
+    from adapters import create_topics
+    from tests import brokers
+
+    rounds, seconds = (1, 3.0) if args.quick else (2, 5.0)
+    started = time.perf_counter()
+    samples: dict[str, dict[str, list[float]]] = {p: {} for p in POLICIES}
+    with tempfile.TemporaryDirectory(prefix="umcef-trace-") as name:
+        tmp = Path(name)
+        broker = brokers.start_kafka(log_dir=tmp / "tansu")
+        try:
+            topics = {(p, r): brokers.unique_name("trace") for p in POLICIES for r in range(rounds)}
+            asyncio.run(create_topics(broker.bootstrap, list(topics.values())))
+            for r in range(rounds):
+                for policy in POLICIES[r % len(POLICIES):] + POLICIES[:r % len(POLICIES)]:  # rotate the order
+                    topic = topics[(policy, r)]
+                    gateway, out = start_gateway(tmp, policy, broker.bootstrap, topic)
+                    try:
+                        asyncio.run(offer(gateway.url, topic, seconds))
+                    finally:
+                        gateway.stop()
+                    figures = stage_figures(json.loads(out.read_bytes()), topic)
+                    for stage, values in figures.items():
+                        samples[policy].setdefault(stage, []).extend(values)
+                    whole = percentiles(figures["decoded -> produce"])
+                    print(f"round {r + 1}/{rounds} {policy:8} decoded -> produce p50 {whole['p50']:.2f} "
+                          f"p99 {whole['p99']:.2f} ms ({whole['n']} events)", flush=True)
+        finally:
+            broker.stop()
+    summary = {p: {stage: percentiles(v) for stage, v in stages.items()} for p, stages in samples.items()}
+    stage_names = list(summary[POLICIES[0]])
+    print(f"\nms, p50 / p90 / p99 over {rounds} round(s) of {seconds:g} s at {RATE}/s (single-event requests):")
+    print(f"{'stage':28}" + "".join(f"{p:>24}" for p in POLICIES))
+    for stage in stage_names:
+        cells = "".join(f"{s['p50']:8.3f}{s['p90']:8.3f}{s['p99']:8.3f}"
+                        for s in (summary[p][stage] for p in POLICIES))
+        print(f"{stage:28}{cells}")
+    payload = {
+        "benchmark": "gateway_trace",
+        "mode": "quick" if args.quick else "full",
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "rate_per_s": RATE,
+        "rounds": rounds,
+        "seconds_per_run": seconds,
+        "load_average": os.getloadavg()[0],
+        "seconds": time.perf_counter() - started,
+        "summary_ms": summary,
+    }
+    groups = ["decoded -> produce p50", "decoded -> produce p99", "committing -> committed p50",
+              "committing -> committed p99"]
+    series = {p: [summary[p]["decoded -> produce"]["p50"], summary[p]["decoded -> produce"]["p99"],
+                  summary[p]["committing -> committed"]["p50"], summary[p]["committing -> committed"]["p99"]]
+              for p in POLICIES}
+    write_results("gateway_trace", payload, groups=groups, series=series,  # type: ignore[arg-type]
+                  title=f"Inside the gateway at {RATE} requests/s, by store sync policy", ylabel="ms (lower is better)")
+    print(f"wrote bench/results/gateway_trace.json and gateway_trace.png ({payload['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
