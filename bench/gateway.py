@@ -78,7 +78,12 @@ GATEWAYS = ["gateway", "gateway 2-proc"]  # delivery inside the gateway's proces
 # The gateway writing what the bridge writes (structured mode: the JSON event as the value, no ce_ headers),
 # saturation only: the throughput comparison with the bridge on the same Kafka records.
 STRUCTURED = "gateway structured"
-SYSTEMS_SAT = ["direct confluent", "direct aiokafka", "naive bridge", *GATEWAYS, STRUCTURED]
+# The gateway with its spool step replaced by a publish straight to Kafka (no store, no delivery worker, no
+# retries), saturation only. Not a product mode: the ceiling that making the durable spool free could reach,
+# so the gap to `gateway` is what the spool costs and the gap to the bridge is everything else.
+UNSPOOLED = "gateway no spool"
+UNSPOOLED_ROLE = "unspooled-gateway"
+SYSTEMS_SAT = ["direct confluent", "direct aiokafka", "naive bridge", *GATEWAYS, STRUCTURED, UNSPOOLED]
 SYSTEMS_LAT = ["direct confluent", "naive bridge", *GATEWAYS]
 LATENCY_TAG = "L"  # latency runs' event ids start with it and their slot: the gateway routes them to its topic
 
@@ -427,6 +432,27 @@ def consume_main(spec: dict[str, Any]) -> dict[str, Any]:
 # orchestration
 
 
+def unspooled_gateway_main(url: str, argv: list[str]) -> None:
+    """`umcef ARGV` whose spool step publishes each request's events to `url` and returns when the broker
+    acknowledged them all (a failure fails the request): see UNSPOOLED."""
+    from umcef.adapters import open_adapter
+    from umcef.fabric import pipeline
+    from umcef.fabric.cli import main as umcef_main
+
+    adapter = open_adapter(url)
+
+    async def publish(_spool: Any, events: Sequence[Any], destinations: Sequence[tuple[str, ...]]) -> None:
+        if any(names != ("kafka",) for names in destinations):
+            raise RuntimeError(f"{UNSPOOLED}: every event must route to `kafka` alone, got {set(destinations)}")
+        failed = [o for o in await adapter.publish(list(events)) if not o.ok]
+        if failed:
+            raise RuntimeError(f"{UNSPOOLED}: {len(failed)} not published, first: {failed[0].error}")
+
+    pipeline.LocalSpool.write = publish  # type: ignore[method-assign]
+    sys.argv = ["umcef", *argv]
+    umcef_main()
+
+
 def spawn_role(role: str, spec: dict[str, Any], *, stdin: Any = subprocess.DEVNULL) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [
@@ -751,7 +777,7 @@ class Bench:
         lat_topics = [t for topics in self.lat_topics.values() for t in topics]
         asyncio.run(create_topics(self.bootstrap, [*self.topics.values(), *lat_topics]))
         self.wm = Watermarks(self.bootstrap)
-        configs = {s: self.gateway_config(s) for s in (*GATEWAYS, STRUCTURED)}
+        configs = {s: self.gateway_config(s) for s in (*GATEWAYS, STRUCTURED, UNSPOOLED)}
         config = configs["gateway"]
         bridge = self.bridge = None
         self.gateways: dict[str, Gateway] = {}
@@ -762,7 +788,9 @@ class Bench:
         }
         try:
             for n, (s, path) in enumerate(configs.items()):
-                self.gateways[s] = Gateway(path, self.tmp / f"data{n}", self.tmp / f"gateway{n}.log")
+                cli = (__file__, "--role", UNSPOOLED_ROLE, f"kafka://{self.bootstrap}/{self.topics[s]}") \
+                    if s == UNSPOOLED else ("-m", "umcef.fabric.cli")
+                self.gateways[s] = Gateway(path, self.tmp / f"data{n}", self.tmp / f"gateway{n}.log", cli=cli)
             self.gateway = self.gateways["gateway"]
             bridge = self.bridge = spawn_role("bridge", {"bootstrap": self.bootstrap,
                                                          "topic": self.topics["naive bridge"]})
@@ -917,6 +945,10 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         }
     targets[f"{STRUCTURED} delivered / naive bridge (same records, reference)"] = {
         "value": sat[STRUCTURED]["delivered_per_s"] / sat["naive bridge"]["delivered_per_s"]}
+    targets[f"{UNSPOOLED} delivered / naive bridge (reference)"] = {
+        "value": sat[UNSPOOLED]["delivered_per_s"] / sat["naive bridge"]["delivered_per_s"]}
+    targets[f"gateway delivered / {UNSPOOLED} (the spool's cost, reference)"] = {
+        "value": sat["gateway"]["delivered_per_s"] / sat[UNSPOOLED]["delivered_per_s"]}
     return {"saturation": sat, "latency": lat, "targets": targets}
 
 
@@ -954,6 +986,9 @@ def print_table(summary: dict[str, Any]) -> None:
 
 
 def main() -> None:
+    if sys.argv[1:3] == ["--role", UNSPOOLED_ROLE]:  # ... URL ARGV: not argparse's (ARGV is umcef's)
+        unspooled_gateway_main(sys.argv[3], sys.argv[4:])
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--profile", action="store_true")
@@ -1003,6 +1038,8 @@ def main() -> None:
             "consumer: confluent-kafka, fetch.wait.max.ms=5",
             "gateway": "umcef serve subprocess, store sync=full (durable spool on), route to kafka://",
             "gateway 2-proc": "the same with delivery.process: true (delivery workers in a second process)",
+            UNSPOOLED: "the gateway with its spool step replaced by a publish straight to Kafka, awaited "
+            "(no store, no delivery worker): not a product mode, the ceiling without the durable spool",
             "naive bridge": "aiohttp + confluent-kafka (idempotent, linger 0), plain asyncio, one process",
             "event": "shared OrderPlaced (bench/_sample.py) + benchts extension",
         },

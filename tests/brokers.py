@@ -128,6 +128,39 @@ def wait_until(
         time.sleep(interval)
 
 
+def closed_port() -> int:
+    """A port where nothing listens: connections to it are refused at once (a broker that is down)."""
+    port = free_port()
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", port)) == 0:
+            raise AssertionError(f"something listens on 127.0.0.1:{port}")
+    return port
+
+
+# Unlike wait_until (for brokers starting), these are a test's own waits: a predicate that raises fails the
+# test at once instead of being retried, falsy values (0, []) mean "not yet", and failure is an AssertionError.
+
+
+async def eventually(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition",
+                     poll: float = 0.02) -> None:
+    """Poll ``predicate`` every ``poll`` s until it is truthy; AssertionError naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(poll)
+
+
+def eventually_sync(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition",
+                    poll: float = 0.02) -> None:
+    """:func:`eventually` for sync tests: blocks the calling thread between polls."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(poll)
+
+
 def _log_dir(log_dir: Path | None, name: str) -> Path:
     if log_dir is None:
         return Path(tempfile.mkdtemp(prefix=f"umcef-{name}-"))

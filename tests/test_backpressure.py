@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +16,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.brokers import KafkaBroker, SqsServer, unique_name
+from tests.brokers import KafkaBroker, SqsServer, closed_port, eventually, unique_name
 from tests.conformance.target_kafka import create_topic
 from tests.conftest import GatewayFactory, http_url
 from umcef.adapters.local import LocalStore, Record, Retention
@@ -34,12 +32,6 @@ from umcef.fabric.limits import NO_LIMITS
 from umcef.fabric.pipeline import Overloaded, Pipeline
 
 HEADERS = {"content-type": "application/cloudevents-batch+json"}
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def batch(start: int, n: int) -> bytes:
@@ -421,13 +413,6 @@ NEVER_EJECT = {"estimator": {"eject_after_failures": 1000}}
 MODES = pytest.mark.parametrize("process", [False, True], ids=["in-process", "delivery-process"])
 
 
-async def until(check: Callable[[], bool], seconds: float, what: str, poll: float = 0.05) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(poll)
-
-
 async def replay_with_the_cli(gateway: Gateway, destination: str, n: int) -> None:
     """`n` dead letters of `destination` in the gateway's `_deadletter`, re-driven by `umcef dlq replay` in a
     process of its own, as an operator does on a running gateway."""
@@ -451,7 +436,7 @@ async def test_events_replayed_by_another_process_count_toward_the_watermark(mak
         default="eu", backpressure={"max_spooled_events": 50}, router=NEVER_EJECT, delivery={"process": process})
     await replay_with_the_cli(gateway, "eu", 8)
     lane = gateway.spool_gauge.lanes["eu"]
-    await until(lambda: lane.depth == 8, 10, "the gateway to count the 8 replayed events")
+    await eventually(lambda: lane.depth == 8, 10, "the gateway to count the 8 replayed events")
     assert gateway.spool_gauge.depth == 8
     # Without them in the depth, an empty spool would take this batch.
     answer = await post(gateway, events(100, 3))
@@ -477,8 +462,8 @@ async def test_replayed_events_that_are_delivered_leave_the_depth(make_gateway: 
     gateway = await kafka_gateway(make_gateway, kafka_broker, "bp-replay", process)
     await replay_with_the_cli(gateway, "k", 8)
     lane = gateway.spool_gauge.lanes["k"]
-    await until(lambda: lane.foreign == 8 and gateway._lane_drained("k") == 8 and gateway._drained() == 8, 30,
-                "the replayed events counted, delivered and reported")
+    await eventually(lambda: lane.foreign == 8 and gateway._lane_drained("k") == 8 and gateway._drained() == 8, 30,
+                     "the replayed events counted, delivered and reported")
     assert (lane.depth, gateway.spool_gauge.depth) == (0, 0)  # counted once in, once out
 
 
@@ -513,11 +498,11 @@ async def test_replayed_events_count_while_delivered_ones_are_trimmed(make_gatew
     gateway = await kafka_gateway(make_gateway, kafka_broker, "bp-trim", process)
     spool, lane = spool_topic("k"), gateway.spool_gauge.lanes["k"]
     assert (await post(gateway, events(0, 20))).status_code == 202
-    await until(lambda: gateway._lane_drained("k") == 20 and spool not in gateway.store.topics(), 30,
-                "the gateway's 20 events delivered and trimmed from the spool")
+    await eventually(lambda: gateway._lane_drained("k") == 20 and spool not in gateway.store.topics(), 30,
+                     "the gateway's 20 events delivered and trimmed from the spool")
     await replay_with_the_cli(gateway, "k", 8)
     # Counting records, these eight would hide behind the twenty trimmed: the spool never holds more than 20.
-    await until(lambda: lane.foreign == 8 and gateway._lane_drained("k") == 28 and gateway._drained() == 28, 30,
-                "the replayed events counted, delivered and reported")
-    await until(lambda: spool not in gateway.store.topics(), 30, "the replayed events trimmed too")
+    await eventually(lambda: lane.foreign == 8 and gateway._lane_drained("k") == 28 and gateway._drained() == 28, 30,
+                     "the replayed events counted, delivered and reported")
+    await eventually(lambda: spool not in gateway.store.topics(), 30, "the replayed events trimmed too")
     assert (lane.foreign, lane.depth, gateway.spool_gauge.depth) == (8, 0, 0)

@@ -11,6 +11,7 @@ import httpx
 import orjson
 import pytest
 
+from tests.brokers import eventually
 from tests.conftest import GatewayFactory, http_url
 from tests.conftest_brokers import unique_name
 from umcef.fabric import config as config_mod
@@ -44,13 +45,6 @@ class MemorySpool:
         if self.fail:
             raise OSError("disk full")
         self.written.extend(e.id for e in events)
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.01)
 
 
 # -- the in-memory window ----------------------------------------------------------------------------------
@@ -179,7 +173,7 @@ async def test_redis_concurrent_publish_on_another_instance_waits_for_the_outcom
     p1, p2, s1, s2 = two_pipelines(redis_dedups)
     s1.gate = asyncio.Event()
     first = asyncio.create_task(p1.publish([event(1)]))
-    await wait_until(lambda: bool(p1.in_flight))
+    await eventually(lambda: bool(p1.in_flight))
     await asyncio.sleep(0.05)
     second = asyncio.create_task(p2.publish([event(1)]))
     await asyncio.sleep(0.1)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from tests.brokers import eventually
 from umcef.adapters.contract import AdapterError, Capabilities, Handler, PublishOutcome, Rejected, Transient
 from umcef.adapters.local import LocalStore, Record
 from umcef.adapters.local_adapter import LocalAdapter
@@ -30,13 +30,6 @@ def event(n: int) -> Event:
 
 async def spool(store: LocalStore, destination: str, events: list[Event]) -> None:
     await store.append([Record(spool_topic(destination), json_format.encode(e), e.id) for e in events])
-
-
-async def wait_until(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.01)
 
 
 class PublishOnly:
@@ -98,7 +91,7 @@ async def deliver_locally(store: LocalStore, tmp_path: Path, n: int) -> tuple[
     worker = DeliveryWorker("out", adapter, store, DeadLetterQueue(store), policy=FAST)
     task = asyncio.create_task(worker.run())
     await spool(store, "out", [event(i) for i in range(n)])
-    await wait_until(lambda: worker.delivered == n)
+    await eventually(lambda: worker.delivered == n)
     return remote, adapter, worker, task
 
 
@@ -130,7 +123,7 @@ async def test_a_worker_cancelled_while_its_last_cursor_move_waits_still_moves_t
     _, adapter, worker, task = await deliver_locally(store, tmp_path, 5)
     await worker.stop()
     # In its `finally`, waiting for the held move: the feed is closed (no await between that and the wait).
-    await wait_until(lambda: spool_topic("out") not in store._listeners)
+    await eventually(lambda: spool_topic("out") not in store._listeners)
     assert not task.done() and store.cursor(CURSOR_GROUP, spool_topic("out")) == 0
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -144,7 +137,7 @@ async def test_a_worker_cancelled_while_its_last_cursor_move_waits_still_moves_t
 async def test_worker_delivers_to_a_real_adapter_and_moves_the_cursor(store: LocalStore, tmp_path: Path) -> None:
     remote, adapter, worker, task = await deliver_locally(store, tmp_path, 50)
     await spool(store, "out", [event(i) for i in range(50, 60)])
-    await wait_until(lambda: worker.delivered == 60)
+    await eventually(lambda: worker.delivered == 60)
     await worker.stop()
     await asyncio.wait_for(task, 5)
     assert [orjson.loads(e.payload)["id"] for e in remote.read("out")] == [f"e{i}" for i in range(60)]
@@ -159,7 +152,7 @@ async def test_transient_failures_are_retried_and_rejected_ones_dead_lettered(st
     worker = DeliveryWorker("kafka-eu", adapter, store, dlq, policy=FAST)
     task = asyncio.create_task(worker.run())
     await spool(store, "kafka-eu", [event(i) for i in range(4)])
-    await wait_until(lambda: worker.delivered == 3 and dlq.count == 1)
+    await eventually(lambda: worker.delivered == 3 and dlq.count == 1)
     await worker.stop()
     await asyncio.wait_for(task, 5)
     assert sorted(adapter.accepted) == ["e0", "e1", "e3"]
@@ -175,7 +168,7 @@ async def test_attempt_limit_dead_letters_with_the_last_reason(store: LocalStore
     worker = DeliveryWorker("d", adapter, store, dlq, policy=RetryPolicy(0.01, 0.02, max_attempts=3))
     task = asyncio.create_task(worker.run())
     await spool(store, "d", [event(0)])
-    await wait_until(lambda: dlq.count == 1)
+    await eventually(lambda: dlq.count == 1)
     await worker.stop()
     await asyncio.wait_for(task, 5)
     (dead,) = [orjson.loads(e.payload) for e in store.read("_deadletter")]
@@ -187,14 +180,14 @@ async def test_stopping_mid_retry_leaves_the_page_for_the_next_worker(store: Loc
     worker = DeliveryWorker("d", adapter, store, DeadLetterQueue(store), policy=RetryPolicy(0.2, 0.2))
     task = asyncio.create_task(worker.run())
     await spool(store, "d", [event(0), event(1)])
-    await wait_until(lambda: adapter.calls >= 2)
+    await eventually(lambda: adapter.calls >= 2)
     await worker.stop()
     await asyncio.wait_for(task, 5)
     assert store.cursor(CURSOR_GROUP, spool_topic("d")) == 0
     healthy = ScriptedAdapter({})
     second = DeliveryWorker("d", healthy, store, DeadLetterQueue(store), policy=FAST)
     task = asyncio.create_task(second.run())
-    await wait_until(lambda: second.delivered == 2)
+    await eventually(lambda: second.delivered == 2)
     await second.stop()
     await asyncio.wait_for(task, 5)
     assert healthy.accepted == ["e0", "e1"]
@@ -226,15 +219,15 @@ async def test_pages_of_other_keys_overtake_a_held_page_but_its_own_key_waits(tm
         worker = DeliveryWorker("d", adapter, store, DeadLetterQueue(store), policy=FAST, pages_in_flight=4)
         task = asyncio.create_task(worker.run())
         await spool(store, "d", [keyed(0, "a")])  # page 1: key a, held at the broker
-        await wait_until(lambda: adapter.held == 1)
+        await eventually(lambda: adapter.held == 1)
         await spool(store, "d", [keyed(1, "b")])  # page 2: key b, not blocked by page 1
-        await wait_until(lambda: adapter.accepted == ["e1"])
+        await eventually(lambda: adapter.accepted == ["e1"])
         await spool(store, "d", [keyed(2, "a"), keyed(3, "c")])  # page 3 shares key a: waits for page 1
         await asyncio.sleep(0.2)
         assert adapter.accepted == ["e1"]
         assert store.cursor(CURSOR_GROUP, spool_topic("d")) == 0  # page 2 is done, page 1 is not
         adapter.gate.set()
-        await wait_until(lambda: len(adapter.accepted) == 4)
+        await eventually(lambda: len(adapter.accepted) == 4)
         assert adapter.accepted.index("e0") < adapter.accepted.index("e2")  # per-key order held
         await worker.stop()
         await asyncio.wait_for(task, 5)
@@ -247,12 +240,12 @@ async def test_one_page_in_flight_keeps_strict_spool_order(tmp_path: Path) -> No
         worker = DeliveryWorker("d", adapter, store, DeadLetterQueue(store), policy=FAST, pages_in_flight=1)
         task = asyncio.create_task(worker.run())
         await spool(store, "d", [keyed(0, "a")])
-        await wait_until(lambda: adapter.held == 1)
+        await eventually(lambda: adapter.held == 1)
         await spool(store, "d", [keyed(1, "b")])
         await asyncio.sleep(0.2)
         assert adapter.accepted == []
         adapter.gate.set()
-        await wait_until(lambda: adapter.accepted == ["e0", "e1"])
+        await eventually(lambda: adapter.accepted == ["e0", "e1"])
         await worker.stop()
         await asyncio.wait_for(task, 5)
 
@@ -287,10 +280,10 @@ async def test_later_pages_fail_over_while_earlier_ones_wait_and_order_holds_on_
         for n in range(5):  # five pages, one key: page 1 waits (parked), the later ones still fail over
             await spool(store, "d", [keyed(n, "k")])
             await asyncio.sleep(0.05)
-        await wait_until(lambda: hook.moved == ["e1", "e3"])
+        await eventually(lambda: hook.moved == ["e1", "e3"])
         assert adapter.calls == 0
         hook.down = False  # back: the waiting events go, in spool order
-        await wait_until(lambda: len(adapter.accepted) == 3)
+        await eventually(lambda: len(adapter.accepted) == 3)
         assert adapter.accepted == ["e0", "e2", "e4"]
         await worker.stop()
         await asyncio.wait_for(task, 5)

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from tests.brokers import KAFKA_FAST_GROUP_OPTS, KafkaBroker, unique_name
+from tests.brokers import KAFKA_FAST_GROUP_OPTS, KafkaBroker, eventually, unique_name
 from tests.conformance.target_kafka import create_topic
-from tests.test_delivery import FAST, EjectedFailover, PublishOnly, keyed, spool, wait_until
+from tests.test_delivery import FAST, EjectedFailover, PublishOnly, keyed, spool
 from umcef.adapters.contract import (
     AdapterError,
     Capabilities,
@@ -90,9 +90,9 @@ def worker_for(store: LocalStore, adapter: Any, **options: Any) -> DeliveryWorke
 async def warm_up(store: LocalStore, broker: InFlightBroker) -> None:
     """The first publish goes alone (the client may still be connecting): answer it."""
     await spool(store, "d", [keyed(100, "w")])
-    await wait_until(lambda: len(broker.calls) == 1)
+    await eventually(lambda: len(broker.calls) == 1)
     broker.release(0)
-    await wait_until(lambda: broker.acked == ["e100"])
+    await eventually(lambda: broker.acked == ["e100"])
 
 
 async def one_page_each(store: LocalStore, broker: InFlightBroker, events: list[Event], calls: int) -> None:
@@ -102,10 +102,10 @@ async def one_page_each(store: LocalStore, broker: InFlightBroker, events: list[
         before = len(broker.calls)
         await spool(store, "d", [e])
         if before < calls:
-            await wait_until(lambda n=before: len(broker.calls) > n)  # before the next event can join its page
+            await eventually(lambda n=before: len(broker.calls) > n)  # before the next event can join its page
         else:
             await asyncio.sleep(0.05)
-    await wait_until(lambda: len(broker.calls) == calls)
+    await eventually(lambda: len(broker.calls) == calls)
 
 
 async def finish(worker: DeliveryWorker, task: asyncio.Task[None], store: LocalStore) -> None:
@@ -129,10 +129,10 @@ async def test_pages_of_one_key_are_in_flight_together_only_when_the_adapter_kee
         assert [c.ids for c in broker.calls[1:]] == [["e0"], ["e1"], ["e2"]][:together]
         for n in range(1, 1 + together):
             broker.release(n)
-        await wait_until(lambda: len(broker.calls) == 2 + together)
+        await eventually(lambda: len(broker.calls) == 2 + together)
         assert broker.calls[-1].ids == [f"e{n}" for n in range(together, 5)]
         broker.release(1 + together)
-        await wait_until(lambda: len(broker.acked) == 6)
+        await eventually(lambda: len(broker.acked) == 6)
         assert broker.log == ["e100", "e0", "e1", "e2", "e3", "e4"]
         assert broker.most_active == together
         await finish(worker, task, store)
@@ -147,21 +147,21 @@ async def test_a_failed_page_is_a_barrier_for_its_keys_until_its_retry_is_acknow
         await warm_up(store, broker)
         await one_page_each(store, broker, [keyed(0, "a"), keyed(1, "a")], 3)  # e1 follows e0 in flight
         broker.release(1)  # e0 fails: its page retries
-        await wait_until(lambda: len(broker.calls) == 4)
+        await eventually(lambda: len(broker.calls) == 4)
         assert broker.calls[3].ids == ["e0"]
         broker.release(2)  # e1 was in flight already: acknowledged before the retry (Kafka's semantics)
-        await wait_until(lambda: broker.acked == ["e100", "e1"])
+        await eventually(lambda: broker.acked == ["e100", "e1"])
         await one_page_each(store, broker, [keyed(2, "a")], 4)
         await asyncio.sleep(0.2)
         assert len(broker.calls) == 4  # published after the failure came back: e2 waits for the retry
         broker.release(3)  # the retry is acknowledged in full: key a streams again
-        await wait_until(lambda: len(broker.calls) == 5)
+        await eventually(lambda: len(broker.calls) == 5)
         assert broker.calls[4].ids == ["e2"]
         await one_page_each(store, broker, [keyed(3, "a"), keyed(4, "a")], 7)
         assert len(broker.active) == 3
         for n in (4, 5, 6):
             broker.release(n)
-        await wait_until(lambda: len(broker.acked) == 6)
+        await eventually(lambda: len(broker.acked) == 6)
         assert broker.log == ["e100", "e1", "e0", "e2", "e3", "e4"]
         await finish(worker, task, store)
 
@@ -177,24 +177,24 @@ async def test_after_a_failure_every_key_waits_for_a_full_acknowledgement(tmp_pa
         await warm_up(store, broker)
         await one_page_each(store, broker, [keyed(0, "a"), keyed(1, "c")], 3)  # disjoint: both go
         broker.release(1)  # e0 fails
-        await wait_until(lambda: len(broker.calls) == 4)  # its retry, held
+        await eventually(lambda: len(broker.calls) == 4)  # its retry, held
         await one_page_each(store, broker, [keyed(2, "c")], 4)
         await asyncio.sleep(0.2)
         assert len(broker.calls) == 4  # e2 waits for e1's acknowledgement (not for e0: another key)
         broker.release(2)
-        await wait_until(lambda: len(broker.calls) == 5)
+        await eventually(lambda: len(broker.calls) == 5)
         assert broker.calls[4].ids == ["e2"]
         await one_page_each(store, broker, [keyed(3, "c")], 5)
         await asyncio.sleep(0.2)
         assert len(broker.calls) == 5  # e2 started while cold: e3 waits for it too
         broker.release(3)  # e0's retry: acknowledged in full, started after the failure
         broker.release(4)
-        await wait_until(lambda: len(broker.calls) == 6)
+        await eventually(lambda: len(broker.calls) == 6)
         await one_page_each(store, broker, [keyed(4, "c")], 7)  # streaming again: e4 follows e3
         assert len(broker.active) == 2
         broker.release(5)
         broker.release(6)
-        await wait_until(lambda: len(broker.acked) == 6)
+        await eventually(lambda: len(broker.acked) == 6)
         assert broker.log == ["e100", "e1", "e0", "e2", "e3", "e4"]
         await finish(worker, task, store)
 
@@ -215,10 +215,10 @@ async def test_a_retry_waits_for_the_earlier_pages_of_its_keys(tmp_path: Path) -
         await asyncio.sleep(0.8)
         assert len(broker.calls) == 4
         broker.release(1)
-        await wait_until(lambda: len(broker.calls) == 5)
+        await eventually(lambda: len(broker.calls) == 5)
         assert broker.calls[4].ids == ["e1"]
         broker.release(4)
-        await wait_until(lambda: len(broker.acked) == 4)
+        await eventually(lambda: len(broker.acked) == 4)
         assert broker.log == ["e100", "e0", "e2", "e1"]
         await finish(worker, task, store)
 
@@ -231,14 +231,14 @@ async def test_a_page_larger_than_a_native_batch_is_not_followed_before_its_ackn
         task = asyncio.create_task(worker.run())
         await warm_up(store, broker)
         await spool(store, "d", [keyed(0, "a"), keyed(1, "a"), keyed(2, "a")])
-        await wait_until(lambda: len(broker.calls) == 2)
+        await eventually(lambda: len(broker.calls) == 2)
         await spool(store, "d", [keyed(3, "a")])
         await asyncio.sleep(0.2)
         assert len(broker.calls) == 2
         broker.release(1)
-        await wait_until(lambda: len(broker.calls) == 3)
+        await eventually(lambda: len(broker.calls) == 3)
         broker.release(2)
-        await wait_until(lambda: len(broker.acked) == 5)
+        await eventually(lambda: len(broker.acked) == 5)
         await finish(worker, task, store)
 
 
@@ -256,13 +256,13 @@ async def test_after_an_ejection_parked_pages_of_a_key_publish_one_after_another
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.1)
         hook.down = False
-        await wait_until(lambda: len(broker.calls) == 2)
+        await eventually(lambda: len(broker.calls) == 2)
         await asyncio.sleep(0.2)
         assert len(broker.calls) == 2  # the second page waits for the first one's acknowledgement
         broker.release(1)
-        await wait_until(lambda: len(broker.calls) == 3)
+        await eventually(lambda: len(broker.calls) == 3)
         broker.release(2)
-        await wait_until(lambda: len(broker.acked) == 3)
+        await eventually(lambda: len(broker.acked) == 3)
         assert broker.log == ["e100", "e0", "e1"]
         await finish(worker, task, store)
 
@@ -278,7 +278,7 @@ async def test_many_small_pages_publish_in_spool_order_per_key(tmp_path: Path) -
         for start in range(0, len(sent), 40):
             await spool(store, "d", sent[start:start + 40])
             await asyncio.sleep(0.002)
-        await wait_until(lambda: worker.delivered == len(sent), 30)
+        await eventually(lambda: worker.delivered == len(sent), 30)
         assert broker.most_active > 1
         assert sorted(broker.acked) == sorted(e.id for e in sent)
         calls = [i for c in broker.calls for i in c.ids]
@@ -342,7 +342,7 @@ async def test_kafka_keeps_key_order_with_pages_of_one_key_in_flight_together(
         for start in range(0, len(sent), 50):
             await spool(store, "d", sent[start:start + 50])
             await asyncio.sleep(0.001)
-        await wait_until(lambda: worker.delivered == len(sent), 60)
+        await eventually(lambda: worker.delivered == len(sent), 60)
         await finish(worker, task, store)
     await sink.close()
     assert watched.overlapped > 0  # pages of one key really were in flight together
@@ -354,7 +354,7 @@ async def test_kafka_keeps_key_order_with_pages_of_one_key_in_flight_together(
     source = from_url(f"kafka://{kafka_broker.bootstrap}/{topic}?group={unique_name('g')}",
                       **KAFKA_FAST_GROUP_OPTS)
     consuming = asyncio.create_task(source.consume(handle))
-    await wait_until(lambda: len(got) >= len(sent), 60)
+    await eventually(lambda: len(got) >= len(sent), 60)
     await asyncio.sleep(0.3)
     await source.stop_consuming()
     await consuming
@@ -393,7 +393,7 @@ async def test_kafka_publishes_hand_over_records_in_the_order_they_started(kafka
 
     source = from_url(f"kafka://{kafka_broker.bootstrap}/{topic}?group={unique_name('g')}", **KAFKA_FAST_GROUP_OPTS)
     consuming = asyncio.create_task(source.consume(handle))
-    await wait_until(lambda: len(got) >= 21, 60)
+    await eventually(lambda: len(got) >= 21, 60)
     await source.stop_consuming()
     await consuming
     await source.close()
@@ -410,16 +410,16 @@ async def test_at_stop_a_page_that_only_waited_for_its_keys_still_publishes(tmp_
         task = asyncio.create_task(worker.run())
         await warm_up(store, broker)
         await spool(store, "d", [keyed(1, "k")])
-        await wait_until(lambda: len(broker.calls) == 2)
+        await eventually(lambda: len(broker.calls) == 2)
         await spool(store, "d", [keyed(2, "k"), keyed(3, "k")])  # a full page: launched, waits for e1's page
         await asyncio.sleep(0.05)
         await spool(store, "d", [keyed(4, "m")])  # another key: published at once
-        await wait_until(lambda: len(broker.calls) == 3)
+        await eventually(lambda: len(broker.calls) == 3)
         assert broker.calls[2].ids == ["e4"]
         await worker.stop()
         broker.release(1)
         broker.release(2)
-        await wait_until(lambda: len(broker.calls) == 4)
+        await eventually(lambda: len(broker.calls) == 4)
         assert broker.calls[3].ids == ["e2", "e3"]
         broker.release(3)
         await asyncio.wait_for(task, 5)

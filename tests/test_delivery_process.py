@@ -8,19 +8,15 @@ and failover), parametrized `delivery-process`.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
-import socket
-import time
-from collections.abc import Callable
 from typing import Any
 
 import httpx
 import orjson
 import pytest
 
-from tests.brokers import unique_name
+from tests.brokers import closed_port, eventually, unique_name
 from tests.chaos._kafka import TopicReader
 from tests.conformance.target_kafka import create_topic
 from tests.conftest import GatewayFactory, http_url
@@ -44,19 +40,6 @@ async def post(gateway: Gateway, body: bytes) -> None:
     assert response.status_code == 202, response.text
 
 
-async def until(check: Callable[[], bool], seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_child_delivers_reports_drained_and_is_replaced_when_it_dies(
         make_gateway: GatewayFactory, kafka_broker: Any) -> None:
     topic = unique_name("dp")
@@ -72,14 +55,14 @@ async def test_child_delivers_reports_drained_and_is_replaced_when_it_dies(
         await post(gateway, batch("a", 200))
         await reader.until(lambda: len(reader.keys()) >= 200, 30, "the first 200 events in Kafka")
         # What left the spool reaches the gateway's backpressure counters through the child's reports.
-        await until(lambda: gateway._drained() >= 200 and gateway._lane_drained("k") >= 200, 10, "drained report")
+        await eventually(lambda: gateway._drained() >= 200 and gateway._lane_drained("k") >= 200, 10, "drained report")
         assert gateway.spool_gauge.depth == 0
 
         os.kill(first, signal.SIGKILL)
-        await until(lambda: child.pid != first, 20, "a replacement delivery process")
+        await eventually(lambda: child.pid != first, 20, "a replacement delivery process")
         await post(gateway, batch("b", 200))
         await reader.until(lambda: len(reader.keys()) >= 400, 30, "the next 200 events in Kafka")
-        await until(lambda: gateway._drained() >= 400, 10, "drained counted across the restart")
+        await eventually(lambda: gateway._drained() >= 400, 10, "drained counted across the restart")
     assert reader.keys() == {(SOURCE, f"{tag}-{i}") for tag in "ab" for i in range(200)}
 
 
@@ -93,7 +76,7 @@ async def test_ejection_in_the_child_reaches_the_gateways_router(make_gateway: G
     slot = estimator.slot("dead")
     assert estimator.up[slot] == 1
     # The gateway runs no probes of its own: only the child's reports can take the destination down here.
-    await until(lambda: estimator.up[slot] == 0, 20, "the gateway's router to see the ejection")
+    await eventually(lambda: estimator.up[slot] == 0, 20, "the gateway's router to see the ejection")
     assert "ejected" in estimator.describe_down(slot)
 
 
@@ -114,12 +97,12 @@ async def test_retention_runs_in_the_gateway_not_in_the_delivery_child(make_gate
 
     first = child.pid
     os.kill(first, signal.SIGKILL)  # its replacement opens the store (and would retain) after those 20
-    await until(lambda: child.pid != first, 20, "a replacement delivery process")
+    await eventually(lambda: child.pid != first, 20, "a replacement delivery process")
     # The new child's store is up and writing once it dead-letters an event it cannot deliver: its writer
     # applies retention at its first idle moment after opening, before this dead letter (a failed connect).
     dead = orjson.loads(batch("dead", 1))
     await post(gateway, orjson.dumps([{**dead[0], "subject": "dead"}]))
-    await until(lambda: bool(gateway.store.read(DEAD_LETTER_TOPIC, 0, 1)), 20, "the new child's dead letter")
+    await eventually(lambda: bool(gateway.store.read(DEAD_LETTER_TOPIC, 0, 1)), 20, "the new child's dead letter")
     assert len(gateway.store.read("orders", 0, 100)) == 20, "the delivery child applied retention"
 
 

@@ -5,18 +5,16 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import orjson
 import pytest
 
-from tests.brokers import KafkaBroker, unique_name
+from tests.brokers import KafkaBroker, closed_port, eventually_sync, unique_name
 from tests.conformance.target_kafka import create_topic
 from tests.gateway_process import GatewayProcess
-from tests.test_failover import UNREACHABLE_OPTIONS, closed_port, kafka_ids
+from tests.test_failover import UNREACHABLE_OPTIONS, kafka_ids
 from umcef.adapters.local import LocalStore
 from umcef.fabric.deadletter import DEAD_LETTER_TOPIC, DeadLetterQueue
 from umcef.fabric.delivery import CURSOR_GROUP, spool_topic
@@ -182,13 +180,6 @@ def post(gateway: GatewayProcess, events: list[dict[str, object]]) -> None:
     assert response.status_code == 202, response.text
 
 
-def wait_for(what: str, predicate: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def order(event_id: str, **ext: str) -> dict[str, object]:
     return {"specversion": "1.0", "id": event_id, "source": "/shop", "type": "order.created", "data": {"n": event_id},
             **ext}
@@ -216,7 +207,8 @@ def test_local_dead_letter_destination_list_and_replay_end_to_end(tmp_path: Path
     try:
         post(gateway, [order("f1", subject="flaky"), order("p1", datacategory="phi"), order("a1", subject="archive"),
                        order("ok")])
-        wait_for("f1 dead-lettered to parking", lambda: "f1" in ids(read(data_dir, "parking")))
+        # Polled at 0.05 s: every probe opens the store (or runs the CLI) beside the running gateway.
+        eventually_sync(lambda: "f1" in ids(read(data_dir, "parking")), 30, "f1 dead-lettered to parking", poll=0.05)
         assert read(data_dir, DEAD_LETTER_TOPIC) == []
 
         # data_dir comes from the config; the archived event in the same topic is not a dead letter.
@@ -244,9 +236,8 @@ def test_local_dead_letter_destination_list_and_replay_end_to_end(tmp_path: Path
         again = umcef("dlq", "replay", "--config", str(config), "--dlq", "parking", "--id", "f1")
         assert again.returncode == 0, again.stderr
         assert again.stdout.strip() == f"#{f1['seq']}\tparking\tf1\t-> _spool.flaky"
-        wait_for("f1 re-delivered and dead-lettered again",
-                 lambda: [r["seq"] for r in listed(data_dir, "--config", str(config)) if r["id"] == "f1"] not in
-                 ([], [f1["seq"]]))
+        eventually_sync(lambda: [r["seq"] for r in listed(data_dir, "--config", str(config)) if r["id"] == "f1"]
+                        not in ([], [f1["seq"]]), 30, "f1 re-delivered and dead-lettered again", poll=0.05)
         (fresh,) = [r for r in listed(data_dir, "--config", str(config)) if r["id"] == "f1"]
         assert int(str(fresh["seq"])) > int(str(f1["seq"])) and fresh["destination"] == "flaky"
 
@@ -283,8 +274,10 @@ def test_remote_dead_letter_destinations_list_their_spool_and_refuse_replay(
         post(gateway, [order("u1", subject="up"), order("n1", subject="direct"), order("d1", subject="down"),
                        order("d2", subject="down")])
         assert asyncio.run(kafka_ids(kafka_broker.bootstrap, topic, {"u1"})) == {"u1"}
-        wait_for("the dlq-up cursor past u1", lambda: cursor(data_dir, spool_topic("dlq-up")) > 0)
-        wait_for("d1, d2 dead-lettered", lambda: {"d1", "d2"} <= set(ids(read(data_dir, spool_topic("dlq-down")))))
+        # Polled at 0.05 s: every probe opens the store beside the running gateway.
+        eventually_sync(lambda: cursor(data_dir, spool_topic("dlq-up")) > 0, 30, "the dlq-up cursor past u1", poll=0.05)
+        eventually_sync(lambda: {"d1", "d2"} <= set(ids(read(data_dir, spool_topic("dlq-down")))), 30,
+                        "d1, d2 dead-lettered", poll=0.05)
     finally:
         assert gateway.stop() == 0
 

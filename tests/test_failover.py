@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -16,7 +15,7 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer  # type: ignore[import-untyped]
 
-from tests.brokers import KafkaBroker, free_port, unique_name
+from tests.brokers import KafkaBroker, closed_port, eventually, unique_name
 from tests.conformance.target_kafka import create_topic
 from tests.conftest import GatewayFactory, gateway_config, http_url
 from tests.test_delivery import ScriptedAdapter, event, spool
@@ -52,13 +51,6 @@ def order(n: int, **extra: Any) -> dict[str, Any]:
 
 def stored(gateway: Gateway, topic: str) -> list[dict[str, Any]]:
     return [orjson.loads(e.payload) for e in gateway.store.read(topic, 0, 100_000)]
-
-
-async def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 async def post(gateway: Gateway, events: list[dict[str, Any]]) -> None:
@@ -104,13 +96,6 @@ async def silent_server() -> AsyncIterator[int]:
         server.close()
 
 
-def closed_port() -> int:
-    port = free_port()
-    with socket.socket() as probe:  # nothing listens there: connections are refused at once
-        assert probe.connect_ex(("127.0.0.1", port)) != 0
-    return port
-
-
 # -- ejection and failover against real components ------------------------------------------------------
 
 
@@ -143,7 +128,7 @@ async def test_ejected_destination_fails_over_and_pinned_events_wait_then_dead_l
     eu_last = gateway.store.last_seq(spool_topic("eu"))  # (read now: delivered records are trimmed later)
 
     dead = lambda: {e["id"]: e for e in stored(gateway, DEAD_LETTER_TOPIC)}  # noqa: E731
-    await wait_for(lambda: len(dead()) == 5, what="the pinned events to be dead-lettered")
+    await eventually(lambda: len(dead()) == 5, 30, "the pinned events to be dead-lettered")
     free_ids = {e["id"] for e in free}
     seen = await kafka_ids(kafka_broker.bootstrap, topic, free_ids)
     assert seen == free_ids  # every free event moved to us and was delivered; no pinned event leaked there
@@ -157,8 +142,8 @@ async def test_ejected_destination_fails_over_and_pinned_events_wait_then_dead_l
     assert sorted(dead()) == sorted(e["id"] for e in pinned)
     worker = gateway.workers["eu"]
     assert worker.moved == 20 and worker.delivered == 0
-    await wait_for(lambda: gateway.store.cursor(CURSOR_GROUP, spool_topic("eu")) == eu_last,
-                   what="the eu cursor past every eu record")
+    await eventually(lambda: gateway.store.cursor(CURSOR_GROUP, spool_topic("eu")) == eu_last, 30,
+                     "the eu cursor past every eu record")
     assert gateway.spool_gauge.depth == 0
 
     # While eu is ejected new events go straight to us; pinned ones are held for eu (residency): spooled there,
@@ -167,14 +152,14 @@ async def test_ejected_destination_fails_over_and_pinned_events_wait_then_dead_l
     assert gateway.store.appended()[spool_topic("us")] == 21  # o-50 (checked in Kafka below)
     assert [e["id"] for e in stored(gateway, spool_topic("eu"))][-1] == "o-150" and "o-150" not in dead()
     assert gateway.spool_gauge.lanes["eu"].depth == 1
-    await wait_for(lambda: "o-150" in dead(), what="the held pinned event to be dead-lettered at its maximum age")
+    await eventually(lambda: "o-150" in dead(), 30, "the held pinned event to be dead-lettered at its maximum age")
     held = dead()["o-150"]
     assert held["fabricdest"] == "eu" and held["fabricreason"] == (
         f"{NO_HEALTHY}route 'orders': holding for eu: every destination residency allows is unavailable "
         f"(eu: {gateway.router.estimator.describe_down(gateway.router.estimator.slot('eu'))}; "
         "us: residency: US not allowed)")
     # (the worker counts the dead letter once its append returns, a moment after the test can read it)
-    await wait_for(lambda: gateway.spool_gauge.lanes["eu"].depth == 0, what="eu's spool depth back to 0")
+    await eventually(lambda: gateway.spool_gauge.lanes["eu"].depth == 0, 30, "eu's spool depth back to 0")
     seen = await kafka_ids(kafka_broker.bootstrap, topic, free_ids | {"o-50"})
     assert "o-50" in seen and "o-150" not in seen
 
@@ -219,8 +204,8 @@ async def test_all_mode_events_stay_in_the_ejected_destinations_spool(
         router={"estimator": {"eject_after_failures": 1, "probe_interval_seconds": 0.2, "ejection_seconds": 600}},
         delivery=FAST,
     )
-    await wait_for(lambda: gateway.router.estimator.up[gateway.router.estimator.slot("down")] == 0,
-                   what="the ejection")
+    await eventually(lambda: gateway.router.estimator.up[gateway.router.estimator.slot("down")] == 0, 30,
+                     "the ejection")
     await post(gateway, [order(i) for i in range(5)])
     assert await kafka_ids(kafka_broker.bootstrap, topic, {f"o-{i}" for i in range(5)}) == {f"o-{i}" for i in range(5)}
     await asyncio.sleep(0.5)  # several failover rounds of the down worker
@@ -248,7 +233,8 @@ async def test_attempt_and_age_limits_dead_letter_to_the_configured_destination(
     )
     started = time.time()
     await post(gateway, [order(1, subject="few"), order(2, subject="old")])
-    await wait_for(lambda: len(stored(gateway, DEAD_LETTER_TOPIC)) == 1 and len(stored(gateway, "parking")) == 1)
+    await eventually(lambda: len(stored(gateway, DEAD_LETTER_TOPIC)) == 1 and len(stored(gateway, "parking")) == 1,
+                     30)
     (few,) = stored(gateway, DEAD_LETTER_TOPIC)
     assert few["id"] == "o-1" and few["fabricdest"] == "few" and few["fabricattempts"] == 2
     assert few["fabricreason"].startswith("Transient: ")
@@ -257,7 +243,8 @@ async def test_attempt_and_age_limits_dead_letter_to_the_configured_destination(
     assert old["fabricreason"].startswith(f"maximum age 1.5 s exceeded after {old['fabricattempts']} attempts; "
                                           "last error: Transient: ")
     assert time.time() - started >= 1.5
-    assert gateway.spool_gauge.depth == 0
+    # (the worker counts a dead letter once its append returns, a moment after the test can read it)
+    await eventually(lambda: gateway.spool_gauge.depth == 0, what="the spool depth back to 0")
 
 
 def test_delivery_config_defaults_overrides_and_errors(tmp_path: Path) -> None:
@@ -334,8 +321,10 @@ class SlowAdapter(ScriptedAdapter):
     def __init__(self, delay: float) -> None:
         super().__init__({})
         self.delay = delay
+        self.publishing = asyncio.Event()
 
     async def publish(self, batch: Sequence[Event]) -> list[PublishOutcome]:
+        self.publishing.set()
         await asyncio.sleep(self.delay)
         return await super().publish(batch)
 
@@ -346,8 +335,9 @@ async def test_stop_lets_the_publish_in_flight_finish_and_moves_the_cursor(tmp_p
         worker = DeliveryWorker("d", adapter, store, DeadLetterQueue(store))
         task = asyncio.create_task(worker.run())
         await spool(store, "d", [event(i) for i in range(3)])
-        await wait_for(lambda: adapter.calls == 0 and worker.delivered == 0 and store.last_seq(spool_topic("d")) > 0)
-        await asyncio.sleep(0.1)  # publish in flight
+        # (the worker may start publishing before `spool` returns: it gets the records at commit, before the fsync)
+        await asyncio.wait_for(adapter.publishing.wait(), 30)
+        assert adapter.calls == 0 and worker.delivered == 0  # the publish is in flight
         await worker.stop()
         await asyncio.wait_for(task, 2)
         assert worker.delivered == 3
@@ -384,11 +374,11 @@ async def test_worker_moves_waits_and_keeps_events_while_ejected(tmp_path: Path)
                                 failover=hook)
         task = asyncio.create_task(worker.run())
         await spool(store, "d", [event(i) for i in range(3)])
-        await wait_for(lambda: hook.moved == [("e0", ("x",))])
+        await eventually(lambda: hook.moved == [("e0", ("x",))], 30)
         await asyncio.sleep(0.1)
         assert adapter.calls == 0  # nothing is published to an ejected destination
         down = False  # re-admitted: what stayed and what waited is delivered here
-        await wait_for(lambda: worker.delivered == 2)
+        await eventually(lambda: worker.delivered == 2, 30)
         assert adapter.accepted == ["e1", "e2"] and dlq.count == 0
         await worker.stop()
         await asyncio.wait_for(task, 5)
@@ -403,7 +393,7 @@ async def test_waiting_events_dead_letter_at_max_age_with_the_reason(tmp_path: P
                                 policy=RetryPolicy(0.01, 0.05, max_age_seconds=0.3), failover=hook)
         task = asyncio.create_task(worker.run())
         await spool(store, "d", [event(0)])
-        await wait_for(lambda: dlq.count == 1, timeout=5)
+        await eventually(lambda: dlq.count == 1, 5)
         await worker.stop()
         await asyncio.wait_for(task, 5)
         (dead,) = [orjson.loads(e.payload) for e in store.read(DEAD_LETTER_TOPIC)]
@@ -425,7 +415,7 @@ async def test_a_raising_publish_is_retried_not_fatal(tmp_path: Path) -> None:
         worker = DeliveryWorker("d", adapter, store, DeadLetterQueue(store), policy=RetryPolicy(0.01, 0.02))
         task = asyncio.create_task(worker.run())
         await spool(store, "d", [event(0)])
-        await wait_for(lambda: worker.delivered == 1, timeout=5)
+        await eventually(lambda: worker.delivered == 1, 5)
         await worker.stop()
         await asyncio.wait_for(task, 5)
         assert adapter.accepted == ["e0"]

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
-from tests.brokers import KAFKA_FAST_GROUP_OPTS, KafkaBroker, unique_name
+from tests.brokers import KAFKA_FAST_GROUP_OPTS, KafkaBroker, eventually, unique_name
 from tests.conformance.target_kafka import create_topic
 from umcef.adapters import open_adapter
 from umcef.adapters.contract import (
@@ -49,13 +49,6 @@ def adapter(url: str, **options: Any) -> KafkaAdapter:
     return from_url(url, **{**KAFKA_FAST_GROUP_OPTS, **options})
 
 
-async def until(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
-
-
 async def test_structured_mode_round_trip_keeps_json_types(kafka_broker: KafkaBroker) -> None:
     sink_url, source_url = await fresh(kafka_broker, mode="structured")
     sink, source = adapter(sink_url), adapter(source_url)
@@ -67,7 +60,7 @@ async def test_structured_mode_round_trip_keeps_json_types(kafka_broker: KafkaBr
         got.append(d.event)
 
     task = asyncio.create_task(source.consume(handle))
-    await until(lambda: len(got) == 5, 30, "5 events")
+    await eventually(lambda: len(got) == 5, 30, "5 events")
     await source.stop_consuming()
     await task
     assert [e.attributes["num"] for e in got] == list(range(5))  # one key: one partition, in order
@@ -94,7 +87,7 @@ async def test_nack_delays_redelivery_and_keeps_key_order(kafka_broker: KafkaBro
             redelivered_at.append(time.monotonic())
 
     task = asyncio.create_task(source.consume(handle))
-    await until(lambda: len({n for n, _ in seen}) == 6 and redelivered_at, 30, "all events and the redelivery")
+    await eventually(lambda: len({n for n, _ in seen}) == 6 and redelivered_at, 30, "all events and the redelivery")
     await source.stop_consuming()
     await task
     assert redelivered_at[0] - nacked_at[0] >= 0.95
@@ -124,7 +117,7 @@ async def test_only_the_acked_prefix_is_committed(kafka_broker: KafkaBroker) -> 
 
     first = adapter(source_url)
     task = asyncio.create_task(first.consume(hold_three))
-    await until(lambda: len(seen) == 10, 30, "10 events")
+    await eventually(lambda: len(seen) == 10, 30, "10 events")
     await asyncio.sleep(0.6)  # a few commit intervals: the commit stops at offset 3
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -138,7 +131,7 @@ async def test_only_the_acked_prefix_is_committed(kafka_broker: KafkaBroker) -> 
 
     second = adapter(source_url)
     task = asyncio.create_task(second.consume(record))
-    await until(lambda: len(again) == 7, 30, "redelivery from offset 3")
+    await eventually(lambda: len(again) == 7, 30, "redelivery from offset 3")
     await asyncio.sleep(0.3)
     await second.stop_consuming()
     await task
@@ -173,7 +166,7 @@ async def test_stop_finishes_running_handlers_and_commits_nothing_unhandled(kafk
 
     source = adapter(source_url)
     task = asyncio.create_task(source.consume(record))
-    await until(lambda: len(rest) == 4, 30, "the unhandled four")
+    await eventually(lambda: len(rest) == 4, 30, "the unhandled four")
     await source.stop_consuming()
     await task
     assert rest == [1, 2, 3, 4]
@@ -197,7 +190,7 @@ async def test_max_in_flight_bounds_concurrent_handlers(kafka_broker: KafkaBroke
 
     source = adapter(source_url)
     task = asyncio.create_task(source.consume(handle, max_in_flight=7))
-    await until(lambda: done == 200, 30, "200 events")
+    await eventually(lambda: done == 200, 30, "200 events")
     await source.stop_consuming()
     await task
     assert 1 < peak <= 7
@@ -219,11 +212,11 @@ async def test_two_members_share_the_partitions_without_loss(kafka_broker: Kafka
     a, b = adapter(source_url), adapter(source_url)
     task_a = asyncio.create_task(a.consume(handler(0)))
     assert all(o.ok for o in await sink.publish([event(i, f"k{i}") for i in range(100)]))
-    await until(lambda: len(counts) == 100, 30, "the first 100")
+    await eventually(lambda: len(counts) == 100, 30, "the first 100")
     task_b = asyncio.create_task(b.consume(handler(1)))
     await asyncio.sleep(3)  # the second member joins: a rebalance
     assert all(o.ok for o in await sink.publish([event(i, f"k{i}") for i in range(100, 300)]))
-    await until(lambda: len(counts) == 300, 60, "all 300")
+    await eventually(lambda: len(counts) == 300, 60, "all 300")
     for member, task in ((a, task_a), (b, task_b)):
         await member.stop_consuming()
         await task
@@ -259,7 +252,7 @@ async def test_no_data_no_key_and_oversized_in_one_batch(kafka_broker: KafkaBrok
 
     source = adapter(source_url)
     task = asyncio.create_task(source.consume(handle))
-    await until(lambda: len(got) == 2, 30, "2 events")
+    await eventually(lambda: len(got) == 2, 30, "2 events")
     await source.stop_consuming()
     await task
     assert got[0].id == "none" and got[0].data is None
@@ -328,7 +321,7 @@ async def test_close_abandons_hanging_handlers_like_a_crash(kafka_broker: KafkaB
 
     first = adapter(source_url, close_grace=0.5)
     task = asyncio.create_task(first.consume(never))
-    await until(lambda: len(got) == 3, 30, "3 deliveries")
+    await eventually(lambda: len(got) == 3, 30, "3 deliveries")
     started = time.monotonic()
     await first.close()
     assert time.monotonic() - started < 3
@@ -340,7 +333,7 @@ async def test_close_abandons_hanging_handlers_like_a_crash(kafka_broker: KafkaB
 
     second = adapter(source_url)
     task = asyncio.create_task(second.consume(record))
-    await until(lambda: len(again) == 3, 30, "all 3 again")
+    await eventually(lambda: len(again) == 3, 30, "all 3 again")
     await second.stop_consuming()
     await task
     await second.close()
@@ -419,7 +412,7 @@ async def test_idempotent_producer_keeps_every_event_once_and_in_key_order(kafka
 
     source = adapter(source_url)
     task = asyncio.create_task(source.consume(handle))
-    await until(lambda: len(got) >= 500, 30, "500 events")
+    await eventually(lambda: len(got) >= 500, 30, "500 events")
     await asyncio.sleep(0.3)
     await source.stop_consuming()
     await task
@@ -515,7 +508,7 @@ async def test_keys_land_where_the_java_client_puts_them(kafka_broker: KafkaBrok
 
     source = adapter(source_url)
     task = asyncio.create_task(source.consume(handle))
-    await until(lambda: len(got) == len(keys), 30, "every key")
+    await eventually(lambda: len(got) == len(keys), 30, "every key")
     await source.stop_consuming()
     await task
     await source.close()

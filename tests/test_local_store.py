@@ -11,21 +11,14 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import umcef.adapters.local as local
+from tests.brokers import eventually_sync
 from umcef.adapters.local import CursorMove, CursorMoved, LocalStore, Record, Retention, StoredEvent, SyncPolicy
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
 
 
 @pytest.fixture
@@ -296,7 +289,7 @@ def test_a_close_during_a_long_retention_pass_waits_for_one_chunk_only(
     def closed_meanwhile(self: LocalStore) -> None:  # between two chunks, close() is called
         if not closer.is_alive() and closer.ident is None:
             closer.start()
-            wait_until(lambda: not self._queue.empty(), what="close() queued its stop")
+            eventually_sync(lambda: not self._queue.empty(), what="close() queued its stop")
         serve_writes(self)
 
     monkeypatch.setattr(LocalStore, "_serve_writes", closed_meanwhile)
@@ -328,10 +321,10 @@ def test_a_retention_request_taken_together_with_the_close_stops_after_one_chunk
     result: list[int] = []
     request = threading.Thread(target=lambda: result.append(s.apply_retention(now=time.time() + 120)))
     request.start()
-    wait_until(lambda: s._queue.qsize() == 1, what="the retention request queued")
+    eventually_sync(lambda: s._queue.qsize() == 1, what="the retention request queued")
     closer = threading.Thread(target=s.close)
     closer.start()
-    wait_until(lambda: s._queue.qsize() == 2, what="the stop queued behind it")
+    eventually_sync(lambda: s._queue.qsize() == 2, what="the stop queued behind it")
     gate.set()  # one turn takes both
     request.join(10)
     closer.join(10)
@@ -342,7 +335,7 @@ def test_retention_runs_periodically_in_the_writer(tmp_path: Path) -> None:
     retention = Retention(max_age_seconds=None, max_events_per_topic=1)
     with LocalStore(tmp_path, retention=retention, retention_interval=0.05) as s:
         s.append_sync(records("a", 3))
-        wait_until(lambda: s.topics() == {"a": 1}, what="periodic retention")
+        eventually_sync(lambda: s.topics() == {"a": 1}, what="periodic retention")
         assert [e.seq for e in s.read("a")] == [3]
 
 

@@ -6,7 +6,6 @@ import asyncio
 import base64
 import email.utils
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import orjson
 import pytest
 from aiohttp import web
 
+from tests.brokers import closed_port
 from tests.conftest import GatewayFactory, http_url
 from umcef.fabric.event import Event
 from umcef.fabric.formats import proto
@@ -447,15 +447,9 @@ async def test_grpc_limit_is_not_retried_and_timeouts_are() -> None:
     assert [c[1] for c in fake.calls] == [["o-1"], ["o-2"], ["o-3"], ["o-3"]]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.parametrize("transport", ["http", "grpc"])
 async def test_connection_refused_is_retried_then_unavailable(transport: str) -> None:
-    port = free_port()
+    port = closed_port()
     url = f"127.0.0.1:{port}" if transport == "grpc" else f"http://127.0.0.1:{port}"
     async with AsyncPublisher(url, transport=transport,  # type: ignore[arg-type]
                               max_attempts=3, backoff_base=0.001, timeout=5) as pub:

@@ -29,6 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from proton import Data
 
+from tests.brokers import eventually
 from tests.roundtrip import canonical
 from tests.roundtrip import spec_example as ev
 from tests.servicebus_broker import ServiceBusTestBroker
@@ -391,13 +392,6 @@ def adapter(broker: ServiceBusTestBroker, entity: str, **options: Any) -> Servic
     return from_url(f"servicebus://{broker.namespace}/{entity}", **options)
 
 
-async def until(predicate: Any, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met within the deadline"
-        await asyncio.sleep(0.02)
-
-
 class Consumer:
     def __init__(self, source: ServiceBusAdapter, behaviour: Any = None) -> None:
         self.source = source
@@ -473,7 +467,7 @@ async def test_native_types_travel_through_the_sdk(broker: ServiceBusTestBroker,
     source = adapter(broker, name)
     closing.append(source)
     consumer = Consumer(source)
-    await until(lambda: len(consumer.got) == 2)
+    await eventually(lambda: len(consumer.got) == 2, 15)
     await consumer.stop()
     got = {d.event.id: d.event for d in consumer.got}
     assert got["1234-1234-1234"].attributes == {**event.attributes, "blob": "/wA="}  # types kept, bar Binary
@@ -504,7 +498,7 @@ async def test_events_from_the_official_sdk_are_consumed(broker: ServiceBusTestB
     source = adapter(broker, name)
     closing.append(source)
     consumer = Consumer(source)
-    await until(lambda: len(consumer.got) == 2)
+    await eventually(lambda: len(consumer.got) == 2, 15)
     await consumer.stop()
     binary, structured = (d.event for d in consumer.got)
     assert binary.attributes["time"] == "2024-05-06T07:08:09.123Z"  # the SDK's integer milliseconds
@@ -526,8 +520,8 @@ async def test_a_message_that_is_no_cloudevent_is_dead_lettered(broker: ServiceB
     closing.append(source)
     assert all(o.ok for o in await source.publish([ev(None, id="after")]))
     consumer = Consumer(source)
-    await until(lambda: len(consumer.got) == 1)
-    await until(lambda: len(broker.dead_letters(name)) == 1)
+    await eventually(lambda: len(consumer.got) == 1, 15)
+    await eventually(lambda: len(broker.dead_letters(name)) == 1, 15)
     await consumer.stop()
     (dead,) = broker.dead_letters(name)
     assert (dead.message_id, dead.dead_letter_reason) == ("plain", "NotACloudEvent")
@@ -550,7 +544,7 @@ async def test_topic_subscription_and_probes(broker: ServiceBusTestBroker,
     assert all(o.ok for o in await sink.publish([ev(None, id=f"e{i}", partitionkey="p") for i in range(3)]))
     consumers = [Consumer(audit), Consumer(keyed)]
     for consumer in consumers:
-        await until(lambda c=consumer: len(c.got) == 3)  # type: ignore[misc]
+        await eventually(lambda c=consumer: len(c.got) == 3, 15)  # type: ignore[misc]
         await consumer.stop()
         assert [d.event.id for d in consumer.got] == ["e0", "e1", "e2"]
     with pytest.raises(NotFound, match="could not be found"):  # a topic has no messages of its own
@@ -583,7 +577,7 @@ async def test_a_nacked_message_goes_first_again_in_its_session(broker: ServiceB
             raise RuntimeError("not yet")
 
     consumer = Consumer(source, fail_s1_twice)
-    await until(lambda: len(consumer.got) == 8)
+    await eventually(lambda: len(consumer.got) == 8, 15)
     await consumer.stop()
     # s2..s5 were fetched with s1 and stayed locked, unhandled, until s1 was handled: order holds, and
     # their delivery counts did not grow (one poison message does not age the rest of its session).
@@ -606,7 +600,7 @@ async def test_structured_fallback_when_the_properties_are_too_large(broker: Ser
     assert all(o.ok for o in await sink.publish([small, large]))
     assert [m.content_type for m in broker.messages(name)] == [None, json_format.CONTENT_TYPE]
     consumer = Consumer(sink)
-    await until(lambda: len(consumer.got) == 2)
+    await eventually(lambda: len(consumer.got) == 2, 15)
     await consumer.stop()
     assert [canonical(d.event, "structured") for d in consumer.got] == [canonical(small, "structured"),
                                                                          canonical(large, "structured")]
@@ -641,7 +635,7 @@ async def test_nack_with_requeue_after_delays_the_redelivery(broker: ServiceBusT
             await delivery.nack(requeue_after=2.5)  # longer than the lock: the renewal keeps it meanwhile
 
     consumer = Consumer(source, nack_once)
-    await until(lambda: len(consumer.got) == 2)
+    await eventually(lambda: len(consumer.got) == 2, 15)
     await consumer.stop()
     assert [d.attempt for d in consumer.got] == [1, 2]
     assert seen[1] - seen[0] >= 2.5

@@ -10,10 +10,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.brokers import KafkaBroker, unique_name
+from tests.brokers import KafkaBroker, eventually_sync, unique_name
 from tests.conformance.target_kafka import create_topic
 from tests.gateway_process import GatewayProcess
-from tests.test_dlq_cli import NEVER_EJECT, ids, listed, order, post, read, umcef, unreachable_kafka, wait_for
+from tests.test_dlq_cli import NEVER_EJECT, ids, listed, order, post, read, umcef, unreachable_kafka
 from tests.test_failover import kafka_ids
 from umcef.adapters.local import LocalStore, Record
 from umcef.fabric.deadletter import DEAD_LETTER_TOPIC
@@ -54,7 +54,8 @@ def test_a_removed_destinations_spool_is_listed_dead_lettered_and_redriven_to_ka
         post(gateway, [order(f"o{i}", partitionkey=f"k{i % 2}") for i in range(5)])
         # The file is edited but the gateway still runs the old one: its worker holds these events, so
         # dead-lettering them now would deliver them twice once `old` comes back. Refused, nothing moved.
-        wait_for("the worker's mark", lambda: alive(data_dir, "old") > 0)
+        eventually_sync(lambda: alive(data_dir, "old") > 0, 30, "the worker's mark",
+                        poll=0.05)  # as test_dlq_cli: each probe opens the store or runs the CLI
         early = umcef("spool", "dead-letter", "old", "--config", str(after))
         assert early.returncode == 2
         assert early.stderr.startswith("error: a running gateway delivers _spool.old (its worker for 'old' said so "), \
@@ -109,10 +110,11 @@ def test_a_removed_destinations_spool_is_listed_dead_lettered_and_redriven_to_ka
         expected = {f"o{i}" for i in range(5)}
         # The running gateway's worker for `new` picks the replayed events up and delivers them to Kafka.
         assert asyncio.run(kafka_ids(kafka_broker.bootstrap, topic, expected)) == expected
-        wait_for("new's spool delivered", lambda: spool_rows("--config", str(after))["new"]["undelivered"] == 0)
+        eventually_sync(lambda: spool_rows("--config", str(after))["new"]["undelivered"] == 0, 30,
+                        "new's spool delivered", poll=0.05)
         assert listed(data_dir, "--config", str(after)) == []
         # The running gateway trims what lies behind the moved cursor: the emptied spool leaves the list.
-        wait_for("old's spool trimmed", lambda: "old" not in spool_rows("--config", str(after)))
+        eventually_sync(lambda: "old" not in spool_rows("--config", str(after)), 30, "old's spool trimmed", poll=0.05)
     finally:
         assert gateway.stop() == 0
 

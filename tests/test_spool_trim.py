@@ -17,11 +17,10 @@ import orjson
 import pytest
 
 import umcef.adapters.local as local
-from tests.brokers import KafkaBroker, unique_name
+from tests.brokers import KafkaBroker, closed_port, eventually, unique_name
 from tests.conformance.target_kafka import create_topic
 from tests.conftest import GatewayFactory, gateway_config, http_url
-from tests.test_backpressure import until
-from tests.test_failover import UNREACHABLE_OPTIONS, closed_port
+from tests.test_failover import UNREACHABLE_OPTIONS
 from umcef.adapters.local import LocalStore, Record, Retention, TrimConsumed
 from umcef.fabric.deadletter import DEAD_LETTER_TOPIC
 from umcef.fabric.delivery import CURSOR_GROUP, SPOOL_PREFIX, spool_topic
@@ -363,8 +362,8 @@ async def test_the_gateway_trims_what_was_delivered_and_keeps_what_waits(
         for start in range(0, 60, 20):
             await post(client, gateway, batch(start, 20))
     store = gateway.store
-    await until(lambda: gateway._lane_drained("up") == 60 and spool_topic("up") not in store.topics(), 30,
-                "the 60 events delivered to `up` and trimmed from its spool")
+    await eventually(lambda: gateway._lane_drained("up") == 60 and spool_topic("up") not in store.topics(), 30,
+                     "the 60 events delivered to `up` and trimmed from its spool")
     assert store.appended()[spool_topic("up")] == 60
     # `down` never acknowledged anything: its spool keeps every record, its cursor never moved.
     assert store.topics()[spool_topic("down")] == 60 and store.cursor(CURSOR_GROUP, spool_topic("down")) == 0
@@ -383,13 +382,13 @@ async def test_delivery_cursor_moves_ride_on_the_next_append_commit(make_gateway
         for i in range(n):  # one event per request, one after the other: one append commit each
             await post(client, gateway, batch(i, 1))
             # Polled often: the next append must come well within the cursor delay of the move.
-            await until(lambda i=i: gateway._lane_drained("k") > i, 30, f"event {i} delivered",  # type: ignore[misc]
-                        poll=0.002)
+            await eventually(lambda i=i: gateway._lane_drained("k") > i, 30, f"event {i} delivered",  # type: ignore[misc]
+                             poll=0.002)
     # Each delivery's cursor move waits for the next request's append and shares its commit; committed
     # alone, it would take one transaction (and fsync) per event.
     assert store.commit_count - commits <= n + 5, store.commit_count - commits
-    await until(lambda: store.cursor(CURSOR_GROUP, spool_topic("k")) == store.appended()[spool_topic("k")], 30,
-                "the last cursor move committed on its own")
+    await eventually(lambda: store.cursor(CURSOR_GROUP, spool_topic("k")) == store.appended()[spool_topic("k")], 30,
+                     "the last cursor move committed on its own")
 
 
 async def test_a_spool_whose_destination_is_gone_is_named_at_start(
