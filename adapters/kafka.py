@@ -27,7 +27,12 @@ Options (keyword arguments of `from_url`), with why the defaults are what they a
   drops duplicates caused by the producer's own retries, and a partition's order survives them.
   `linger_ms=0`: a publish call's records go out at once (records queued while a request is in flight
   are batched anyway); a linger adds its full length to every publish that is awaited before the next,
-  which is how the delivery worker publishes (docs/mapping-kafka.md has the measurements).
+  which is how the delivery worker publishes (docs/mapping-kafka.md has the measurements). When publishes
+  overlap a linger pays, so from `busy_events_per_s=10000` published events/s on, most of them in
+  overlapping publishes, until the rate falls below half of it, publishes go through a second producer
+  with `busy_linger_ms=2`: fewer, larger produce requests. The first publish after a switch waits until
+  the other producer's records have their reports, so a partition keeps its order. `busy_linger_ms` <=
+  `linger_ms` turns this off.
   `compression_type=None`, `max_batch_bytes=512 KiB` (`batch.size`), `request_timeout_ms=30000`,
   `delivery_timeout_ms=30000` (`message.timeout.ms`: a record not acknowledged by then is
   `Transient`), `max_queued_messages=100000` (librdkafka's queue) and `queue_full_timeout=1` s (how long
@@ -101,6 +106,10 @@ TOPIC_AUTHORIZATION_FAILED = 29
 _POLL_MS = 100  # longest a stop or a due redelivery waits for the consume loop to notice it
 _PRODUCER_POLL_S = 0.1  # longest the producer's poll thread takes to notice close()
 _LIBRDKAFKA_MIN_MESSAGE_MAX_BYTES = 1000
+_RATE_WINDOW_S = 0.1  # the publish rate that picks the producer is measured over windows at least this long
+# How long the first publish after a switch of producer waits for the other one's records to be reported
+# (normally a linger and a round trip) before it stays on that producer instead.
+_SWITCH_WAIT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -111,6 +120,8 @@ class KafkaOptions:
     acks: int | str = "all"
     enable_idempotence: bool | None = None  # None: on whenever acks is "all"
     linger_ms: float = 0
+    busy_linger_ms: float = 2.0
+    busy_events_per_s: float = 10_000
     compression_type: str | None = None
     max_batch_bytes: int = 512 * 1024
     request_timeout_ms: int = 30_000
@@ -168,14 +179,15 @@ class KafkaOptions:
             "sasl_oauth_token_provider": self.sasl_oauth_token_provider,
         }
 
-    def producer_config(self, bootstrap: Sequence[str]) -> dict[str, Any]:
-        """The librdkafka configuration of the producer (callbacks are added by `_Producer`)."""
+    def producer_config(self, bootstrap: Sequence[str], busy: bool = False) -> dict[str, Any]:
+        """The librdkafka configuration of the producer, or of the busy one (callbacks are added by
+        `_Producer`)."""
         config: dict[str, Any] = {
             "bootstrap.servers": ",".join(bootstrap),
             "client.id": self.client_id,
             "acks": str(self.acks),
             "enable.idempotence": self.idempotent,
-            "linger.ms": self.linger_ms,
+            "linger.ms": self.busy_linger_ms if busy else self.linger_ms,
             "compression.type": self.compression_type or "none",
             "batch.size": self.max_batch_bytes,
             # Our own check decides (it is exact and stricter than librdkafka's estimate); this keeps
@@ -342,6 +354,10 @@ class _Chunk:
             self.future.set_result(None)
 
 
+def _rejected_for_good(result: Any) -> bool:
+    return isinstance(result, KafkaError) and result.code() in _REJECTED_CODES
+
+
 class _Producer:
     """A confluent-kafka producer and the thread that serves its delivery reports (and logs).
 
@@ -352,6 +368,8 @@ class _Producer:
     def __init__(self, config: dict[str, Any], name: str, oauth: Any = None) -> None:
         self.fatal: KafkaError | None = None
         self.stuck = False  # a whole chunk timed out without a single delivery: replace this instance
+        self.outstanding: set[asyncio.Future[None]] = set()  # chunks not yet fully reported (loop thread)
+        self.failures = 0  # chunks with a record that was not delivered (loop thread)
         config = {**config, "error_cb": self._error, "logger": _librdkafka_log}
         if oauth is not None:
             config["oauth_cb"] = oauth
@@ -382,6 +400,18 @@ class _Producer:
             producer.close()
         except Exception:
             log.exception("closing the Kafka producer")
+
+    def track(self, chunk: _Chunk) -> None:
+        """Counts `chunk` outstanding until every record has its report (see `KafkaAdapter._producer_now`)."""
+        self.outstanding.add(chunk.future)
+        chunk.future.add_done_callback(lambda future: self._settled(future, chunk))
+
+    def _settled(self, future: asyncio.Future[None], chunk: _Chunk) -> None:
+        self.outstanding.discard(future)
+        # (Records rejected for good never go again, so a later record overtaking them is no reorder. A
+        # record left _PENDING had no report: a failure.)
+        if any(r is not None and not isinstance(r, Rejected) and not _rejected_for_good(r) for r in chunk.results):
+            self.failures += 1
 
     async def close(self, grace: float) -> None:
         """Flush for at most `grace` seconds; what is not delivered by then fails as `Transient`."""
@@ -747,6 +777,14 @@ class KafkaAdapter:
                                          native_dedup=False, max_batch=options.max_batch, dead_letter=False,
                                          ordered_in_flight=options.idempotent)
         self._producer: _Producer | None = None
+        # Above `busy_events_per_s` publishes go through a second producer that lingers (`_update_busy`).
+        self._busy_producer: _Producer | None = None
+        self._busy = False
+        self.busy_switches = 0  # how often publishing changed producer (tests, diagnostics)
+        self._rate_since = time.monotonic()
+        self._rate_events = 0
+        self._overlapped_events = 0  # of _rate_events: published while another publish was running
+        self._publishing = 0  # publishes started and not returned
         self._client: Any = None
         self._lock = asyncio.Lock()
         # Held from a publish's start until all its records are in librdkafka's queue: publishes hand their
@@ -774,6 +812,14 @@ class KafkaAdapter:
     async def publish(self, batch: Sequence[Event]) -> list[PublishOutcome]:
         if not batch:
             return []
+        overlapped = self._publishing > 0  # (another publish is running: what makes a linger pay)
+        self._publishing += 1
+        try:
+            return await self._publish(batch, overlapped)
+        finally:
+            self._publishing -= 1
+
+    async def _publish(self, batch: Sequence[Event], overlapped: bool) -> list[PublishOutcome]:
         issuing = self._issuing
         await issuing.acquire()
         released = False
@@ -787,7 +833,8 @@ class KafkaAdapter:
         try:
             try:
                 await self._ensure_topic()
-                producer = await self._ensure_producer()
+                self._update_busy(len(batch), overlapped)
+                producer = await self._producer_now()
             except AdapterError as exc:
                 # The size check does not depend on the broker: an event that can never go is Rejected anyway.
                 return [PublishOutcome(event.id, record if isinstance(record := self._prepare(event), Rejected)
@@ -838,79 +885,145 @@ class KafkaAdapter:
                 return Rejected(f"event of {size} bytes (Kafka record batch) exceeds the limit of {limit} bytes")
         return record
 
+    @property
+    def _report_timeout(self) -> float:
+        """librdkafka reports every record within message.timeout.ms; the margin covers close()."""
+        return self.options.delivery_timeout_ms / 1000 + self.options.close_grace + 10.0
+
     async def _send_chunk(self, producer: _Producer, events: Sequence[Event],
                           issued: Callable[[], None] | None = None) -> list[Any]:
         """Encode and size-check each event and hand its record to librdkafka right away (the first records
         are on their way while the rest are encoded), then wait for every delivery report. Per event:
         None (delivered), a librdkafka KafkaError, or an AdapterError."""
         chunk = _Chunk(asyncio.get_running_loop(), len(events))
+        producer.track(chunk)
         results = chunk.results
         delivered = chunk.delivered
         produce = producer.producer.produce
         partial = functools.partial
         topic, opts = self.topic, self.options
         encode, key_mapper, limit = self._record, opts.key_mapper, opts.max_event_bytes
-        full_since: float | None = None
-        for index, event in enumerate(events):
-            try:
-                headers, key, value, bound = encode(event, key_mapper)
-            except (TypeError, ValueError):
-                bound = limit + 1  # _prepare says why
-            if bound > limit:  # rare: near or over the limit, or not encodable
-                prepared = self._prepare(event)
-                if isinstance(prepared, Rejected):
-                    results[index] = prepared
-                    continue
-                headers, key, value, bound = prepared
-            while True:
+        try:
+            full_since: float | None = None
+            for index, event in enumerate(events):
                 try:
-                    # (list is invariant: confluent's HeadersType also allows str and None values)
-                    produce(topic, value, key, headers=headers,  # type: ignore[arg-type]
-                            on_delivery=partial(delivered, index))
-                except BufferError:  # librdkafka's queue is full: wait for room, up to queue_full_timeout
-                    now = time.monotonic()
-                    full_since = now if full_since is None else full_since
-                    if now - full_since < opts.queue_full_timeout:
-                        await asyncio.sleep(0.002)
+                    headers, key, value, bound = encode(event, key_mapper)
+                except (TypeError, ValueError):
+                    bound = limit + 1  # _prepare says why
+                if bound > limit:  # rare: near or over the limit, or not encodable
+                    prepared = self._prepare(event)
+                    if isinstance(prepared, Rejected):
+                        results[index] = prepared
                         continue
-                    results[index] = Throttled(
-                        f"the Kafka producer's queue stayed full for {opts.queue_full_timeout:g} s", retry_after=1.0)
-                except KafkaException as exc:  # e.g. a fatal producer, librdkafka's own size check
-                    results[index] = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else \
-                        Transient(f"producing to {topic}: {exc}")
-                except (TypeError, ValueError) as exc:  # e.g. a key mapper that returned neither bytes nor str
-                    results[index] = Rejected(f"cannot produce the record: {exc}")
-                else:
-                    chunk.sent += 1
-                    full_since = None
-                break
-        chunk.closed = True
+                    headers, key, value, bound = prepared
+                while True:
+                    try:
+                        # (list is invariant: confluent's HeadersType also allows str and None values)
+                        produce(topic, value, key, headers=headers,  # type: ignore[arg-type]
+                                on_delivery=partial(delivered, index))
+                    except BufferError:  # librdkafka's queue is full: wait for room, up to queue_full_timeout
+                        now = time.monotonic()
+                        full_since = now if full_since is None else full_since
+                        if now - full_since < opts.queue_full_timeout:
+                            await asyncio.sleep(0.002)
+                            continue
+                        results[index] = Throttled(f"the Kafka producer's queue stayed full for "
+                                                   f"{opts.queue_full_timeout:g} s", retry_after=1.0)
+                    except KafkaException as exc:  # e.g. a fatal producer, librdkafka's own size check
+                        results[index] = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else \
+                            Transient(f"producing to {topic}: {exc}")
+                    except (TypeError, ValueError) as exc:  # e.g. a key mapper that returned neither bytes nor str
+                        results[index] = Rejected(f"cannot produce the record: {exc}")
+                    else:
+                        chunk.sent += 1
+                        full_since = None
+                    break
+        finally:
+            # Closed whatever happens (a cancel while waiting for room, a key mapper that raised): the poll
+            # thread then resolves the chunk once its records are reported, so no switch of producer
+            # (`_producer_now`) waits for a chunk nobody would finish.
+            chunk.closed = True
+            if chunk.done == chunk.sent:
+                chunk.resolve()
         if issued is not None:  # every record of the chunk is queued (or refused): the next publish may go
             issued()
-        if chunk.done != chunk.sent:
+        if not chunk.future.done():
             try:
-                # librdkafka reports every record within message.timeout.ms; the margin covers close().
-                async with asyncio.timeout(opts.delivery_timeout_ms / 1000 + opts.close_grace + 10.0):
-                    await chunk.future
+                async with asyncio.timeout(self._report_timeout):
+                    # (shielded: a cancelled publish leaves its chunk outstanding until its records are reported)
+                    await asyncio.shield(chunk.future)
             except TimeoutError:
                 for index, result in enumerate(results):
                     if result is _PENDING:
                         results[index] = Transient("no delivery report from the Kafka producer")
+                chunk.resolve()  # settled, as failed
         return results
 
-    async def _ensure_producer(self) -> _Producer:
-        producer = self._producer
+    def _update_busy(self, events: int, overlapped: bool) -> None:
+        """Whether publishes go through the busy producer, from windows of at least `_RATE_WINDOW_S`: from
+        `busy_events_per_s` published events/s on, most of them in publishes that overlapped another, until
+        the rate falls below half of that. Then a linger pays: fewer, larger produce requests (bench/gateway.py:
+        on Tansu about a third less broker CPU per event at saturation). A linger adds its whole length to
+        every publish awaited alone (a quiet delivery worker), and slows down one publisher that awaits each
+        publish before the next (docs/mapping-kafka.md), however fast it goes."""
+        opts = self.options
+        if opts.busy_linger_ms <= opts.linger_ms:
+            return
+        self._rate_events += events
+        if overlapped:
+            self._overlapped_events += events
+        now = time.monotonic()
+        elapsed = now - self._rate_since
+        if elapsed < _RATE_WINDOW_S:
+            return
+        rate = self._rate_events / elapsed
+        concurrent = self._overlapped_events * 2 >= self._rate_events
+        self._rate_since, self._rate_events, self._overlapped_events = now, 0, 0
+        busy = concurrent and rate >= (opts.busy_events_per_s / 2 if self._busy else opts.busy_events_per_s)
+        if busy != self._busy:
+            self._busy = busy
+            self.busy_switches += 1
+            log.debug("Kafka %s: %s producer (%.0f events/s)", self.topic, "busy" if busy else "quiet", rate)
+
+    async def _producer_now(self) -> _Producer:
+        """The producer this publish goes through (called in turn, under `_issuing`). Two producers keep no
+        order between them, so after a switch the first publish waits until every record sent through the
+        other one has its report; if one of those failed it fails too (`Transient`) rather than overtake
+        it: the caller publishes the failed records again first, and a partition keeps its order."""
+        if self._busy_producer is None and self.options.busy_linger_ms > self.options.linger_ms:
+            # Made with the first: a fresh idempotent producer needs ~0.5 s for its producer id, a stall that
+            # would come just when the load rose (and would bring the rate down again).
+            await self._ensure_producer(True)
+        other = self._producer if self._busy else self._busy_producer
+        if other is not None and other.outstanding:
+            failures = other.failures
+            _, waiting = await asyncio.wait(list(other.outstanding), timeout=_SWITCH_WAIT_S)
+            if waiting:
+                # Its records are slow to be reported (e.g. a partition without a leader): stay on it rather than
+                # hold every publish up to a delivery timeout (the next window decides again).
+                self._busy = not self._busy
+                self.busy_switches += 1
+            elif other.failures != failures:
+                raise Transient(f"records published to {self.topic} just before this publish failed; "
+                                "publishing it now could overtake them")
+        return await self._ensure_producer(self._busy)
+
+    async def _ensure_producer(self, busy: bool = False) -> _Producer:
+        attribute = "_busy_producer" if busy else "_producer"
+        producer: _Producer | None = getattr(self, attribute)
         if producer is not None and producer.fatal is None and not producer.stuck:
             return producer
         if self._closed:
             raise Transient(f"the Kafka adapter for {self.url} is closed")
         async with self._lock:
-            if self._producer is not None and (self._producer.fatal is not None or self._producer.stuck):
+            producer = getattr(self, attribute)
+            if producer is not None and (producer.fatal is not None or producer.stuck):
                 # librdkafka cannot recover a producer after a fatal error (e.g. an idempotence
                 # sequence it cannot repair): its records failed; a fresh instance takes the next ones.
-                failed, self._producer = self._producer, None
-                await failed.close(0.0)
-            if self._producer is None:
+                setattr(self, attribute, None)
+                await producer.close(0.0)
+                producer = None
+            if producer is None:
                 if self._closed:
                     raise Transient(f"the Kafka adapter for {self.url} is closed")
                 opts = self.options
@@ -919,10 +1032,11 @@ class KafkaAdapter:
                     oauth = _oauth_callback(opts.sasl_oauth_token_provider, asyncio.get_running_loop(),
                                             opts.request_timeout_ms / 1000)
                 try:
-                    self._producer = _Producer(opts.producer_config(self.bootstrap), self.topic, oauth)
+                    producer = _Producer(opts.producer_config(self.bootstrap, busy), self.topic, oauth)
                 except (KafkaException, ValueError, TypeError) as exc:  # librdkafka's configuration checks
                     raise Transient(f"cannot create the Kafka producer: {exc}") from None
-            return self._producer
+                setattr(self, attribute, producer)
+            return producer
 
     async def _ensure_client(self) -> Any:
         """A bare client for metadata lookups and probes (no producer or group membership needed)."""
@@ -1083,11 +1197,10 @@ class KafkaAdapter:
                 self._loop_task.cancel()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._consuming.wait(), self.options.connect_timeout)
-        producer, self._producer = self._producer, None
+        producers = [p for p in (self._producer, self._busy_producer) if p is not None]
+        self._producer = self._busy_producer = None
         client, self._client = self._client, None
-        if producer is not None:
-            with contextlib.suppress(Exception):
-                await producer.close(self.options.close_grace)
+        await asyncio.gather(*(p.close(self.options.close_grace) for p in producers), return_exceptions=True)
         if client is not None:
             with contextlib.suppress(Exception):
                 await client.close()
@@ -1135,8 +1248,10 @@ def _check(opts: KafkaOptions) -> None:
         raise ValueError("enable_idempotence needs acks='all'")
     if opts.compression_type not in (None, "gzip", "snappy", "lz4", "zstd"):
         raise ValueError(f"compression_type must be gzip, snappy, lz4, zstd or None, got {opts.compression_type!r}")
-    if opts.linger_ms < 0 or opts.linger_ms >= opts.delivery_timeout_ms:
-        raise ValueError("linger_ms must be at least 0 and below delivery_timeout_ms")
+    if not (0 <= opts.linger_ms < opts.delivery_timeout_ms and 0 <= opts.busy_linger_ms < opts.delivery_timeout_ms):
+        raise ValueError("linger_ms and busy_linger_ms must be at least 0 and below delivery_timeout_ms")
+    if not opts.busy_events_per_s > 0:  # (also NaN)
+        raise ValueError("busy_events_per_s must be positive")
     if opts.delivery_timeout_ms <= 0 or opts.request_timeout_ms <= 0 or opts.max_queued_messages <= 0:
         raise ValueError("delivery_timeout_ms, request_timeout_ms and max_queued_messages must be positive")
     if opts.security_protocol.upper() not in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ from confluent_kafka import KafkaError, KafkaException
 
 from tests.brokers import KAFKA_FAST_GROUP_OPTS, KafkaBroker, eventually, unique_name
 from tests.conformance.target_kafka import create_topic
-from umcef.adapters import open_adapter
+from umcef.adapters import kafka, open_adapter
 from umcef.adapters.contract import (
     AdapterError,
     Delivery,
@@ -357,6 +358,14 @@ def test_producer_config_defaults_are_idempotent_and_never_auto_create() -> None
         from_url("kafka://h:1/t", acks=1, enable_idempotence=True)
     with pytest.raises(ValueError, match="linger_ms"):
         from_url("kafka://h:1/t", linger_ms=-1)
+    # The busy producer (publishing above busy_events_per_s) is the same but for its linger.
+    busy = from_url("kafka://h:1/t").options.producer_config(["h:1"], busy=True)
+    assert busy["linger.ms"] == 2.0 and {k: v for k, v in busy.items() if k != "linger.ms"} == {
+        k: v for k, v in from_url("kafka://h:1/t").options.producer_config(["h:1"]).items() if k != "linger.ms"}
+    with pytest.raises(ValueError, match="busy_linger_ms"):
+        from_url("kafka://h:1/t", busy_linger_ms=-1)
+    with pytest.raises(ValueError, match="busy_events_per_s"):
+        from_url("kafka://h:1/t", busy_events_per_s=0)
     with pytest.raises(ValueError, match="security_protocol"):
         from_url("kafka://h:1/t", security_protocol="TLS")
 
@@ -420,6 +429,142 @@ async def test_idempotent_producer_keeps_every_event_once_and_in_key_order(kafka
     assert sorted(got) == list(range(500))  # exactly once each
     for k in range(5):
         assert [n for n in got if n % 5 == k] == list(range(k, 500, 5))
+
+
+async def consume_ns(source_url: str, count: int) -> list[int]:
+    """The `n` of the first `count` events consumed from `source_url`, in the order consumed."""
+    got: list[int] = []
+
+    async def handle(d: Delivery) -> None:
+        got.append(int(d.event.attributes["n"]))
+
+    source = adapter(source_url)
+    task = asyncio.create_task(source.consume(handle))
+    await eventually(lambda: len(got) >= count, 30, f"{count} events")
+    await asyncio.sleep(0.3)
+    await source.stop_consuming()
+    await task
+    await source.close()
+    return got
+
+
+def spy_producers(sink: KafkaAdapter) -> list[bool]:
+    """Records, per chunk the adapter sends, whether it went through the busy producer."""
+    through_busy: list[bool] = []
+    send_chunk = sink._send_chunk
+
+    async def spied(producer: Any, events: Any, issued: Any = None) -> list[Any]:
+        through_busy.append(producer is sink._busy_producer)
+        return await send_chunk(producer, events, issued)
+
+    sink._send_chunk = spied  # type: ignore[method-assign]
+    return through_busy
+
+
+async def test_a_busy_adapter_publishes_through_a_lingering_producer_and_back(kafka_broker: KafkaBroker) -> None:
+    sink_url, source_url = await fresh(kafka_broker, partitions=3)
+    sink = adapter(sink_url, busy_events_per_s=2_000)
+    through_busy = spy_producers(sink)
+    n = 0
+
+    def batch(size: int) -> list[Event]:
+        nonlocal n
+        n += size
+        return [event(i, f"k{i % 5}") for i in range(n - size, n)]
+
+    async def quiet(until: Callable[[], bool], then: float) -> None:  # one event every 20 ms: ~50/s
+        started, since = time.monotonic(), None
+        while since is None or time.monotonic() - since < then:
+            assert time.monotonic() - started < 10, "the adapter never went quiet"
+            assert all(o.ok for o in await sink.publish(batch(1)))
+            await asyncio.sleep(0.02)
+            since = since or (time.monotonic() if until() else None)
+
+    await quiet(lambda: True, 0.3)
+    assert not sink._busy and not any(through_busy)
+    # 8 publishes of 50 in flight at a time, far above 2,000 events/s, until 0.3 s after the switch
+    tasks = [asyncio.create_task(sink.publish(batch(50))) for _ in range(8)]
+    busy_since = None
+    while busy_since is None or time.monotonic() - busy_since < 0.3:
+        assert all(o.ok for o in await tasks.pop(0))
+        tasks.append(asyncio.create_task(sink.publish(batch(50))))
+        busy_since = busy_since or (time.monotonic() if sink._busy else None)
+        assert busy_since or len(through_busy) < 2_000, "the adapter never got busy"
+    for task in tasks:
+        assert all(o.ok for o in await task)
+    assert through_busy[-1] and sink.busy_switches == 1
+    chunks = len(through_busy)
+    await quiet(lambda: not sink._busy, 0.3)
+    assert not any(through_busy[-5:]) and len(through_busy) > chunks + 5
+    assert sink.busy_switches == 2
+    await sink.close()
+    got = await consume_ns(source_url, n)
+    assert sorted(got) == list(range(n))  # exactly once each
+    for k in range(5):
+        assert [i for i in got if i % 5 == k] == list(range(k, n, 5))
+
+
+async def test_one_publisher_awaiting_each_publish_is_never_busy(kafka_broker: KafkaBroker) -> None:
+    sink_url, _ = await fresh(kafka_broker, partitions=3)
+    sink = adapter(sink_url, busy_events_per_s=1_000)
+    assert all(o.ok for o in await sink.publish([event(0)]))  # (the producer's id: ~0.5 s)
+    through_busy = spy_producers(sink)
+    published, started = 0, time.monotonic()
+    while time.monotonic() - started < 0.5:
+        assert all(o.ok for o in await sink.publish([event(i, f"k{i % 5}") for i in range(published, published + 200)]))
+        published += 200
+    assert published / (time.monotonic() - started) > 2_000  # the rate alone would have made it busy
+    assert not sink._busy and sink.busy_switches == 0 and not any(through_busy)
+    await sink.close()
+
+
+async def test_after_a_switch_a_publish_waits_for_the_other_producers_records(kafka_broker: KafkaBroker) -> None:
+    sink_url, source_url = await fresh(kafka_broker, partitions=1)
+    sink = adapter(sink_url, busy_linger_ms=400)
+    sink._update_busy = lambda events, overlapped: None  # type: ignore[method-assign]  (the test picks)
+    through_busy = spy_producers(sink)
+    assert (await sink.publish([event(0, "k")]))[0].ok
+    sink._busy = True
+    assert (await sink.publish([event(1, "k")]))[0].ok  # (each producer's first publish waits for its id)
+    lingering = asyncio.create_task(sink.publish([event(2, "k")]))  # queued, then held 400 ms by the linger
+    await asyncio.sleep(0.05)
+    sink._busy = False
+    started = time.monotonic()
+    assert (await sink.publish([event(3, "k")]))[0].ok  # through the quiet producer, after event 2's report
+    assert time.monotonic() - started > 0.2
+    assert (await lingering)[0].ok
+    assert through_busy == [False, True, True, False]
+    await sink.close()
+    assert await consume_ns(source_url, 4) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("report_within", ["the switch's wait", "after it"])
+async def test_a_switch_while_the_other_producers_records_are_unreported(
+        kafka_broker_factory: Any, monkeypatch: pytest.MonkeyPatch, report_within: str) -> None:
+    """Their failure within the wait fails the publish (it would overtake them); a longer wait leaves the
+    publish on the other producer, in order behind them."""
+    broker: KafkaBroker = kafka_broker_factory()
+    topic = unique_name("switch")
+    await create_topic(broker.bootstrap, topic, 1)
+    # The record times out after 1.5 s; the switch waits 3 s for it, or 0.3 s.
+    monkeypatch.setattr(kafka, "_SWITCH_WAIT_S", 3.0 if report_within == "the switch's wait" else 0.3)
+    sink = adapter(f"kafka://{broker.bootstrap}/{topic}", delivery_timeout_ms=1500)
+    sink._update_busy = lambda events, overlapped: None  # type: ignore[method-assign]
+    sink._busy = True
+    assert (await sink.publish([event(0, "k")]))[0].ok
+    through_busy = spy_producers(sink)
+    await broker.astop()  # the topic stays cached: the record goes to librdkafka and times out there
+    failing = asyncio.create_task(sink.publish([event(1, "k")]))
+    await asyncio.sleep(0.1)
+    sink._busy = False
+    (after,) = await sink.publish([event(2, "k")])
+    assert isinstance((await failing)[0].error, Transient)
+    assert isinstance(after.error, Transient)
+    if report_within == "the switch's wait":
+        assert "overtake" in str(after.error) and through_busy == [True]
+    else:
+        assert "timed out" in str(after.error) and through_busy == [True, True] and sink._busy
+    await sink.close()
 
 
 async def test_full_queue_throttles_and_undelivered_records_time_out(kafka_broker_factory: Any) -> None:
