@@ -992,7 +992,9 @@ class KafkaAdapter:
         it: the caller publishes the failed records again first, and a partition keeps its order."""
         if self._busy_producer is None and self.options.busy_linger_ms > self.options.linger_ms:
             # Made with the first: a fresh idempotent producer needs ~0.5 s for its producer id, a stall that
-            # would come just when the load rose (and would bring the rate down again).
+            # would come just when the load rose (and would bring the rate down again). Made only when the rate
+            # neared the threshold, it came too late for a load that rose at once (measured: the adapter
+            # switched back and forth while the new producer waited for its id).
             await self._ensure_producer(True)
         other = self._producer if self._busy else self._busy_producer
         if other is not None and other.outstanding:
@@ -1200,7 +1202,10 @@ class KafkaAdapter:
         producers = [p for p in (self._producer, self._busy_producer) if p is not None]
         self._producer = self._busy_producer = None
         client, self._client = self._client, None
-        await asyncio.gather(*(p.close(self.options.close_grace) for p in producers), return_exceptions=True)
+        for failed in await asyncio.gather(*(p.close(self.options.close_grace) for p in producers),
+                                           return_exceptions=True):
+            if isinstance(failed, Exception):
+                log.warning("closing a Kafka producer of %s: %s", self.url, failed)
         if client is not None:
             with contextlib.suppress(Exception):
                 await client.close()
