@@ -1000,6 +1000,8 @@ class KafkaAdapter:
         if other is not None and other.outstanding:
             failures = other.failures
             _, waiting = await asyncio.wait(list(other.outstanding), timeout=_SWITCH_WAIT_S)
+            if self._closed:  # (close() purged what we waited for: that is the news, not an overtake)
+                raise Transient(f"the Kafka adapter for {self.url} is closed")
             if waiting:
                 # Its records are slow to be reported (e.g. a partition without a leader): stay on it rather than
                 # hold every publish up to a delivery timeout (the next window decides again).

@@ -567,6 +567,28 @@ async def test_a_switch_while_the_other_producers_records_are_unreported(
     await sink.close()
 
 
+async def test_a_publish_waiting_at_a_switch_when_the_adapter_closes_says_closed(
+        kafka_broker_factory: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    broker: KafkaBroker = kafka_broker_factory()
+    topic = unique_name("switch")
+    await create_topic(broker.bootstrap, topic, 1)
+    monkeypatch.setattr(kafka, "_SWITCH_WAIT_S", 30.0)
+    sink = adapter(f"kafka://{broker.bootstrap}/{topic}", close_grace=0.2)
+    sink._update_busy = lambda events, overlapped: None  # type: ignore[method-assign]
+    sink._busy = True
+    assert (await sink.publish([event(0, "k")]))[0].ok
+    await broker.astop()
+    unreported = asyncio.create_task(sink.publish([event(1, "k")]))
+    await asyncio.sleep(0.1)
+    sink._busy = False
+    waiting = asyncio.create_task(sink.publish([event(2, "k")]))
+    await asyncio.sleep(0.1)
+    await sink.close()  # purges event 1 after its grace: the switch's wait ends
+    (after,) = await asyncio.wait_for(waiting, 10)
+    assert isinstance(after.error, Transient) and "closed" in str(after.error)
+    assert isinstance((await unreported)[0].error, Transient)
+
+
 async def test_full_queue_throttles_and_undelivered_records_time_out(kafka_broker_factory: Any) -> None:
     broker: KafkaBroker = kafka_broker_factory()
     topic = unique_name("full")
