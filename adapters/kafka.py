@@ -158,6 +158,11 @@ class KafkaOptions:
     sasl_oauth_token_provider: Any = None
 
     @property
+    def adaptive(self) -> bool:
+        """Whether busy publishing goes through a second, lingering producer (`KafkaAdapter._update_busy`)."""
+        return self.busy_linger_ms > self.linger_ms
+
+    @property
     def idempotent(self) -> bool:
         return self.acks in (-1, "all") if self.enable_idempotence is None else self.enable_idempotence
 
@@ -885,11 +890,6 @@ class KafkaAdapter:
                 return Rejected(f"event of {size} bytes (Kafka record batch) exceeds the limit of {limit} bytes")
         return record
 
-    @property
-    def _report_timeout(self) -> float:
-        """librdkafka reports every record within message.timeout.ms; the margin covers close()."""
-        return self.options.delivery_timeout_ms / 1000 + self.options.close_grace + 10.0
-
     async def _send_chunk(self, producer: _Producer, events: Sequence[Event],
                           issued: Callable[[], None] | None = None) -> list[Any]:
         """Encode and size-check each event and hand its record to librdkafka right away (the first records
@@ -949,7 +949,8 @@ class KafkaAdapter:
             issued()
         if not chunk.future.done():
             try:
-                async with asyncio.timeout(self._report_timeout):
+                # librdkafka reports every record within message.timeout.ms; the margin covers close().
+                async with asyncio.timeout(opts.delivery_timeout_ms / 1000 + opts.close_grace + 10.0):
                     # (shielded: a cancelled publish leaves its chunk outstanding until its records are reported)
                     await asyncio.shield(chunk.future)
             except TimeoutError:
@@ -967,7 +968,7 @@ class KafkaAdapter:
         every publish awaited alone (a quiet delivery worker), and slows down one publisher that awaits each
         publish before the next (docs/mapping-kafka.md), however fast it goes."""
         opts = self.options
-        if opts.busy_linger_ms <= opts.linger_ms:
+        if not opts.adaptive:
             return
         self._rate_events += events
         if overlapped:
@@ -990,7 +991,7 @@ class KafkaAdapter:
         order between them, so after a switch the first publish waits until every record sent through the
         other one has its report; if one of those failed it fails too (`Transient`) rather than overtake
         it: the caller publishes the failed records again first, and a partition keeps its order."""
-        if self._busy_producer is None and self.options.busy_linger_ms > self.options.linger_ms:
+        if self._busy_producer is None and self.options.adaptive:
             # Made with the first: a fresh idempotent producer needs ~0.5 s for its producer id, a stall that
             # would come just when the load rose (and would bring the rate down again). Made only when the rate
             # neared the threshold, it came too late for a load that rose at once (measured: the adapter

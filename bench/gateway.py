@@ -83,6 +83,7 @@ STRUCTURED = "gateway structured"
 # so the gap to `gateway` is what the spool costs and the gap to the bridge is everything else.
 UNSPOOLED = "gateway no spool"
 UNSPOOLED_ROLE = "unspooled-gateway"
+UMCEF_CLI = ("-m", "umcef.fabric.cli")  # how a Gateway runs `umcef` unless told otherwise
 SYSTEMS_SAT = ["direct confluent", "direct aiokafka", "naive bridge", *GATEWAYS, STRUCTURED, UNSPOOLED]
 SYSTEMS_LAT = ["direct confluent", "naive bridge", *GATEWAYS]
 LATENCY_TAG = "L"  # latency runs' event ids start with it and their slot: the gateway routes them to its topic
@@ -516,7 +517,7 @@ class Gateway:
     """`umcef serve --config FILE` in its own process; stderr to a file (never a pipe nobody reads)."""
 
     def __init__(self, config: Path, data_dir: Path, log: Path, profile_to: Path | None = None,
-                 cli: Sequence[str] = ("-m", "umcef.fabric.cli")) -> None:
+                 cli: Sequence[str] = UMCEF_CLI) -> None:
         """`cli`: what runs `umcef` (bench/gateway_trace.py passes its own traced entry point)."""
         prefix = ["-m", "cProfile", "-o", str(profile_to)] if profile_to else []
         args = [
@@ -789,7 +790,7 @@ class Bench:
         try:
             for n, (s, path) in enumerate(configs.items()):
                 cli = (__file__, "--role", UNSPOOLED_ROLE, f"kafka://{self.bootstrap}/{self.topics[s]}") \
-                    if s == UNSPOOLED else ("-m", "umcef.fabric.cli")
+                    if s == UNSPOOLED else UMCEF_CLI
                 self.gateways[s] = Gateway(path, self.tmp / f"data{n}", self.tmp / f"gateway{n}.log", cli=cli)
             self.gateway = self.gateways["gateway"]
             bridge = self.bridge = spawn_role("bridge", {"bootstrap": self.bootstrap,
