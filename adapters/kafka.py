@@ -1037,7 +1037,8 @@ class KafkaAdapter:
                     oauth = _oauth_callback(opts.sasl_oauth_token_provider, asyncio.get_running_loop(),
                                             opts.request_timeout_ms / 1000)
                 try:
-                    producer = _Producer(opts.producer_config(self.bootstrap, busy), self.topic, oauth)
+                    name = f"{self.topic}-busy" if busy else self.topic  # (the poll thread's name: tell them apart)
+                    producer = _Producer(opts.producer_config(self.bootstrap, busy), name, oauth)
                 except (KafkaException, ValueError, TypeError) as exc:  # librdkafka's configuration checks
                     raise Transient(f"cannot create the Kafka producer: {exc}") from None
                 setattr(self, attribute, producer)
