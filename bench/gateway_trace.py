@@ -8,6 +8,7 @@ a shared 2-core machine they move by several ms between runs. This benchmark tim
 `umcef serve` runs in its own process with a few of its functions wrapped to stamp each event id
 (wall-clock ns) as it passes:
 
+- sent: the client sent it (the event's `benchts`, the client's clock: one machine, one clock);
 - decoded: the pipeline got the event (HTTP parsed, validated);
 - queued: its spool record is queued for the store's writer thread;
 - committing / committed: the writer's group commit that holds it starts / has handed it over;
@@ -16,7 +17,10 @@ a shared 2-core machine they move by several ms between runs. This benchmark tim
 - accepted: the publish returned (the 202: the commit is fsynced, with `full` and `interval`).
 
 Stages are reported as p50/p90/p99 ms between consecutive stamps, plus "decoded -> produce" (the gateway's
-residence time before Kafka) and "decoded -> accepted" (the 202) whole. Policies run interleaved, each on a
+residence time before Kafka) and "decoded -> accepted" (the 202) whole, and "sent -> consumed": the end to
+end of bench/gateway.py, measured by its consumer (a process of its own, as there) in the same run. That
+consumer costs the machine CPU the traced stages feel: with it, they take about twice as long as without
+(session 9: decoded -> produce p50 1.2-1.8 ms against 0.7-0.8). Policies run interleaved, each on a
 fresh gateway and topic, against one Tansu broker; the first 1.5 s of each run are not counted
 (connections, producer start-up).
 Writes bench/results/gateway_trace.json and gateway_trace.png.
@@ -44,10 +48,11 @@ if str(ROOT) not in sys.path:
 import orjson  # noqa: E402
 from _plot import write_results  # noqa: E402
 from _sample import ATTRIBUTES, ORDER  # noqa: E402
-from gateway import Gateway, pct  # noqa: E402  (bench/gateway.py)
+from gateway import PARTITIONS, Gateway, pct, spawn_role  # noqa: E402  (bench/gateway.py)
 
 POLICIES = ("full", "interval", "normal")
-STAGES = ("decoded", "queued", "committing", "committed", "handed", "produce", "acked")  # in the order they pass
+# in the order they pass
+STAGES = ("sent", "decoded", "queued", "committing", "committed", "handed", "produce", "acked")
 RATE = 1000
 SKIP_SECONDS = 1.5
 BATCH_CT = "application/cloudevents-batch+json"
@@ -80,6 +85,8 @@ def traced_gateway_main(out: Path, argv: list[str]) -> None:
     async def traced_publish(self: Any, events: list[Any], size: int = 0) -> Any:
         for e in events:
             stamp(e, "decoded")
+            # When the client sent it (same machine, same clock): what the HTTP hop took.
+            stamps[e.attributes["id"]]["sent"] = int(e.attributes["benchts"].rsplit(".", 1)[1])
         result = await publish(self, events, size)
         for e in events:
             stamp(e, "accepted")
@@ -157,7 +164,7 @@ async def offer(url: str, tag: str, seconds: float) -> int:
 
     async with aiohttp.ClientSession() as session:
         async def one(i: int) -> None:
-            event = {**ATTRIBUTES, "id": f"{tag}-{i}", "data": ORDER}
+            event = {**ATTRIBUTES, "id": f"{tag}-{i}", "benchts": f"{tag}.{time.time_ns()}", "data": ORDER}
             async with session.post(url, data=orjson.dumps([event]), headers={"content-type": BATCH_CT}) as resp:
                 if resp.status != 202:
                     raise RuntimeError(f"gateway answered {resp.status}: {await resp.text()}")
@@ -172,6 +179,24 @@ async def offer(url: str, tag: str, seconds: float) -> int:
         await asyncio.gather(*tasks)
         await asyncio.sleep(0.5)  # the last deliveries
         return total
+
+
+def start_consumer(bootstrap: str, topic: str, seconds: float) -> Any:
+    """bench/gateway.py's consumer role on `topic`: ms from `benchts` (the client's send) to consumed."""
+    total = int(RATE * (SKIP_SECONDS + seconds))
+    consumer = spawn_role("consume", {"bootstrap": bootstrap, "topic": topic, "tag": topic, "expected": total,
+                                      "offsets": {p: 0 for p in range(PARTITIONS)}, "timeout": total / RATE + 20})
+    assert consumer.stdout is not None
+    if consumer.stdout.readline().strip() != "READY":
+        raise RuntimeError("consumer did not start")
+    return consumer
+
+
+def consumed_figures(consumer: Any) -> list[float]:
+    """The consumer's latencies after the first SKIP_SECONDS' worth (it sees them about in the order sent)."""
+    text, _ = consumer.communicate(timeout=60)
+    latencies: list[float] = orjson.loads(text.strip().splitlines()[-1])["latencies_ms"]
+    return latencies[int(RATE * SKIP_SECONDS):]
 
 
 def stage_figures(stamps: dict[str, dict[str, int]], tag: str) -> dict[str, list[float]]:
@@ -219,11 +244,17 @@ def main() -> None:
                 for policy in POLICIES[r % len(POLICIES):] + POLICIES[:r % len(POLICIES)]:  # rotate the order
                     topic = topics[(policy, r)]
                     gateway, out = start_gateway(tmp, policy, broker.bootstrap, topic)
+                    consumer = None
                     try:
+                        consumer = start_consumer(broker.bootstrap, topic, seconds)
                         asyncio.run(offer(gateway.url, topic, seconds))
+                        consumed = consumed_figures(consumer)
                     finally:
                         gateway.stop()
+                        if consumer is not None and consumer.poll() is None:
+                            consumer.kill()
                     figures = stage_figures(json.loads(out.read_bytes()), topic)
+                    figures["sent -> consumed"] = consumed
                     for stage, values in figures.items():
                         samples[policy].setdefault(stage, []).extend(values)
                     whole = percentiles(figures["decoded -> produce"])
