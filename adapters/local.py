@@ -676,12 +676,14 @@ class LocalStore:
 
         return unlisten
 
-    def appended_elsewhere(self) -> None:
-        """Another process says it appended: every listener hears a `gap` (it reads the store), at once
-        rather than at this store's next commit."""
-        for loop, callback in self._listeners.values():
-            with contextlib.suppress(RuntimeError):  # that loop is closed; its listener is gone
-                loop.call_soon_threadsafe(callback, [], True)
+    def hand_over(self, topic: str, committed: list[Committed], gap: bool) -> None:
+        """What another writer's store committed to `topic` and relayed (its listener's arguments there: the
+        delivery process hears the gateway's commits this way), handed to this store's listener of the topic
+        as its own commits are. Call it on that listener's loop. Either writer's `gap` reports the other's
+        commits in between, so the listener's view stays complete or knows it is not."""
+        listener = self._listeners.get(topic)
+        if listener is not None:
+            listener[1](committed, gap)
 
     def _cursor_future(self, consumer: str, topic: str, seq: int, *,
                        lazy: bool = False) -> concurrent.futures.Future[None]:
@@ -888,7 +890,7 @@ class LocalStore:
                 total = sum(len(a.rows) for a in appends)
                 last = int(conn.execute("UPDATE counters SET value = value + ? WHERE name = 'last_seq' "
                                         "RETURNING value", (total,)).fetchone()[0]) - total
-                gap = last != self._last_written
+                gap = total > 0 and last != self._last_written
                 now = time.time()
                 rows: list[tuple[int, str, float, str | None, bytes]] = []
                 per_topic: Counter[str] = Counter()
@@ -914,15 +916,18 @@ class LocalStore:
             _fail_groups([(appends, [], cursors)], exc)
             return
         self._commits += 1
-        self._last_written = last
+        # A commit of cursor moves alone neither moves `_last_written` nor reports a gap: the next commit with
+        # records reports other writers' appends before it. (It used to report them itself, moving
+        # `_last_written` past them: then a delivery process, whose every cursor commit follows the gateway's
+        # appends, read the store after each instead of taking the records relayed to it in memory.)
+        if total:
+            self._last_written = last
         # Handed over before the fsync: a delivery worker in this process publishes the records while the disk
         # syncs them (as another process's reader already could). They survive a crash of this process once
         # committed; a power cut before the fsync could lose a record that was published, whose caller was
         # never acknowledged: a retry publishes it again (at least once, as for any unacknowledged publish).
-        # A commit of cursor moves alone reports a gap too: it advances `_last_written` past the other writer's
-        # records, so no later commit would, and a feed would hand out our next record in memory and skip them.
         try:
-            if appends or gap:
+            if total:
                 self._tell_listeners(appends, results, now, gap)
             if appends:
                 self._notify()

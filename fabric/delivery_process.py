@@ -6,8 +6,9 @@ share it. Here the gateway's process keeps ingress and a child process runs the 
 only what already is the hand-over between the two halves, the durable spool in the store (SQLite in WAL
 mode takes two writers; each commit holds the write lock briefly), plus one pipe each way:
 
-- parent -> child: a byte per group commit to a delivery spool (the child's workers read the store at
-  once instead of at their next poll), and a final ("stop", grace) message;
+- parent -> child: each group commit's records of every delivery spool, relayed (umcef.fabric.commit_relay:
+  the child's workers take them from memory, as in one process, instead of reading the store), and a
+  final ("stop", grace) message;
 - child -> parent, every `REPORT_SECONDS`: the estimator's health and RTT per destination (the parent's
   router decides with it), what left each spool and what dead-lettering put into one (backpressure
   depths), and what failover moved where.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -33,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from umcef.adapters.local import Committed, LocalStore
+from umcef.fabric.commit_relay import CommitReceiver, CommitSender
 from umcef.fabric.config import Config
 from umcef.fabric.delivery import spool_topic
 from umcef.fabric.delivery_host import DeliveryHost
@@ -60,7 +63,10 @@ class DeliveryProcess:
         self._context = multiprocessing.get_context("spawn")  # no fork: the parent runs threads
         self._process: Any = None
         self._conn: multiprocessing.connection.Connection | None = None
-        self._nudge: multiprocessing.connection.Connection | None = None
+        self._relay: multiprocessing.connection.Connection | None = None
+        self._sender: CommitSender | None = None
+        self._live: frozenset[str] = frozenset()  # spool topics the child's feeds take from memory (last report)
+        self.from_memory = 0  # events the current child's workers took as relayed, not from the store
         self._ready: asyncio.Future[None] | None = None
         self._stopping = False
         self._restarts = 0
@@ -76,20 +82,21 @@ class DeliveryProcess:
     async def start(self) -> None:
         for name, dest in self.config.destinations.items():
             if not dest.is_local:
-                self._unlisten.append(self.store.listen(spool_topic(name), self._committed))
+                topic = spool_topic(name)
+                self._unlisten.append(self.store.listen(topic, functools.partial(self._committed, topic)))
         await self._launch()
 
     async def _launch(self) -> None:
         loop = asyncio.get_running_loop()
         conn, child_conn = self._context.Pipe()
-        nudge_read, nudge = self._context.Pipe(duplex=False)
+        relay_read, relay = self._context.Pipe(duplex=False)
         process = self._context.Process(target=child_main, name="umcef-delivery", daemon=False,
-                                        args=(self.config, child_conn, nudge_read))
+                                        args=(self.config, child_conn, relay_read))
         process.start()
         child_conn.close()
-        nudge_read.close()
-        os.set_blocking(nudge.fileno(), False)
-        self._process, self._conn, self._nudge, self.pid = process, conn, nudge, process.pid
+        relay_read.close()
+        self._process, self._conn, self._relay, self.pid = process, conn, relay, process.pid
+        self._sender = CommitSender(relay.fileno())
         self._ready = loop.create_future()
         loop.add_reader(conn.fileno(), self._receive)
         loop.add_reader(process.sentinel, self._exited)
@@ -98,12 +105,14 @@ class DeliveryProcess:
         except TimeoutError:
             raise RuntimeError(f"the delivery process did not start within {START_SECONDS:g} s") from None
 
-    def _committed(self, committed: list[Committed], gap: bool) -> None:
-        nudge = self._nudge
-        if nudge is not None:
-            # Full pipe: the child has unread nudges already, which is all one more would say.
-            with contextlib.suppress(BlockingIOError, BrokenPipeError):
-                os.write(nudge.fileno(), b"\0")
+    def _committed(self, topic: str, committed: list[Committed], gap: bool) -> None:
+        if self._sender is None:
+            return
+        if topic not in self._live:
+            # The child reads this spool from the store (catching up, or starting): the records would be dropped
+            # there. A gap alone says there is more to read, as soon as its feed looks.
+            committed, gap = [], True
+        self._sender.send(topic, committed, gap)
 
     def _receive(self) -> None:
         assert self._conn is not None
@@ -123,7 +132,9 @@ class DeliveryProcess:
             if self._ready is not None and not self._ready.done():
                 self._ready.set_exception(RuntimeError(message[1]))
         elif kind == "report":
-            _, health, drained, lanes, spooled_in, moved = message
+            _, health, drained, lanes, spooled_in, moved, live, from_memory = message
+            self._live = frozenset(live)
+            self.from_memory = from_memory
             self.estimator.mirror(health)
             self._drained = drained
             self._lanes = Counter(lanes)
@@ -183,10 +194,14 @@ class DeliveryProcess:
             log.error("restarting the delivery process failed: %s", exc)  # its exit schedules another try
 
     def _close_pipes(self) -> None:
-        for conn in (self._conn, self._nudge):
+        if self._sender is not None:
+            self._sender.close()
+            self._sender = None
+        self._live = frozenset()  # a new child starts by reading the store
+        for conn in (self._conn, self._relay):
             if conn is not None:
                 conn.close()
-        self._conn = self._nudge = None
+        self._conn = self._relay = None
 
     async def stop(self, grace: float) -> None:
         """The child lets in-flight publishes finish for up to `grace` seconds and exits; killed if it has not
@@ -213,11 +228,11 @@ class DeliveryProcess:
 
 
 def child_main(config: Config, conn: multiprocessing.connection.Connection,
-               nudges: multiprocessing.connection.Connection) -> None:
+               relay: multiprocessing.connection.Connection) -> None:
     # Ctrl-C reaches the whole process group; the parent drives this process's shutdown.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        asyncio.run(_serve(config, conn, nudges))
+        asyncio.run(_serve(config, conn, relay))
     except Exception as exc:  # reported to the parent, which fails its start or logs the exit
         with contextlib.suppress(OSError):
             conn.send(("failed", f"delivery process: {type(exc).__name__}: {exc}"))
@@ -225,7 +240,7 @@ def child_main(config: Config, conn: multiprocessing.connection.Connection,
 
 
 async def _serve(config: Config, conn: multiprocessing.connection.Connection,
-                 nudges: multiprocessing.connection.Connection) -> None:
+                 relay: multiprocessing.connection.Connection) -> None:
     from umcef.fabric.gateway import build_router, open_store
 
     lock = await _exclusive(Path(config.data_dir) / LOCK_FILE)
@@ -236,7 +251,7 @@ async def _serve(config: Config, conn: multiprocessing.connection.Connection,
         # store's write lock, and a waiting writer sleeps at least a millisecond.)
         store = open_store(config, retain=False)
         try:
-            await _deliver(config, store, build_router(config), conn, nudges)
+            await _deliver(config, store, build_router(config), conn, relay)
         finally:
             store.close()
     finally:
@@ -244,22 +259,12 @@ async def _serve(config: Config, conn: multiprocessing.connection.Connection,
 
 
 async def _deliver(config: Config, store: LocalStore, router: Any, conn: multiprocessing.connection.Connection,
-                   nudges: multiprocessing.connection.Connection) -> None:
+                   relay: multiprocessing.connection.Connection) -> None:
     loop = asyncio.get_running_loop()
     moved: Counter[str] = Counter()
     host = DeliveryHost(config, store, router, moved.update)
     stop = asyncio.Event()
     grace = config.delivery.drain_seconds
-
-    def nudged() -> None:
-        try:
-            data = os.read(nudges.fileno(), 65536)
-        except BlockingIOError:
-            return
-        if not data:  # the parent is gone
-            stop.set()
-            return
-        store.appended_elsewhere()
 
     def from_parent() -> None:
         nonlocal grace
@@ -275,15 +280,18 @@ async def _deliver(config: Config, store: LocalStore, router: Any, conn: multipr
     def report() -> None:
         lanes = {name: host.lane_drained(name) for name in host.workers}
         spooled_in = {name: host.lane_spooled_in(name) for name in host.workers}
-        message = ("report", router.estimator.snapshot(), host.drained(), lanes, spooled_in, dict(moved))
+        feeds = [w.feed for w in host.workers.values() if w.feed is not None]
+        live = [feed.topic for feed in feeds if feed.caught_up]
+        message = ("report", router.estimator.snapshot(), host.drained(), lanes, spooled_in, dict(moved), live,
+                   sum(feed.from_memory for feed in feeds))
         moved.clear()
         try:
             conn.send(message)
         except OSError:
             stop.set()
 
-    os.set_blocking(nudges.fileno(), False)
-    loop.add_reader(nudges.fileno(), nudged)
+    receiver = CommitReceiver(relay.fileno(), store.hand_over, stop.set)  # (EOF: the parent is gone)
+    loop.add_reader(relay.fileno(), receiver.readable)
     loop.add_reader(conn.fileno(), from_parent)
     host.start()
     tune_interpreter()  # this process is the gateway's own, like `umcef serve`
@@ -294,7 +302,7 @@ async def _deliver(config: Config, store: LocalStore, router: Any, conn: multipr
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), REPORT_SECONDS)
     finally:
-        loop.remove_reader(nudges.fileno())
+        loop.remove_reader(relay.fileno())
         loop.remove_reader(conn.fileno())
         await host.stop(grace)
         with contextlib.suppress(OSError):

@@ -3,14 +3,16 @@
 The spool topic stays the durability record: the pipeline's group commit writes every event to it before
 the 202. This process's commits to the topic are also handed to the feed in memory (a store commit
 listener, in seq order, with the event object that was encoded), so a caught-up worker neither re-reads
-SQLite nor decodes JSON. The memory is only trusted while it is known to be complete:
+SQLite nor decodes JSON. (In the delivery process the gateway's commits come the same way, relayed:
+umcef.fabric.commit_relay; without the event object.) The memory is only trusted while it is known to be
+complete:
 
 - at start (and whenever in doubt) the feed reads the store after the last seq it handed out;
 - a read that comes back empty proves everything committed so far was handed out, so from then on the
   listener's records are the spool, in order ("live");
 - the in-memory inbox is bounded: on overflow it is dropped and the feed reads the store again;
 - another writer may append to the topic (`umcef dlq replay` in another process): the store reports
-  that at its next commit (a `gap`), and a live feed with nothing in memory looks for a stored record
+  that at its next commit of records (a `gap`), and a live feed with nothing in memory looks for a stored record
   it was not given every `poll_interval`; either way it reads the store again.
 """
 
@@ -55,14 +57,26 @@ class SpoolFeed:
         self._unlisten()
         self._inbox.clear()
 
+    @property
+    def caught_up(self) -> bool:
+        """Taking the store's commits from memory now (not reading the store, nor about to)."""
+        return self.live and not self._incomplete
+
     def _heard(self, committed: list[Committed], gap: bool) -> None:
         if self._incomplete:
             return
-        if gap or len(self._inbox) + len(committed) > self.capacity:
-            self._incomplete = True  # the store has them; the feed will read it
-            self._inbox.clear()
+        inbox = self._inbox
+        if committed and committed[0][0] <= self.last:
+            # Late: with two writers relaying (a delivery process hears the gateway's commits and its own), one
+            # writer's commit can arrive after the other's later one. What is at or below `last` was read from
+            # the store meanwhile (the later commit reported a gap).
+            committed = [c for c in committed if c[0] > self.last]
+        behind = bool(committed and inbox and committed[0][0] <= inbox[-1][0])  # (the same, above `last`)
+        if gap or behind or len(inbox) + len(committed) > self.capacity:
+            self._incomplete = True  # the store has them, in order; the feed will read it
+            inbox.clear()
         else:
-            self._inbox.extend(committed)
+            inbox.extend(committed)
         self._wake_up()
 
     def _wake_up(self) -> None:

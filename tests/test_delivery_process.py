@@ -21,8 +21,10 @@ from tests.chaos._kafka import TopicReader
 from tests.conformance.target_kafka import create_topic
 from tests.conftest import GatewayFactory, http_url
 from tests.test_failover import UNREACHABLE_OPTIONS
+from umcef.adapters.local import Committed, Record
 from umcef.fabric.config import ConfigError, from_mapping
 from umcef.fabric.deadletter import DEAD_LETTER_TOPIC
+from umcef.fabric.delivery_process import DeliveryProcess
 from umcef.fabric.gateway import Gateway
 
 SOURCE = "/test/delivery-process"
@@ -40,12 +42,18 @@ async def post(gateway: Gateway, body: bytes) -> None:
     assert response.status_code == 202, response.text
 
 
-async def test_child_delivers_reports_drained_and_is_replaced_when_it_dies(
-        make_gateway: GatewayFactory, kafka_broker: Any) -> None:
+async def kafka_gateway_with_child(make_gateway: GatewayFactory, kafka_broker: Any) -> tuple[Gateway, str]:
+    """A gateway delivering to a new Kafka topic (destination `k`) from its delivery process."""
     topic = unique_name("dp")
     await create_topic(kafka_broker.bootstrap, topic, partitions=2)
     gateway = await make_gateway(destinations={"k": f"kafka://{kafka_broker.bootstrap}/{topic}"}, default="k",
                                  delivery={"process": True})
+    return gateway, topic
+
+
+async def test_child_delivers_reports_drained_and_is_replaced_when_it_dies(
+        make_gateway: GatewayFactory, kafka_broker: Any) -> None:
+    gateway, topic = await kafka_gateway_with_child(make_gateway, kafka_broker)
     child = gateway.delivery_process
     assert child is not None and child.pid is not None and child.pid != os.getpid()
     assert not gateway.workers, "no delivery worker runs in the gateway's own process"
@@ -64,6 +72,21 @@ async def test_child_delivers_reports_drained_and_is_replaced_when_it_dies(
         await reader.until(lambda: len(reader.keys()) >= 400, 30, "the next 200 events in Kafka")
         await eventually(lambda: gateway._drained() >= 400, 10, "drained counted across the restart")
     assert reader.keys() == {(SOURCE, f"{tag}-{i}") for tag in "ab" for i in range(200)}
+
+
+async def test_once_caught_up_the_child_takes_the_gateways_commits_from_memory(
+        make_gateway: GatewayFactory, kafka_broker: Any) -> None:
+    gateway, topic = await kafka_gateway_with_child(make_gateway, kafka_broker)
+    child = gateway.delivery_process
+    assert child is not None
+    async with TopicReader(kafka_broker.bootstrap, topic) as reader:
+        for n in range(10):  # one request at a time: the child's feed is caught up between them
+            await post(gateway, batch(f"r{n}", 20))
+            await reader.until(lambda n=n: len(reader.keys()) >= 20 * (n + 1), 30, f"request {n} in Kafka")
+        # The first requests come from the store (the child starts by reading it, and the first relayed
+        # commit after that reports a gap); the later ones as the gateway relayed them.
+        await eventually(lambda: child.from_memory >= 100, 10, "events taken from memory")
+    assert reader.keys() == {(SOURCE, f"r{n}-{i}") for n in range(10) for i in range(20)}
 
 
 async def test_ejection_in_the_child_reaches_the_gateways_router(make_gateway: GatewayFactory) -> None:
@@ -111,3 +134,37 @@ def test_process_must_be_a_boolean(tmp_path: Any, value: Any) -> None:
     raw: dict[str, Any] = {"data_dir": str(tmp_path), "delivery": {"process": value}}
     with pytest.raises(ConfigError, match=r"delivery\.process"):
         from_mapping(raw)
+
+
+class _Sent:
+    """Stands in for the relay's sender: what `DeliveryProcess` chose to relay (unit test, no pipe)."""
+
+    def __init__(self) -> None:
+        self.frames: list[tuple[str, list[int], bool]] = []
+
+    def send(self, topic: str, committed: list[Committed], gap: bool) -> None:
+        self.frames.append((topic, [seq for seq, _, _ in committed], gap))
+
+
+class _Mirror:
+    def mirror(self, health: object) -> None:
+        pass
+
+
+def test_a_spool_is_relayed_only_while_the_childs_feed_is_caught_up_and_else_only_said_to_have_more() -> None:
+    config = from_mapping({"destinations": {"k": "kafka://127.0.0.1:1/t"}, "default": "k"})
+    parent = DeliveryProcess(config, None, _Mirror(), lambda moved: None)  # type: ignore[arg-type]
+    sent = parent._sender = _Sent()  # type: ignore[assignment]
+
+    def commit(seq: int) -> None:
+        parent._committed("_spool.k", [(seq, 0.0, Record("_spool.k", b"{}"))], False)
+
+    def report(live: list[str]) -> None:
+        parent._handle(("report", {}, 0, {}, {}, {}, live, 0))
+
+    commit(1)  # the child has not said its feed is caught up: it reads the store
+    report(["_spool.k"])
+    commit(2)
+    report([])
+    commit(3)
+    assert sent.frames == [("_spool.k", [], True), ("_spool.k", [2], False), ("_spool.k", [], True)]

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import umcef.adapters.local as local
-from tests.brokers import eventually_sync
+from tests.brokers import eventually, eventually_sync
 from umcef.adapters.local import CursorMove, CursorMoved, LocalStore, Record, Retention, StoredEvent, SyncPolicy
 
 
@@ -568,35 +568,30 @@ def test_close_commits_cursor_moves_that_were_waiting(tmp_path: Path) -> None:
         assert reopened.cursor("c", "t") == 2
 
 
-async def test_appended_elsewhere_tells_every_listener_of_a_gap(store: LocalStore) -> None:
-    heard: list[tuple[str, list[object], bool]] = []
-    store.listen("a", lambda committed, gap: heard.append(("a", committed, gap)))
-    store.listen("b", lambda committed, gap: heard.append(("b", committed, gap)))
-    store.appended_elsewhere()
-    for _ in range(100):
-        if len(heard) == 2:
-            break
-        await asyncio.sleep(0.01)
-    assert sorted(heard) == [("a", [], True), ("b", [], True)]
+async def test_hand_over_gives_relayed_records_to_the_topics_listener_alone(store: LocalStore) -> None:
+    heard: list[tuple[str, list[int], bool]] = []
+    store.listen("a", lambda committed, gap: heard.append(("a", [seq for seq, _, _ in committed], gap)))
+    store.listen("b", lambda committed, gap: heard.append(("b", [seq for seq, _, _ in committed], gap)))
+    store.hand_over("a", [(7, 1.0, Record("a", b"{}"))], False)
+    store.hand_over("b", [], True)
+    store.hand_over("c", [(8, 1.0, Record("c", b"{}"))], False)  # nobody listens: dropped
+    assert heard == [("a", [7], False), ("b", [], True)]
 
 
 @pytest.mark.parametrize("sync", ["normal", "interval"])
-async def test_a_cursor_only_commit_reports_another_writers_appends(tmp_path: Path, sync: SyncPolicy) -> None:
-    # It moves this store's last-written seq past them, so it is the last commit that can tell.
+async def test_another_writers_appends_are_reported_by_the_next_commit_with_records(tmp_path: Path,
+                                                                                  sync: SyncPolicy) -> None:
+    # Not by a commit of cursor moves alone: that one leaves this store's last-written seq where it was.
     with LocalStore(tmp_path, sync=sync) as store, LocalStore(tmp_path, sync=sync) as other:
         heard: list[tuple[list[int], bool]] = []
         store.listen("t", lambda committed, gap: heard.append(([seq for seq, _, _ in committed], gap)))
         await other.append(records("t", 1))
         await store.commit_cursor_async("c", "t", 0)
-        for _ in range(500):
-            if heard:
-                break
-            await asyncio.sleep(0.01)
-        assert heard == [([], True)]
-        assert store.last_seq_written_here == 1
+        assert store.last_seq_written_here == 0
         await store.append(records("t", 1))
-        for _ in range(500):
-            if len(heard) == 2:
-                break
-            await asyncio.sleep(0.01)
-        assert heard == [([], True), ([2], False)]
+        await eventually(lambda: heard, what="the append's report")
+        assert heard == [([2], True)]
+        assert store.last_seq_written_here == 2
+        await store.append(records("t", 1))
+        await eventually(lambda: len(heard) == 2, what="the second append's report")
+        assert heard == [([2], True), ([3], False)]

@@ -110,3 +110,33 @@ async def test_another_writers_append_before_a_cursor_only_commit_is_not_skipped
         await store.append([record(2)])
         assert ids(await take(feed, 2)) == ["1", "2"]  # not 2 alone from memory, skipping 1 for good
         feed.close()
+
+
+async def test_a_relayed_commit_arriving_after_a_later_one_is_neither_repeated_nor_reordered(tmp_path: Path) -> None:
+    # A delivery process hears two writers: the gateway's commits relayed (`hand_over`) and its own. One can
+    # arrive after the other's later commit; what the feed hands out stays each record once, in seq order.
+    with LocalStore(tmp_path, sync="normal") as store, LocalStore(tmp_path, sync="normal") as gateway:
+        feed = SpoolFeed(store, TOPIC, 0, poll_interval=600)
+        first = await gateway.append([record(1), record(2)])
+        assert ids(await take(feed, 2)) == ["1", "2"]  # read from the store
+        assert await _idle_page(feed) == [] and feed.caught_up
+        later = await gateway.append([record(3)])
+        late = await gateway.append([record(4)])
+
+        def relayed(seqs: list[int], n: list[int]) -> list[tuple[int, float, Record]]:
+            return [(seq, 0.0, record(i)) for seq, i in zip(seqs, n, strict=True)]
+
+        store.hand_over(TOPIC, relayed(later, [3]), False)
+        store.hand_over(TOPIC, relayed(first, [1, 2]), False)  # already read: dropped
+        assert feed.caught_up
+        store.hand_over(TOPIC, relayed(late, [4]), False)
+        assert ids(await take(feed, 2)) == ["3", "4"]
+        await gateway.append([record(5)])
+        await gateway.append([record(6)])
+        six, five = gateway.read(TOPIC, 4)[1], gateway.read(TOPIC, 4)[0]
+        store.hand_over(TOPIC, [(six.seq, 0.0, record(6))], False)
+        store.hand_over(TOPIC, [(five.seq, 0.0, record(5))], False)  # behind what memory holds: read the store
+        assert not feed.caught_up
+        page = await take(feed, 2)
+        assert ids(page) == ["5", "6"] and [s.seq for s in page] == [five.seq, six.seq]
+        feed.close()
