@@ -1147,6 +1147,18 @@ class LocalStore:
                 ).fetchall()
         return [StoredEvent(*row) for row in rows]
 
+    def read_payloads(self, topic: str, after: int = 0, limit: int = 1000) -> list[tuple[int, float, bytes]]:
+        """(seq, stored_at, payload) of `topic`'s events with seq > after, ascending: what a delivery feed reads,
+        at about half the cost per record of `read` (no key or topic column, no object per record)."""
+        if limit <= 0:
+            return []
+        with self._reader() as conn:
+            rows: list[tuple[int, float, bytes]] = conn.execute(
+                "SELECT seq, stored_at, payload FROM events WHERE topic = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (topic, after, limit),
+            ).fetchall()
+        return rows
+
     def last_seq(self, topic: str | None = None) -> int:
         """Highest seq currently stored (in that topic), 0 if none: where a "from now on" follower starts."""
         with self._reader() as conn:

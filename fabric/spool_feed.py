@@ -104,7 +104,7 @@ class SpoolFeed:
                 self._waiter = None
 
     def _from_store(self) -> list[Spooled]:
-        stored = self.store.read(self.topic, self.last, self.page_size)
+        stored = self.store.read_payloads(self.topic, self.last, self.page_size)
         if not stored:
             # Everything committed so far has been handed out and no listener callback can run before this
             # returns (same thread): whatever arrives in memory from now on is the rest of the spool.
@@ -114,7 +114,7 @@ class SpoolFeed:
             self._next_check = time.monotonic() + self.poll_interval
             return []
         self.from_store += len(stored)
-        return [Spooled(s.seq, s.stored_at, s.payload, None) for s in stored]
+        return [Spooled(seq, stored_at, payload, None) for seq, stored_at, payload in stored]
 
     def _from_memory(self) -> list[Spooled]:
         inbox, last = self._inbox, self.last
@@ -139,5 +139,5 @@ class SpoolFeed:
         if now < self._next_check:
             return False
         self._next_check = now + self.poll_interval
-        stored = self.store.read(self.topic, self.last, 1)
-        return bool(stored) and stored[0].seq > self.store.last_seq_written_here
+        stored = self.store.read_payloads(self.topic, self.last, 1)
+        return bool(stored) and stored[0][0] > self.store.last_seq_written_here

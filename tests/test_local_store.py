@@ -52,6 +52,10 @@ def test_append_returns_increasing_seqs_and_read_returns_what_was_written(store:
     assert [e.seq for e in store.read(None, after=1, limit=2)] == [2, 3]
     assert store.read("nope") == []
     assert store.topics() == {"audit": 1, "orders": 5}
+    orders = [(e.seq, e.stored_at, e.payload) for e in store.read("orders")]
+    assert store.read_payloads("orders") == orders
+    assert store.read_payloads("orders", after=2, limit=2) == orders[2:4]
+    assert store.read_payloads("orders", limit=0) == [] and store.read_payloads("nope") == []
 
 
 @pytest.mark.parametrize("n", [1, 2, 300, 511, 512, 513, 1500])
