@@ -9,9 +9,9 @@ SQLite nor wait for a poll; they still decode each event, as from the store.
 The relay never blocks the gateway's event loop: frames wait in a buffer while the pipe is full. Past
 `max_buffered` bytes a commit's records are not relayed; the child is told instead, by a frame with a gap
 and no records once the buffer has drained, and reads the store (the spool stays the record; the relay is
-only a shortcut to it). The gateway relays a spool's commits only while the child's feed of it takes them
-from memory (its reports say so): a feed catching up from the store (the child slower than ingress) would
-drop them.
+only a shortcut to it). The gateway relays a spool's records only while the child's feed of it takes them
+from memory (its reports say so; a feed catching up from the store, the child slower than ingress, would
+drop them), and a gap alone otherwise (umcef.fabric.delivery_process).
 """
 
 from __future__ import annotations
