@@ -662,7 +662,7 @@ class LocalStore:
     def listen(self, topic: str, callback: CommitListener) -> Callable[[], None]:
         """Calls `callback` on the calling event loop with every record this store commits to `topic`, once
         per group commit, in seq order; returns the function that stops it. Records appended by other
-        writers are not handed over: the next commit here reports that they happened (`gap`), and an
+        writers are not handed over: the next commit of records here reports that they happened (`gap`), and an
         appended record with no commit here after it is only found by reading. One listener per topic."""
         loop = asyncio.get_running_loop()
         with self._lock:
@@ -683,7 +683,8 @@ class LocalStore:
         commits in between, so the listener's view stays complete or knows it is not."""
         listener = self._listeners.get(topic)
         if listener is not None:
-            listener[1](committed, gap)
+            _, callback = listener
+            callback(committed, gap)
 
     def _cursor_future(self, consumer: str, topic: str, seq: int, *,
                        lazy: bool = False) -> concurrent.futures.Future[None]:
@@ -708,7 +709,7 @@ class LocalStore:
 
     @property
     def last_seq_written_here(self) -> int:
-        """The highest seq as of this store's last commit (its own records, or seen at its last commit): a
+        """The highest seq as of this store's last commit of records (its own, or another writer's below them): a
         stored record above it was appended by another writer since."""
         return self._last_written
 

@@ -7,8 +7,8 @@ only what already is the hand-over between the two halves, the durable spool in 
 mode takes two writers; each commit holds the write lock briefly), plus one pipe each way:
 
 - parent -> child: each group commit's records of every delivery spool, relayed (umcef.fabric.commit_relay:
-  the child's workers take them from memory, as in one process, instead of reading the store), and a
-  final ("stop", grace) message;
+  the child's workers take them from memory, as in one process, instead of reading the store) while the
+  child's feed of the spool is caught up, a gap alone otherwise; and a final ("stop", grace) message;
 - child -> parent, every `REPORT_SECONDS`: the estimator's health and RTT per destination (the parent's
   router decides with it), what left each spool and what dead-lettering put into one (backpressure
   depths), and what failover moved where.
@@ -65,8 +65,8 @@ class DeliveryProcess:
         self._conn: multiprocessing.connection.Connection | None = None
         self._relay: multiprocessing.connection.Connection | None = None
         self._sender: CommitSender | None = None
-        self._live: frozenset[str] = frozenset()  # spool topics the child's feeds take from memory (last report)
-        self.from_memory = 0  # events the current child's workers took as relayed, not from the store
+        self._caught_up: frozenset[str] = frozenset()  # spool topics whose child feed keeps up (last report)
+        self.from_memory = 0  # events the current child's feeds took from memory, not the store (last report)
         self._ready: asyncio.Future[None] | None = None
         self._stopping = False
         self._restarts = 0
@@ -108,7 +108,7 @@ class DeliveryProcess:
     def _committed(self, topic: str, committed: list[Committed], gap: bool) -> None:
         if self._sender is None:
             return
-        if topic not in self._live:
+        if topic not in self._caught_up:
             # The child reads this spool from the store (catching up, or starting): the records would be dropped
             # there. A gap alone says there is more to read, as soon as its feed looks.
             committed, gap = [], True
@@ -132,8 +132,8 @@ class DeliveryProcess:
             if self._ready is not None and not self._ready.done():
                 self._ready.set_exception(RuntimeError(message[1]))
         elif kind == "report":
-            _, health, drained, lanes, spooled_in, moved, live, from_memory = message
-            self._live = frozenset(live)
+            _, health, drained, lanes, spooled_in, moved, caught_up, from_memory = message
+            self._caught_up = frozenset(caught_up)
             self.from_memory = from_memory
             self.estimator.mirror(health)
             self._drained = drained
@@ -197,7 +197,7 @@ class DeliveryProcess:
         if self._sender is not None:
             self._sender.close()
             self._sender = None
-        self._live = frozenset()  # a new child starts by reading the store
+        self._caught_up = frozenset()  # a new child starts by reading the store
         for conn in (self._conn, self._relay):
             if conn is not None:
                 conn.close()
@@ -281,8 +281,8 @@ async def _deliver(config: Config, store: LocalStore, router: Any, conn: multipr
         lanes = {name: host.lane_drained(name) for name in host.workers}
         spooled_in = {name: host.lane_spooled_in(name) for name in host.workers}
         feeds = [w.feed for w in host.workers.values() if w.feed is not None]
-        live = [feed.topic for feed in feeds if feed.caught_up]
-        message = ("report", router.estimator.snapshot(), host.drained(), lanes, spooled_in, dict(moved), live,
+        caught_up = [feed.topic for feed in feeds if feed.caught_up_lately()]
+        message = ("report", router.estimator.snapshot(), host.drained(), lanes, spooled_in, dict(moved), caught_up,
                    sum(feed.from_memory for feed in feeds))
         moved.clear()
         try:

@@ -45,6 +45,7 @@ class SpoolFeed:
         self.poll_interval = poll_interval
         self.last = after  # highest seq handed out
         self.live = False
+        self.reached_live = False  # set at each empty store read; the delivery process's report clears it
         self.from_memory = 0  # events handed out without a store read (for tests and benchmarks)
         self.from_store = 0
         self._inbox: deque[Committed] = deque()
@@ -62,6 +63,12 @@ class SpoolFeed:
         """Taking the store's commits from memory now (not reading the store, nor about to)."""
         return self.live and not self._incomplete
 
+    def caught_up_lately(self) -> bool:
+        """Caught up now, or at some moment since the last call (a feed told of a gap at every commit is
+        rarely caught up at the moment it is asked, yet keeps up)."""
+        reached, self.reached_live = self.reached_live, False
+        return reached or self.caught_up
+
     def _heard(self, committed: list[Committed], gap: bool) -> None:
         if self._incomplete:
             return
@@ -71,7 +78,8 @@ class SpoolFeed:
             # writer's commit can arrive after the other's later one. What is at or below `last` was read from
             # the store meanwhile (the later commit reported a gap).
             committed = [c for c in committed if c[0] > self.last]
-        behind = bool(committed and inbox and committed[0][0] <= inbox[-1][0])  # (the same, above `last`)
+        # Late too, but above `last`: behind what memory holds, so not to be handed out after it.
+        behind = bool(committed and inbox and committed[0][0] <= inbox[-1][0])
         if gap or behind or len(inbox) + len(committed) > self.capacity:
             self._incomplete = True  # the store has them, in order; the feed will read it
             inbox.clear()
@@ -110,7 +118,7 @@ class SpoolFeed:
             # returns (same thread): whatever arrives in memory from now on is the rest of the spool.
             self._inbox.clear()
             self._incomplete = False
-            self.live = True
+            self.live = self.reached_live = True
             self._next_check = time.monotonic() + self.poll_interval
             return []
         self.from_store += len(stored)
@@ -133,7 +141,7 @@ class SpoolFeed:
 
     def _foreign_append(self) -> bool:
         """Every poll interval while memory is empty: is there a stored record after `last` that another writer
-        appended after this store's last commit? (A record of our own found here is merely not handed over
+        appended after this store's last commit of records? (A record of our own found here is merely not handed over
         yet; another writer's record before our last commit was reported as a gap.)"""
         now = time.monotonic()
         if now < self._next_check:

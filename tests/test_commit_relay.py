@@ -5,7 +5,6 @@ buffer reaches the other end as a gap."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 from collections.abc import Iterator
 
@@ -22,13 +21,24 @@ def committed(topic: str, first: int, n: int, size: int = 10) -> list[Committed]
     return [(seq, 1000.0 + seq, Record(topic, str(seq).encode().ljust(size, b"x"))) for seq in range(first, first + n)]
 
 
+class Pipe:
+    """Both ends of a new pipe; an end the test closes is not closed again at teardown."""
+
+    def __init__(self) -> None:
+        self.read, self.write = os.pipe()
+        self.open = {self.read, self.write}
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+        self.open.discard(fd)
+
+
 @pytest.fixture
-def pipe() -> Iterator[tuple[int, int]]:
-    read, write = os.pipe()
-    yield read, write
-    for fd in (read, write):
-        with contextlib.suppress(OSError):
-            os.close(fd)
+def pipe() -> Iterator[Pipe]:
+    ends = Pipe()
+    yield ends
+    for fd in ends.open:
+        os.close(fd)
 
 
 def receiver(read: int, heard: list[Heard], eof: list[bool]) -> CommitReceiver:
@@ -43,8 +53,8 @@ def expected(topic: str, records: list[Committed], gap: bool) -> Heard:
     return topic, [(seq, stored_at, r.payload) for seq, stored_at, r in records], gap
 
 
-async def test_frames_arrive_whole_and_in_order_through_a_full_pipe(pipe: tuple[int, int]) -> None:
-    read, write = pipe
+async def test_frames_arrive_whole_and_in_order_through_a_full_pipe(pipe: Pipe) -> None:
+    read, write = pipe.read, pipe.write
     sender = CommitSender(write)
     heard: list[Heard] = []
     eof: list[bool] = []
@@ -62,13 +72,13 @@ async def test_frames_arrive_whole_and_in_order_through_a_full_pipe(pipe: tuple[
     assert heard == [expected(*frame) for frame in sent]
     assert sender._pending_bytes == 0 and sender.dropped == 0
     sender.close()
-    os.close(write)
+    pipe.close(write)
     receiver(read, heard, eof).readable()
     assert eof == [True]
 
 
-async def test_what_the_buffer_cannot_take_arrives_as_a_gap_after_what_it_holds(pipe: tuple[int, int]) -> None:
-    read, write = pipe
+async def test_what_the_buffer_cannot_take_arrives_as_a_gap_after_what_it_holds(pipe: Pipe) -> None:
+    read, write = pipe.read, pipe.write
     sender = CommitSender(write, max_buffered=1000)
     first = committed("_spool.a", 1, 300, size=10_000)
     sender.send("_spool.a", first, False)  # the pipe takes part of it, the buffer the rest
@@ -88,8 +98,8 @@ async def test_what_the_buffer_cannot_take_arrives_as_a_gap_after_what_it_holds(
                      expected("_spool.a", committed("_spool.a", 303, 1), False)]
 
 
-async def test_a_closed_sender_relays_nothing_and_a_gone_reader_closes_it(pipe: tuple[int, int]) -> None:
-    read, write = pipe
+async def test_a_closed_sender_relays_nothing_and_a_gone_reader_closes_it(pipe: Pipe) -> None:
+    read, write = pipe.read, pipe.write
     sender = CommitSender(write)
     sender.close()
     sender.send("_spool.a", committed("_spool.a", 1, 1), False)
@@ -97,6 +107,6 @@ async def test_a_closed_sender_relays_nothing_and_a_gone_reader_closes_it(pipe: 
     with pytest.raises(BlockingIOError):
         os.read(read, 100)
     other = CommitSender(write)
-    os.close(read)
+    pipe.close(read)
     other.send("_spool.a", committed("_spool.a", 1, 1), False)  # EPIPE: stops quietly
     assert other._closed

@@ -106,7 +106,7 @@ async def test_another_writers_append_before_a_cursor_only_commit_is_not_skipped
         feed = SpoolFeed(store, TOPIC, 0, poll_interval=600)
         assert await _idle_page(feed) == []  # live, and the first foreign-append check is 600 s away
         await other.append([record(1)])
-        await store.commit_cursor_async("c", TOPIC, 0)  # a commit with no records: it sees seq 1 go by
+        await store.commit_cursor_async("c", TOPIC, 0)  # a commit with no records: it reports nothing
         await store.append([record(2)])
         assert ids(await take(feed, 2)) == ["1", "2"]  # not 2 alone from memory, skipping 1 for good
         feed.close()
@@ -130,13 +130,29 @@ async def test_a_relayed_commit_arriving_after_a_later_one_is_neither_repeated_n
         store.hand_over(TOPIC, relayed(first, [1, 2]), False)  # already read: dropped
         assert feed.caught_up
         store.hand_over(TOPIC, relayed(late, [4]), False)
-        assert ids(await take(feed, 2)) == ["3", "4"]
+        assert ids(await take(feed, 2)) == ["3", "4"] and feed.from_memory == 2
         await gateway.append([record(5)])
         await gateway.append([record(6)])
-        six, five = gateway.read(TOPIC, 4)[1], gateway.read(TOPIC, 4)[0]
+        five, six = gateway.read(TOPIC, late[0])
         store.hand_over(TOPIC, [(six.seq, 0.0, record(6))], False)
         store.hand_over(TOPIC, [(five.seq, 0.0, record(5))], False)  # behind what memory holds: read the store
         assert not feed.caught_up
         page = await take(feed, 2)
         assert ids(page) == ["5", "6"] and [s.seq for s in page] == [five.seq, six.seq]
+        feed.close()
+
+
+async def test_caught_up_lately_remembers_a_catch_up_between_two_questions(tmp_path: Path) -> None:
+    # The delivery process reports it every 50 ms; a feed told of a gap at every commit is caught up only
+    # between them, yet keeps up: the gateway should relay to it.
+    with LocalStore(tmp_path, sync="normal") as store:
+        feed = SpoolFeed(store, TOPIC, 0, poll_interval=600)
+        assert not feed.caught_up_lately()
+        assert await _idle_page(feed) == []  # an empty read: caught up
+        store.hand_over(TOPIC, [], True)  # a gap: not now
+        assert not feed.caught_up
+        assert feed.caught_up_lately()  # but it was since the last question
+        assert not feed.caught_up_lately()
+        assert await _idle_page(feed) == []
+        assert feed.caught_up and feed.caught_up_lately()
         feed.close()
