@@ -32,7 +32,7 @@ import signal
 from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from umcef.adapters.local import Committed, LocalStore
 from umcef.fabric.commit_relay import CommitReceiver, CommitSender
@@ -49,6 +49,18 @@ LOCK_FILE = "delivery.lock"
 LOCK_WAIT_SECONDS = 60.0  # a predecessor finishing its in-flight publishes (drain_seconds) fits easily
 START_SECONDS = 60.0
 RESTART_BACKOFF = (0.5, 30.0)
+
+
+class Report(NamedTuple):
+    """What the child tells the gateway every `REPORT_SECONDS` (sent as ("report", Report))."""
+
+    health: list[tuple[str, float, int, float, str]]  # Estimator.snapshot()
+    drained: int  # what left the delivery spools (DeliveryHost.drained)
+    lanes: dict[str, int]  # the same per destination
+    spooled_in: dict[str, int]  # dead letters the child appended to a destination's spool
+    moved: dict[str, int]  # what failover moved where since the last report
+    caught_up: list[str]  # spool topics whose feed was caught up at some moment since the last report
+    from_memory: int  # events the feeds took from memory (relayed), not from the store
 
 
 class DeliveryProcess:
@@ -132,15 +144,15 @@ class DeliveryProcess:
             if self._ready is not None and not self._ready.done():
                 self._ready.set_exception(RuntimeError(message[1]))
         elif kind == "report":
-            _, health, drained, lanes, spooled_in, moved, caught_up, from_memory = message
-            self._caught_up = frozenset(caught_up)
-            self.from_memory = from_memory
-            self.estimator.mirror(health)
-            self._drained = drained
-            self._lanes = Counter(lanes)
-            self._spooled_in = Counter(spooled_in)
-            if moved:
-                self._moved(moved)
+            report: Report = message[1]
+            self._caught_up = frozenset(report.caught_up)
+            self.from_memory = report.from_memory
+            self.estimator.mirror(report.health)
+            self._drained = report.drained
+            self._lanes = Counter(report.lanes)
+            self._spooled_in = Counter(report.spooled_in)
+            if report.moved:
+                self._moved(report.moved)
 
     def drained(self) -> int:
         """What left the delivery spools since this gateway started (`DeliveryHost.drained`)."""
@@ -278,12 +290,16 @@ async def _deliver(config: Config, store: LocalStore, router: Any, conn: multipr
             stop.set()
 
     def report() -> None:
-        lanes = {name: host.lane_drained(name) for name in host.workers}
-        spooled_in = {name: host.lane_spooled_in(name) for name in host.workers}
         feeds = [w.feed for w in host.workers.values() if w.feed is not None]
-        caught_up = [feed.topic for feed in feeds if feed.caught_up_lately()]
-        message = ("report", router.estimator.snapshot(), host.drained(), lanes, spooled_in, dict(moved), caught_up,
-                   sum(feed.from_memory for feed in feeds))
+        message = ("report", Report(
+            health=router.estimator.snapshot(),
+            drained=host.drained(),
+            lanes={name: host.lane_drained(name) for name in host.workers},
+            spooled_in={name: host.lane_spooled_in(name) for name in host.workers},
+            moved=dict(moved),
+            caught_up=[feed.topic for feed in feeds if feed.caught_up_lately()],
+            from_memory=sum(feed.from_memory for feed in feeds),
+        ))
         moved.clear()
         try:
             conn.send(message)

@@ -25,7 +25,7 @@ from umcef.adapters.local import Committed, Record
 from umcef.fabric.config import ConfigError, from_mapping
 from umcef.fabric.deadletter import DEAD_LETTER_TOPIC
 from umcef.fabric.delivery import spool_topic
-from umcef.fabric.delivery_process import DeliveryProcess
+from umcef.fabric.delivery_process import DeliveryProcess, Report
 from umcef.fabric.gateway import Gateway
 
 SOURCE = "/test/delivery-process"
@@ -166,7 +166,7 @@ def test_a_spool_is_relayed_only_while_the_childs_feed_is_caught_up_and_else_onl
         parent._committed("_spool.k", [(seq, 0.0, Record("_spool.k", b"{}"))], False)
 
     def report(live: list[str]) -> None:
-        parent._handle(("report", {}, 0, {}, {}, {}, live, 0))
+        parent._handle(("report", Report([], 0, {}, {}, {}, live, 0)))
 
     commit(1)  # the child has not said its feed is caught up: it reads the store
     report(["_spool.k"])
