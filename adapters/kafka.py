@@ -409,9 +409,9 @@ class _Producer:
     def track(self, chunk: _Chunk) -> None:
         """Counts `chunk` outstanding until every record has its report (see `KafkaAdapter._producer_now`)."""
         self.outstanding.add(chunk.future)
-        chunk.future.add_done_callback(lambda future: self._settled(future, chunk))
+        chunk.future.add_done_callback(functools.partial(self._settled, chunk))
 
-    def _settled(self, future: asyncio.Future[None], chunk: _Chunk) -> None:
+    def _settled(self, chunk: _Chunk, future: asyncio.Future[None]) -> None:
         self.outstanding.discard(future)
         # (Records rejected for good never go again, so a later record overtaking them is no reorder. A
         # record left _PENDING had no report: a failure.)
@@ -896,7 +896,8 @@ class KafkaAdapter:
         are on their way while the rest are encoded), then wait for every delivery report. Per event:
         None (delivered), a librdkafka KafkaError, or an AdapterError."""
         chunk = _Chunk(asyncio.get_running_loop(), len(events))
-        producer.track(chunk)
+        if self.options.adaptive:  # (only a switch of producer reads what `track` counts)
+            producer.track(chunk)
         results = chunk.results
         delivered = chunk.delivered
         produce = producer.producer.produce
@@ -982,9 +983,12 @@ class KafkaAdapter:
         self._rate_since, self._rate_events, self._overlapped_events = now, 0, 0
         busy = concurrent and rate >= (opts.busy_events_per_s / 2 if self._busy else opts.busy_events_per_s)
         if busy != self._busy:
-            self._busy = busy
-            self.busy_switches += 1
-            log.debug("Kafka %s: %s producer (%.0f events/s)", self.topic, "busy" if busy else "quiet", rate)
+            self._switch(f"{rate:.0f} events/s")
+
+    def _switch(self, why: str) -> None:
+        self._busy = not self._busy
+        self.busy_switches += 1
+        log.debug("Kafka %s: %s producer (%s)", self.topic, "busy" if self._busy else "quiet", why)
 
     async def _producer_now(self) -> _Producer:
         """The producer this publish goes through (called in turn, under `_issuing`). Two producers keep no
@@ -1006,8 +1010,7 @@ class KafkaAdapter:
             if waiting:
                 # Its records are slow to be reported (e.g. a partition without a leader): stay on it rather than
                 # hold every publish up to a delivery timeout (the next window decides again).
-                self._busy = not self._busy
-                self.busy_switches += 1
+                self._switch("the other one's records are not reported yet")
             elif other.failures != failures:
                 raise Transient(f"records published to {self.topic} just before this publish failed; "
                                 "publishing it now could overtake them")
