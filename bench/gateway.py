@@ -449,6 +449,7 @@ def consume_main(spec: dict[str, Any]) -> dict[str, Any]:
     expected = spec["expected"]
     lat: list[float] = []
     other = 0
+    arrived: dict[str, int] | None = {} if spec.get("ids") else None  # binary records' ce_id -> when consumed
     while len(lat) < expected and time.monotonic() < deadline:
         # poll() returns as soon as one record is there (consume(n, t) would wait for n or t), then
         # take what else is already fetched without waiting
@@ -464,7 +465,8 @@ def consume_main(spec: dict[str, Any]) -> dict[str, Any]:
             for k, v in m.headers() or []:  # type: ignore[str-unpack]
                 if k == "ce_benchts":
                     ts = v
-                    break
+                elif k == "ce_id" and arrived is not None:
+                    arrived[v.decode()] = now
             if ts is None:
                 with contextlib.suppress(Exception):
                     ts = orjson.loads(m.value() or b"{}").get("benchts", "").encode()
@@ -473,7 +475,7 @@ def consume_main(spec: dict[str, Any]) -> dict[str, Any]:
             else:
                 other += 1
     consumer.close()
-    return {"latencies_ms": lat, "other": other}
+    return {"latencies_ms": lat, "other": other, **({"arrived_ns": arrived} if arrived is not None else {})}
 
 
 # ==================================================================================================

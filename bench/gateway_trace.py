@@ -1,6 +1,6 @@
 """Where an event's time goes inside the gateway at 1,000 single-event requests/s, per store sync policy.
 
-    python bench/gateway_trace.py            # 2 interleaved rounds of 5 s per policy (about 1 minute)
+    python bench/gateway_trace.py            # 2 interleaved rounds of 5 s per policy (about 75 s)
     python bench/gateway_trace.py --quick    # 1 round of 3 s
 
 The end-to-end figures of bench/gateway.py include the load generator, the broker and the consumer, and on
@@ -20,9 +20,13 @@ Stages are reported as p50/p90/p99 ms between consecutive stamps, plus "decoded 
 residence time before Kafka) and "decoded -> accepted" (the 202) whole, and "sent -> consumed": the end to
 end of bench/gateway.py, measured by its consumer (a process of its own, as there) in the same run. That
 consumer costs the machine CPU the traced stages feel: with it, they take about twice as long as without
-(session 9: decoded -> produce p50 1.2-1.8 ms against 0.7-0.8). Policies run interleaved, each on a
-fresh gateway and topic, against one Tansu broker; the first 1.5 s of each run are not counted
-(connections, producer start-up).
+(session 9: decoded -> produce p50 1.2-1.8 ms against 0.7-0.8). The consumer also notes when each id
+arrived, which gives "produce -> consumed": the Kafka leg of the gateway's records, compared with the
+same leg of a direct producer (bench/gateway.py's confluent load role, the same binary records, the same
+rate, one record per produce()) run in each round beside the policies. Per policy, the gateway process's
+CPU per request is split by thread (event loop, store writer, fsync, Kafka poll, librdkafka's own).
+Policies run interleaved, each on a fresh gateway and topic, against one Tansu broker; the first 1.5 s of
+each run are not counted (connections, producer start-up).
 Writes bench/results/gateway_trace.json and gateway_trace.png.
 """
 
@@ -36,6 +40,7 @@ import os
 import platform
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -48,9 +53,11 @@ if str(ROOT) not in sys.path:
 import orjson  # noqa: E402
 from _plot import write_results  # noqa: E402
 from _sample import ATTRIBUTES, ORDER  # noqa: E402
-from gateway import PARTITIONS, Gateway, pct, spawn_role  # noqa: E402  (bench/gateway.py)
+from gateway import PARTITIONS, Gateway, pct, run_role, spawn_role  # noqa: E402  (bench/gateway.py)
 
 POLICIES = ("full", "interval", "normal")
+DIRECT = "direct producer"  # the Kafka leg's reference: no gateway, the same records and rate
+THREAD_GROUPS = ("event loop", "store writer", "fsync", "Kafka poll", "librdkafka", "other")
 # in the order they pass
 STAGES = ("sent", "decoded", "queued", "committing", "committed", "handed", "produce", "acked")
 RATE = 1000
@@ -128,12 +135,20 @@ def traced_gateway_main(out: Path, argv: list[str]) -> None:
             stamp(e, "acked")
         return results
 
+    threads: dict[str, str] = {}  # native thread id -> name, for the orchestrator's CPU split
+
+    def note_threads() -> None:
+        while True:
+            threads.update({str(t.native_id): t.name for t in threading.enumerate()})
+            time.sleep(0.5)
+
+    threading.Thread(target=note_threads, daemon=True, name="trace-threads").start()
     pipeline.Pipeline.publish = traced_publish  # type: ignore[method-assign]
     local.LocalStore.append = traced_append  # type: ignore[method-assign]
     local.LocalStore._commit_writes = traced_commit_writes  # type: ignore[method-assign]
     spool_feed.SpoolFeed._heard = traced_heard  # type: ignore[method-assign]
     kafka.KafkaAdapter._send_chunk = traced_send_chunk  # type: ignore[method-assign]
-    atexit.register(lambda: out.write_bytes(orjson.dumps(stamps)))
+    atexit.register(lambda: out.write_bytes(orjson.dumps({**stamps, "_threads": threads})))
     sys.argv = ["umcef", *argv]
     main()
 
@@ -185,31 +200,76 @@ def start_consumer(bootstrap: str, topic: str, seconds: float) -> Any:
     """bench/gateway.py's consumer role on `topic`: ms from `benchts` (the client's send) to consumed."""
     total = int(RATE * (SKIP_SECONDS + seconds))
     consumer = spawn_role("consume", {"bootstrap": bootstrap, "topic": topic, "tag": topic, "expected": total,
-                                      "offsets": {p: 0 for p in range(PARTITIONS)}, "timeout": total / RATE + 20})
+                                      "offsets": {p: 0 for p in range(PARTITIONS)}, "timeout": total / RATE + 20,
+                                      "ids": True})
     assert consumer.stdout is not None
     if consumer.stdout.readline().strip() != "READY":
         raise RuntimeError("consumer did not start")
     return consumer
 
 
-def consumed_figures(consumer: Any) -> list[float]:
-    """The consumer's latencies after the first SKIP_SECONDS' worth (it sees them about in the order sent)."""
+def consumed_figures(consumer: Any) -> tuple[list[float], dict[str, int]]:
+    """The consumer's latencies after the first SKIP_SECONDS' worth (it sees them about in the order sent),
+    and when each id arrived (ns)."""
     text, _ = consumer.communicate(timeout=60)
-    latencies: list[float] = orjson.loads(text.strip().splitlines()[-1])["latencies_ms"]
-    return latencies[int(RATE * SKIP_SECONDS):]
+    got = orjson.loads(text.strip().splitlines()[-1])
+    return got["latencies_ms"][int(RATE * SKIP_SECONDS):], got["arrived_ns"]
 
 
-def stage_figures(stamps: dict[str, dict[str, int]], tag: str) -> dict[str, list[float]]:
-    """ms between consecutive stamps, and decoded -> produce, for the counted events of one run."""
-    runs = [(int(key.rsplit("-", 1)[1]), marks) for key, marks in stamps.items() if key.startswith(tag + "-")]
-    counted = [marks for i, marks in runs
+def thread_cpu(pid: int) -> dict[str, tuple[str, float]]:
+    """Per thread of `pid`: (its comm, CPU seconds so far)."""
+    out: dict[str, tuple[str, float]] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:  # the thread ended
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        out[task.name] = (stat[stat.index("(") + 1:stat.rindex(")")], (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def cpu_by_group(before: dict[str, tuple[str, float]], after: dict[str, tuple[str, float]],
+                 names: dict[str, str]) -> dict[str, float]:
+    """CPU seconds between two `thread_cpu` snapshots, by THREAD_GROUPS (Python threads by their name)."""
+    groups = dict.fromkeys(THREAD_GROUPS, 0.0)
+    for tid, (comm, seconds) in after.items():
+        name = names.get(tid, "")
+        group = ("event loop" if name == "MainThread" else "store writer" if name.startswith("umcef-local")
+                 else "fsync" if name.startswith("umcef-fsync") else "Kafka poll" if name.startswith("umcef-kafka")
+                 else "librdkafka" if comm.startswith("rdk:") else "other")
+        groups[group] += seconds - before.get(tid, (comm, 0.0))[1]
+    return groups
+
+
+def stage_figures(stamps: dict[str, dict[str, int]], tag: str, arrived: dict[str, int]) -> dict[str, list[float]]:
+    """ms between consecutive stamps, and decoded -> produce, for the counted events of one run; produce ->
+    consumed for those the consumer saw."""
+    runs = [(int(key.rsplit("-", 1)[1]), key, marks) for key, marks in stamps.items() if key.startswith(tag + "-")]
+    counted = [marks for i, _, marks in runs
                if i >= RATE * SKIP_SECONDS and all(s in marks for s in (*STAGES, "accepted"))]
     out: dict[str, list[float]] = {}
     for earlier, later in itertools.pairwise(STAGES):
         out[f"{earlier} -> {later}"] = [(m[later] - m[earlier]) / 1e6 for m in counted]
     out["decoded -> produce"] = [(m["produce"] - m["decoded"]) / 1e6 for m in counted]
     out["decoded -> accepted"] = [(m["accepted"] - m["decoded"]) / 1e6 for m in counted]
+    out["produce -> consumed"] = [(arrived[key] - marks["produce"]) / 1e6 for i, key, marks in runs
+                                  if i >= RATE * SKIP_SECONDS and "produce" in marks and key in arrived]
     return out
+
+
+def direct_leg(bootstrap: str, topic: str, seconds: float) -> list[float]:
+    """The Kafka leg without the gateway: bench/gateway.py's confluent load role producing the gateway's
+    binary records at RATE, one per produce(); the consumer's latency is then produce -> consumed."""
+    consumer = start_consumer(bootstrap, topic, seconds)
+    try:
+        run_role("load", {"kind": "confluent", "bootstrap": bootstrap, "topic": topic, "mode": "rate", "tag": topic,
+                          "batch": 1, "rate": RATE, "concurrency": 1, "duration": SKIP_SECONDS + seconds}, 60)
+        return consumed_figures(consumer)[0]
+    finally:
+        if consumer.poll() is None:
+            consumer.kill()
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -233,12 +293,14 @@ def main() -> None:
 
     rounds, seconds = (1, 3.0) if args.quick else (2, 5.0)
     started = time.perf_counter()
-    samples: dict[str, dict[str, list[float]]] = {p: {} for p in POLICIES}
+    samples: dict[str, dict[str, list[float]]] = {p: {} for p in (*POLICIES, DIRECT)}
+    cpu: dict[str, dict[str, float]] = {p: dict.fromkeys(THREAD_GROUPS, 0.0) for p in POLICIES}  # CPU s
+    requests = dict.fromkeys(POLICIES, 0)
     with tempfile.TemporaryDirectory(prefix="umcef-trace-") as name:
         tmp = Path(name)
         broker = brokers.start_kafka(log_dir=tmp / "tansu")
         try:
-            topics = {(p, r): brokers.unique_name("trace") for p in POLICIES for r in range(rounds)}
+            topics = {(p, r): brokers.unique_name("trace") for p in (*POLICIES, DIRECT) for r in range(rounds)}
             asyncio.run(create_topics(broker.bootstrap, list(topics.values())))
             for r in range(rounds):
                 for policy in POLICIES[r % len(POLICIES):] + POLICIES[:r % len(POLICIES)]:  # rotate the order
@@ -247,22 +309,33 @@ def main() -> None:
                     consumer = None
                     try:
                         consumer = start_consumer(broker.bootstrap, topic, seconds)
-                        asyncio.run(offer(gateway.url, topic, seconds))
-                        consumed = consumed_figures(consumer)
+                        before = thread_cpu(gateway.proc.pid)
+                        sent = asyncio.run(offer(gateway.url, topic, seconds))
+                        after = thread_cpu(gateway.proc.pid)
+                        consumed, arrived = consumed_figures(consumer)
                     finally:
                         gateway.stop()
                         if consumer is not None and consumer.poll() is None:
                             consumer.kill()
-                    figures = stage_figures(json.loads(out.read_bytes()), topic)
+                    stamps = json.loads(out.read_bytes())
+                    for group, spent in cpu_by_group(before, after, stamps.pop("_threads")).items():
+                        cpu[policy][group] += spent
+                    requests[policy] += sent
+                    figures = stage_figures(stamps, topic, arrived)
                     figures["sent -> consumed"] = consumed
                     for stage, values in figures.items():
                         samples[policy].setdefault(stage, []).extend(values)
                     whole = percentiles(figures["decoded -> produce"])
                     print(f"round {r + 1}/{rounds} {policy:8} decoded -> produce p50 {whole['p50']:.2f} "
                           f"p99 {whole['p99']:.2f} ms ({whole['n']} events)", flush=True)
+                samples[DIRECT].setdefault("produce -> consumed", []).extend(
+                    direct_leg(broker.bootstrap, topics[(DIRECT, r)], seconds))
         finally:
             broker.stop()
     summary = {p: {stage: percentiles(v) for stage, v in stages.items()} for p, stages in samples.items()}
+    cpu_us = {p: {g: spent / max(1, requests[p]) * 1e6 for g, spent in groups.items()} for p, groups in cpu.items()}
+    for p in POLICIES:
+        cpu_us[p]["total"] = sum(cpu_us[p].values())
     stage_names = list(summary[POLICIES[0]])
     print(f"\nms, p50 / p90 / p99 over {rounds} round(s) of {seconds:g} s at {RATE}/s (single-event requests):")
     print(f"{'stage':28}" + "".join(f"{p:>24}" for p in POLICIES))
@@ -270,6 +343,13 @@ def main() -> None:
         cells = "".join(f"{s['p50']:8.3f}{s['p90']:8.3f}{s['p99']:8.3f}"
                         for s in (summary[p][stage] for p in POLICIES))
         print(f"{stage:28}{cells}")
+    leg = summary[DIRECT]["produce -> consumed"]
+    print(f"{'produce -> consumed, direct':28}{leg['p50']:8.3f}{leg['p90']:8.3f}{leg['p99']:8.3f}  "
+          "(the same records and rate, no gateway)")
+    print("\nthe gateway process's CPU per request, µs:")
+    print(f"{'thread':28}" + "".join(f"{p:>24}" for p in POLICIES))
+    for group in (*THREAD_GROUPS, "total"):
+        print(f"{group:28}" + "".join(f"{cpu_us[p][group]:24.0f}" for p in POLICIES))
     payload = {
         "benchmark": "gateway_trace",
         "mode": "quick" if args.quick else "full",
@@ -281,12 +361,16 @@ def main() -> None:
         "load_average": os.getloadavg()[0],
         "seconds": time.perf_counter() - started,
         "summary_ms": summary,
+        "gateway_cpu_us_per_request": cpu_us,
     }
     groups = ["decoded -> produce p50", "decoded -> produce p99", "committing -> committed p50",
-              "committing -> committed p99"]
-    series = {p: [summary[p]["decoded -> produce"]["p50"], summary[p]["decoded -> produce"]["p99"],
-                  summary[p]["committing -> committed"]["p50"], summary[p]["committing -> committed"]["p99"]]
-              for p in POLICIES}
+              "committing -> committed p99", "produce -> consumed p50", "produce -> consumed p99"]
+    series: dict[str, list[float | None]] = {
+        p: [summary[p]["decoded -> produce"]["p50"], summary[p]["decoded -> produce"]["p99"],
+            summary[p]["committing -> committed"]["p50"], summary[p]["committing -> committed"]["p99"],
+            summary[p]["produce -> consumed"]["p50"], summary[p]["produce -> consumed"]["p99"]]
+        for p in POLICIES}
+    series[DIRECT] = [None, None, None, None, leg["p50"], leg["p99"]]
     write_results("gateway_trace", payload, groups=groups, series=series,  # type: ignore[arg-type]
                   title=f"Inside the gateway at {RATE} requests/s, by store sync policy", ylabel="ms (lower is better)")
     print(f"wrote bench/results/gateway_trace.json and gateway_trace.png ({payload['seconds']:.0f} s)")
