@@ -336,10 +336,15 @@ class DurableLog:
 
     def _store(self, bodies: list[bytes], forget: list[tuple[int, int]]) -> tuple[int, int]:
         self.conn.execute("BEGIN")
-        self.conn.executemany("DELETE FROM spool WHERE id BETWEEN ? AND ?", forget)
-        self.conn.executemany("INSERT INTO spool (body) VALUES (?)", [(b,) for b in bodies])
-        last = int(self.conn.execute("SELECT last_insert_rowid()").fetchone()[0])
-        self.conn.execute("COMMIT")
+        try:
+            self.conn.executemany("DELETE FROM spool WHERE id BETWEEN ? AND ?", forget)
+            self.conn.executemany("INSERT INTO spool (body) VALUES (?)", [(b,) for b in bodies])
+            last = int(self.conn.execute("SELECT last_insert_rowid()").fetchone()[0])
+            self.conn.execute("COMMIT")
+        except BaseException:
+            if self.conn.in_transaction:  # the request fails (500); the next one starts a clean transaction
+                self.conn.execute("ROLLBACK")
+            raise
         return last - len(bodies) + 1, last
 
     async def store(self, bodies: list[bytes]) -> tuple[int, int]:

@@ -53,7 +53,7 @@ if str(ROOT) not in sys.path:
 import orjson  # noqa: E402
 from _plot import write_results  # noqa: E402
 from _sample import ATTRIBUTES, ORDER  # noqa: E402
-from gateway import PARTITIONS, Gateway, pct, run_role, spawn_role  # noqa: E402  (bench/gateway.py)
+from gateway import KEYS, PARTITIONS, Gateway, pct, run_role, spawn_role  # noqa: E402  (bench/gateway.py)
 
 POLICIES = ("full", "interval", "normal")
 DIRECT = "direct producer"  # the Kafka leg's reference: no gateway, the same records and rate
@@ -179,7 +179,9 @@ async def offer(url: str, tag: str, seconds: float) -> int:
 
     async with aiohttp.ClientSession() as session:
         async def one(i: int) -> None:
-            event = {**ATTRIBUTES, "id": f"{tag}-{i}", "benchts": f"{tag}.{time.time_ns()}", "data": ORDER}
+            # Keys spread over the partitions as bench/gateway.py's load does (and the direct leg's records).
+            event = {**ATTRIBUTES, "id": f"{tag}-{i}", "partitionkey": f"customer-{i % KEYS}",
+                     "benchts": f"{tag}.{time.time_ns()}", "data": ORDER}
             async with session.post(url, data=orjson.dumps([event]), headers={"content-type": BATCH_CT}) as resp:
                 if resp.status != 202:
                     raise RuntimeError(f"gateway answered {resp.status}: {await resp.text()}")
@@ -259,6 +261,29 @@ def stage_figures(stamps: dict[str, dict[str, int]], tag: str, arrived: dict[str
     return out
 
 
+def trace_policy(tmp: Path, bootstrap: str, policy: str, topic: str,
+                 seconds: float) -> tuple[dict[str, list[float]], dict[str, float], int]:
+    """One run of a traced gateway with `policy`: its stage figures, its CPU seconds by thread group, and the
+    requests sent."""
+    gateway, out = start_gateway(tmp, policy, bootstrap, topic)
+    consumer = None
+    try:
+        consumer = start_consumer(bootstrap, topic, seconds)
+        before = thread_cpu(gateway.proc.pid)
+        sent = asyncio.run(offer(gateway.url, topic, seconds))
+        after = thread_cpu(gateway.proc.pid)
+        consumed, arrived = consumed_figures(consumer)
+    finally:
+        gateway.stop()
+        if consumer is not None and consumer.poll() is None:
+            consumer.kill()
+    stamps = json.loads(out.read_bytes())
+    spent = cpu_by_group(before, after, stamps.pop("_threads"))
+    figures = stage_figures(stamps, topic, arrived)
+    figures["sent -> consumed"] = consumed
+    return figures, spent, sent
+
+
 def direct_leg(bootstrap: str, topic: str, seconds: float) -> list[float]:
     """The Kafka leg without the gateway: bench/gateway.py's confluent load role producing the gateway's
     binary records at RATE, one per produce(); the consumer's latency is then produce -> consumed."""
@@ -302,34 +327,23 @@ def main() -> None:
         try:
             topics = {(p, r): brokers.unique_name("trace") for p in (*POLICIES, DIRECT) for r in range(rounds)}
             asyncio.run(create_topics(broker.bootstrap, list(topics.values())))
+            systems = (*POLICIES, DIRECT)
             for r in range(rounds):
-                for policy in POLICIES[r % len(POLICIES):] + POLICIES[:r % len(POLICIES)]:  # rotate the order
-                    topic = topics[(policy, r)]
-                    gateway, out = start_gateway(tmp, policy, broker.bootstrap, topic)
-                    consumer = None
-                    try:
-                        consumer = start_consumer(broker.bootstrap, topic, seconds)
-                        before = thread_cpu(gateway.proc.pid)
-                        sent = asyncio.run(offer(gateway.url, topic, seconds))
-                        after = thread_cpu(gateway.proc.pid)
-                        consumed, arrived = consumed_figures(consumer)
-                    finally:
-                        gateway.stop()
-                        if consumer is not None and consumer.poll() is None:
-                            consumer.kill()
-                    stamps = json.loads(out.read_bytes())
-                    for group, spent in cpu_by_group(before, after, stamps.pop("_threads")).items():
-                        cpu[policy][group] += spent
-                    requests[policy] += sent
-                    figures = stage_figures(stamps, topic, arrived)
-                    figures["sent -> consumed"] = consumed
+                for system in systems[r % len(systems):] + systems[:r % len(systems)]:  # rotate the order
+                    topic = topics[(system, r)]
+                    if system == DIRECT:
+                        samples[DIRECT].setdefault("produce -> consumed", []).extend(
+                            direct_leg(broker.bootstrap, topic, seconds))
+                        continue
+                    figures, spent, sent = trace_policy(tmp, broker.bootstrap, system, topic, seconds)
+                    for group, seconds_spent in spent.items():
+                        cpu[system][group] += seconds_spent
+                    requests[system] += sent
                     for stage, values in figures.items():
-                        samples[policy].setdefault(stage, []).extend(values)
+                        samples[system].setdefault(stage, []).extend(values)
                     whole = percentiles(figures["decoded -> produce"])
-                    print(f"round {r + 1}/{rounds} {policy:8} decoded -> produce p50 {whole['p50']:.2f} "
+                    print(f"round {r + 1}/{rounds} {system:8} decoded -> produce p50 {whole['p50']:.2f} "
                           f"p99 {whole['p99']:.2f} ms ({whole['n']} events)", flush=True)
-                samples[DIRECT].setdefault("produce -> consumed", []).extend(
-                    direct_leg(broker.bootstrap, topics[(DIRECT, r)], seconds))
         finally:
             broker.stop()
     summary = {p: {stage: percentiles(v) for stage, v in stages.items()} for p, stages in samples.items()}
