@@ -620,19 +620,26 @@ def cpu_busy() -> tuple[int, int]:
     return sum(fields) - idle, sum(fields)
 
 
+def task_cpu(pid: int) -> dict[str, tuple[str, float]]:
+    """Per thread id of `pid`: (its comm, CPU seconds so far, user + system), from /proc/PID/task."""
+    out: dict[str, tuple[str, float]] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):  # (the thread ended)
+            stat = (task / "stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            out[task.name] = (stat[stat.index("(") + 1 : stat.rindex(")")], (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
 def thread_cpu(pids: list[int]) -> dict[str, float]:
     """CPU seconds per thread name (comm) of the server's processes (the first is the main one), all threads."""
     out: dict[str, float] = {}
-    tick = os.sysconf("SC_CLK_TCK")
     for n, pid in enumerate(pids):
         prefix = "" if n == 0 else "delivery process: "
-        for task in Path(f"/proc/{pid}/task").glob("*"):
-            with contextlib.suppress(OSError):
-                stat = (task / "stat").read_text()
-                comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-                fields = stat[stat.rindex(")") + 2 :].split()
-                name = prefix + ("main (event loop)" if task.name == str(pid) else f"other {comm} threads")
-                out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        for tid, (comm, seconds) in task_cpu(pid).items():
+            name = prefix + ("main (event loop)" if tid == str(pid) else f"other {comm} threads")
+            out[name] = out.get(name, 0.0) + seconds
     return out
 
 
@@ -682,8 +689,8 @@ class Bench:
             return {"kind": "confluent", "bootstrap": self.bootstrap, "topic": topic}
         if system == "direct aiokafka":
             return {"kind": "aiokafka", "bootstrap": self.bootstrap, "topic": topic}
-        if system in self.bridges:
-            url = self.bridges[system][1]
+        if system in self.bridge_urls:
+            url = self.bridge_urls[system]
             return {"kind": "http", "url": url if slot is None else f"{url}/{topic}"}
         gateway = self.gateways[system]
         return {"kind": "http", "url": gateway.url}
@@ -692,7 +699,7 @@ class Bench:
         if system in self.gateways:
             gateway = self.gateways[system]
             return [gateway.proc.pid, *([gateway.delivery_pid] if gateway.delivery_pid else [])]
-        return [self.bridges[system][0].pid] if system in self.bridges else []
+        return [self.bridges[system].pid] if system in self.bridges else []
 
     def saturate(self, system: str) -> dict[str, Any]:
         # Tansu's high watermarks lag the records actually stored (seen: 86,141 vs 86,930 consumed), so
@@ -835,7 +842,8 @@ class Bench:
         self.wm = Watermarks(self.bootstrap)
         configs = {s: self.gateway_config(s) for s in (*GATEWAYS, STRUCTURED, UNSPOOLED)}
         config = configs["gateway"]
-        self.bridges: dict[str, tuple[subprocess.Popen[str], str]] = {}  # system -> (process, URL)
+        self.bridges: dict[str, subprocess.Popen[str]] = {}  # "naive bridge" and DURABLE_BRIDGE
+        self.bridge_urls: dict[str, str] = {}
         self.gateways: dict[str, Gateway] = {}
         self.gateway: Gateway | None = None
         results: dict[str, Any] = {
@@ -850,10 +858,10 @@ class Bench:
             self.gateway = self.gateways["gateway"]
             for s, spool in (("naive bridge", None), (DURABLE_BRIDGE, str(self.tmp / "durable-bridge.db"))):
                 bridge = spawn_role("bridge", {"bootstrap": self.bootstrap, "topic": self.topics[s], "spool": spool})
-                self.bridges[s] = (bridge, "")  # stopped at the end even if it never announces its URL
-                self.bridges[s] = (bridge, bridge_url(bridge))
-            self.log(", ".join(f"{s} {g.url}" for s, g in self.gateways.items()) + ", "
-                     + ", ".join(f"{s} {url}" for s, (_, url) in self.bridges.items()))
+                self.bridges[s] = bridge  # (stopped at the end even if it never announces its URL)
+                self.bridge_urls[s] = bridge_url(bridge)
+            self.log(", ".join(f"{s} {url}" for s, url in
+                               [*((s, g.url) for s, g in self.gateways.items()), *self.bridge_urls.items()]))
             for r in range(self.sat_rounds):
                 k = r % len(SYSTEMS_SAT)
                 order = SYSTEMS_SAT[k:] + SYSTEMS_SAT[:k]
@@ -884,7 +892,7 @@ class Bench:
         finally:
             for gateway in {*self.gateways.values(), *([self.gateway] if self.gateway else [])}:
                 gateway.stop()
-            for bridge, _ in self.bridges.values():
+            for bridge in self.bridges.values():
                 bridge.terminate()
                 with contextlib.suppress(Exception):
                     bridge.wait(10)

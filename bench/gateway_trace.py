@@ -53,11 +53,18 @@ if str(ROOT) not in sys.path:
 import orjson  # noqa: E402
 from _plot import write_results  # noqa: E402
 from _sample import ATTRIBUTES, ORDER  # noqa: E402
-from gateway import KEYS, PARTITIONS, Gateway, pct, run_role, spawn_role  # noqa: E402  (bench/gateway.py)
+from gateway import KEYS, PARTITIONS, Gateway, pct, run_role, spawn_role, task_cpu  # noqa: E402  (bench/gateway.py)
 
 POLICIES = ("full", "interval", "normal")
 DIRECT = "direct producer"  # the Kafka leg's reference: no gateway, the same records and rate
-THREAD_GROUPS = ("event loop", "store writer", "fsync", "Kafka poll", "librdkafka", "other")
+SYSTEMS = (*POLICIES, DIRECT)
+# Thread group by the start of a Python thread's name (librdkafka's threads are known by their comm, `rdk:*`).
+NAMED_GROUPS = (("MainThread", "event loop"), ("umcef-local", "store writer"), ("umcef-fsync", "fsync"),
+                ("umcef-kafka", "Kafka poll"))
+THREAD_GROUPS = (*(group for _, group in NAMED_GROUPS), "librdkafka", "other")
+# What the plot shows, per system that has it.
+PLOTTED = (("decoded -> produce", "p50"), ("decoded -> produce", "p99"), ("committing -> committed", "p50"),
+           ("committing -> committed", "p99"), ("produce -> consumed", "p50"), ("produce -> consumed", "p99"))
 # in the order they pass
 STAGES = ("sent", "decoded", "queued", "committing", "committed", "handed", "produce", "acked")
 RATE = 1000
@@ -218,29 +225,14 @@ def consumed_figures(consumer: Any) -> tuple[list[float], dict[str, int]]:
     return got["latencies_ms"][int(RATE * SKIP_SECONDS):], got["arrived_ns"]
 
 
-def thread_cpu(pid: int) -> dict[str, tuple[str, float]]:
-    """Per thread of `pid`: (its comm, CPU seconds so far)."""
-    out: dict[str, tuple[str, float]] = {}
-    tick = os.sysconf("SC_CLK_TCK")
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            stat = (task / "stat").read_text()
-        except OSError:  # the thread ended
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        out[task.name] = (stat[stat.index("(") + 1:stat.rindex(")")], (int(fields[11]) + int(fields[12])) / tick)
-    return out
-
-
 def cpu_by_group(before: dict[str, tuple[str, float]], after: dict[str, tuple[str, float]],
                  names: dict[str, str]) -> dict[str, float]:
-    """CPU seconds between two `thread_cpu` snapshots, by THREAD_GROUPS (Python threads by their name)."""
+    """CPU seconds between two `task_cpu` snapshots, by THREAD_GROUPS (Python threads by their name)."""
     groups = dict.fromkeys(THREAD_GROUPS, 0.0)
     for tid, (comm, seconds) in after.items():
         name = names.get(tid, "")
-        group = ("event loop" if name == "MainThread" else "store writer" if name.startswith("umcef-local")
-                 else "fsync" if name.startswith("umcef-fsync") else "Kafka poll" if name.startswith("umcef-kafka")
-                 else "librdkafka" if comm.startswith("rdk:") else "other")
+        group = next((g for start, g in NAMED_GROUPS if name.startswith(start)),
+                     "librdkafka" if comm.startswith("rdk:") else "other")
         groups[group] += seconds - before.get(tid, (comm, 0.0))[1]
     return groups
 
@@ -269,9 +261,9 @@ def trace_policy(tmp: Path, bootstrap: str, policy: str, topic: str,
     consumer = None
     try:
         consumer = start_consumer(bootstrap, topic, seconds)
-        before = thread_cpu(gateway.proc.pid)
+        before = task_cpu(gateway.proc.pid)
         sent = asyncio.run(offer(gateway.url, topic, seconds))
-        after = thread_cpu(gateway.proc.pid)
+        after = task_cpu(gateway.proc.pid)
         consumed, arrived = consumed_figures(consumer)
     finally:
         gateway.stop()
@@ -318,18 +310,17 @@ def main() -> None:
 
     rounds, seconds = (1, 3.0) if args.quick else (2, 5.0)
     started = time.perf_counter()
-    samples: dict[str, dict[str, list[float]]] = {p: {} for p in (*POLICIES, DIRECT)}
+    samples: dict[str, dict[str, list[float]]] = {p: {} for p in SYSTEMS}
     cpu: dict[str, dict[str, float]] = {p: dict.fromkeys(THREAD_GROUPS, 0.0) for p in POLICIES}  # CPU s
     requests = dict.fromkeys(POLICIES, 0)
     with tempfile.TemporaryDirectory(prefix="umcef-trace-") as name:
         tmp = Path(name)
         broker = brokers.start_kafka(log_dir=tmp / "tansu")
         try:
-            topics = {(p, r): brokers.unique_name("trace") for p in (*POLICIES, DIRECT) for r in range(rounds)}
+            topics = {(p, r): brokers.unique_name("trace") for p in SYSTEMS for r in range(rounds)}
             asyncio.run(create_topics(broker.bootstrap, list(topics.values())))
-            systems = (*POLICIES, DIRECT)
             for r in range(rounds):
-                for system in systems[r % len(systems):] + systems[:r % len(systems)]:  # rotate the order
+                for system in SYSTEMS[r % len(SYSTEMS):] + SYSTEMS[:r % len(SYSTEMS)]:  # rotate the order
                     topic = topics[(system, r)]
                     if system == DIRECT:
                         samples[DIRECT].setdefault("produce -> consumed", []).extend(
@@ -377,15 +368,9 @@ def main() -> None:
         "summary_ms": summary,
         "gateway_cpu_us_per_request": cpu_us,
     }
-    groups = ["decoded -> produce p50", "decoded -> produce p99", "committing -> committed p50",
-              "committing -> committed p99", "produce -> consumed p50", "produce -> consumed p99"]
-    series: dict[str, list[float | None]] = {
-        p: [summary[p]["decoded -> produce"]["p50"], summary[p]["decoded -> produce"]["p99"],
-            summary[p]["committing -> committed"]["p50"], summary[p]["committing -> committed"]["p99"],
-            summary[p]["produce -> consumed"]["p50"], summary[p]["produce -> consumed"]["p99"]]
-        for p in POLICIES}
-    series[DIRECT] = [None, None, None, None, leg["p50"], leg["p99"]]
-    write_results("gateway_trace", payload, groups=groups, series=series,  # type: ignore[arg-type]
+    groups = [f"{stage} {q}" for stage, q in PLOTTED]
+    series = {p: [summary[p][stage][q] if stage in summary[p] else None for stage, q in PLOTTED] for p in SYSTEMS}
+    write_results("gateway_trace", payload, groups=groups, series=series,
                   title=f"Inside the gateway at {RATE} requests/s, by store sync policy", ylabel="ms (lower is better)")
     print(f"wrote bench/results/gateway_trace.json and gateway_trace.png ({payload['seconds']:.0f} s)")
 

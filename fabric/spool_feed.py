@@ -141,11 +141,11 @@ class SpoolFeed:
 
     def _foreign_append(self) -> bool:
         """Every poll interval while memory is empty: is there a stored record after `last` that another writer
-        appended after this store's last commit of records? (A record of our own found here is merely not handed over
-        yet; another writer's record before our last commit was reported as a gap.)"""
+        appended after this store's last commit of records? (A record of our own is merely not handed over
+        yet; another writer's record before our last commit was reported as a gap.) One probe of the topic's
+        index for its highest seq, no payload read."""
         now = time.monotonic()
         if now < self._next_check:
             return False
         self._next_check = now + self.poll_interval
-        stored = self.store.read_payloads(self.topic, self.last, 1)
-        return bool(stored) and stored[0][0] > self.store.last_seq_written_here
+        return self.store.last_seq(self.topic) > max(self.last, self.store.last_seq_written_here)
