@@ -3,6 +3,8 @@
     python bench/gateway.py            # full run (under 3 minutes)
     python bench/gateway.py --quick    # smaller runs (under 60 s)
     python bench/gateway.py --profile  # afterwards, cProfile the gateway's main thread (not in the figures)
+    python bench/gateway.py --pin 1:0  # the systems under test on CPU 1, Tansu and the clients on CPU 0
+                                       # (bench/results/gateway-pinned.*; the default run is unpinned)
 
 Run from the repo root. It starts Tansu (`tests/brokers.py`, memory storage), then, each in its own process
 so that nothing shares a GIL with the server under test:
@@ -508,9 +510,18 @@ def unspooled_gateway_main(url: str, argv: list[str]) -> None:
     umcef_main()
 
 
-def spawn_role(role: str, spec: dict[str, Any], *, stdin: Any = subprocess.DEVNULL) -> subprocess.Popen[str]:
+def pinned(cpus: set[int] | None) -> list[str]:
+    """A command prefix running the command on `cpus` only (and every thread it starts), or none.
+    taskset rather than Popen's preexec_fn: this process runs librdkafka's threads, and fork + Python code
+    in a threaded process can deadlock."""
+    return ["taskset", "-c", ",".join(map(str, sorted(cpus)))] if cpus else []
+
+
+def spawn_role(role: str, spec: dict[str, Any], *, stdin: Any = subprocess.DEVNULL,
+               cpus: set[int] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [
+            *pinned(cpus),
             sys.executable,
             str(Path(__file__).resolve()),
             "--role",
@@ -526,8 +537,8 @@ def spawn_role(role: str, spec: dict[str, Any], *, stdin: Any = subprocess.DEVNU
     )
 
 
-def run_role(role: str, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-    proc = spawn_role(role, spec)
+def run_role(role: str, spec: dict[str, Any], timeout: float, cpus: set[int] | None = None) -> dict[str, Any]:
+    proc = spawn_role(role, spec, cpus=cpus)
     out, _ = proc.communicate(timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"{role} failed ({proc.returncode}): {out[-2000:]}")
@@ -571,10 +582,12 @@ class Gateway:
     """`umcef serve --config FILE` in its own process; stderr to a file (never a pipe nobody reads)."""
 
     def __init__(self, config: Path, data_dir: Path, log: Path, profile_to: Path | None = None,
-                 cli: Sequence[str] = UMCEF_CLI) -> None:
-        """`cli`: what runs `umcef` (bench/gateway_trace.py passes its own traced entry point)."""
+                 cli: Sequence[str] = UMCEF_CLI, cpus: set[int] | None = None) -> None:
+        """`cli`: what runs `umcef` (bench/gateway_trace.py passes its own traced entry point); `cpus`: where it
+        (and its delivery process) may run."""
         prefix = ["-m", "cProfile", "-o", str(profile_to)] if profile_to else []
         args = [
+            *pinned(cpus),
             sys.executable,
             *prefix,
             *cli,
@@ -620,6 +633,24 @@ def cpu_busy() -> tuple[int, int]:
     return sum(fields) - idle, sum(fields)
 
 
+def core_busy() -> dict[int, tuple[int, int]]:
+    """Per CPU: (busy ticks, all ticks) so far, from /proc/stat."""
+    out: dict[int, tuple[int, int]] = {}
+    for line in Path("/proc/stat").read_text().splitlines()[1:]:
+        name, *values = line.split()
+        if not name.startswith("cpu"):
+            break
+        fields = [int(x) for x in values]
+        out[int(name[3:])] = (sum(fields) - fields[3] - fields[4], sum(fields))
+    return out
+
+
+def core_busy_share(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]]) -> dict[str, float]:
+    """How busy each CPU was between two `core_busy()` readings (0-1): with --pin, whether the apparatus's CPUs
+    or the system's were the limit."""
+    return {str(c): round((after[c][0] - before[c][0]) / max(1, after[c][1] - before[c][1]), 3) for c in after}
+
+
 def task_cpu(pid: int) -> dict[str, tuple[str, float]]:
     """Per thread id of `pid`: (its comm, CPU seconds so far, user + system), from /proc/PID/task."""
     out: dict[str, tuple[str, float]] = {}
@@ -650,6 +681,18 @@ def cpu_delta(before: dict[str, float], after: dict[str, float], events: int) ->
     return {"total_us_per_event": round(sum(per.values()), 1), "by_thread_us_per_event": per}
 
 
+def parse_pin(text: str) -> tuple[set[int], set[int]]:
+    """`--pin SUT:APPARATUS`, each a comma-separated list of CPU numbers, e.g. `1:0` or `2,3:0,1`."""
+    try:
+        sut, apparatus = ({int(c) for c in part.split(",")} for part in text.split(":"))
+    except ValueError:
+        raise SystemExit(f"--pin: expected SUT_CPUS:APPARATUS_CPUS such as 1:0, not {text!r}") from None
+    if sut & apparatus or not sut <= os.sched_getaffinity(0) or not apparatus <= os.sched_getaffinity(0):
+        raise SystemExit(f"--pin {text}: the two sets must be apart and on this machine's CPUs "
+                         f"{sorted(os.sched_getaffinity(0))}")
+    return sut, apparatus
+
+
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(len(values) * q))]
@@ -674,6 +717,7 @@ class Bench:
         self.lat_slots = self.lat_rounds * len(self.loads) + 1
         self.tmp = Path(tempfile.mkdtemp(prefix="umcef-bench-gw-"))
         self.seq = 0
+        self.sut_cpus, self.apparatus_cpus = parse_pin(args.pin) if args.pin else (None, None)
 
     def log(self, msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -694,6 +738,11 @@ class Bench:
             return {"kind": "http", "url": url if slot is None else f"{url}/{topic}"}
         gateway = self.gateways[system]
         return {"kind": "http", "url": gateway.url}
+
+    def load_cpus(self, system: str) -> set[int] | None:
+        """A direct producer is the system under test and runs on its CPUs; an HTTP load generator is the
+        apparatus (it inherits this process's CPUs)."""
+        return self.sut_cpus if system.startswith("direct") else None
 
     def server_pids(self, system: str) -> list[int]:
         if system in self.gateways:
@@ -720,7 +769,7 @@ class Bench:
         assert consumer.stdout is not None and consumer.stdin is not None
         if consumer.stdout.readline().strip() != "READY":
             raise RuntimeError("consumer did not start")
-        busy0 = cpu_busy()
+        busy0, cores0 = cpu_busy(), core_busy()
         server = self.server_pids(system)
         cpu0 = thread_cpu(server)
         broker0 = sum(thread_cpu([self.broker.process.proc.pid]).values())
@@ -735,8 +784,9 @@ class Bench:
                 "duration": self.sat_seconds,
             },
             60,
+            cpus=self.load_cpus(system),
         )
-        busy1 = cpu_busy()
+        busy1, cores1 = cpu_busy(), core_busy()
         events = out["sent"] + 30  # + the load generator's 3 warm-up batches of 10
         consumer.stdin.write(f"{events}\n")
         consumer.stdin.flush()
@@ -763,6 +813,7 @@ class Bench:
             "statuses": out.get("statuses"),
             "events": out["sent"],
             "machine_cpu_busy_during_load": (busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1]),
+            "core_busy_during_load": core_busy_share(cores0, cores1),
             # Every process's CPU per event until all were in Kafka (server, Tansu, load generator, consumer,
             # anything else on the machine), and Tansu's share: what the 2 cores had to pay per event.
             "machine_cpu_us_per_event": (busy2[0] - busy0[0]) / os.sysconf("SC_CLK_TCK") / events * 1e6,
@@ -794,7 +845,7 @@ class Bench:
         assert consumer.stdout is not None
         if consumer.stdout.readline().strip() != "READY":
             raise RuntimeError("consumer did not start")
-        busy0 = cpu_busy()
+        busy0, cores0 = cpu_busy(), core_busy()
         out = run_role(
             "load",
             {
@@ -807,8 +858,9 @@ class Bench:
                 "duration": seconds,
             },
             60,
+            cpus=self.load_cpus(system),
         )
-        busy1 = cpu_busy()
+        busy1, cores1 = cpu_busy(), core_busy()
         text, _ = consumer.communicate(timeout=60)
         got = orjson.loads(text.strip().splitlines()[-1])
         lat = got["latencies_ms"]
@@ -823,6 +875,7 @@ class Bench:
             "send_lag_ms_p99": out.get("send_lag_ms_p99"),
             "statuses": out.get("statuses"),
             "machine_cpu_busy": (busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1]),
+            "core_busy": core_busy_share(cores0, cores1),
         }
 
     def run(self, profile: bool) -> dict[str, Any]:
@@ -854,10 +907,12 @@ class Bench:
             for n, (s, path) in enumerate(configs.items()):
                 cli = (__file__, "--role", UNSPOOLED_ROLE, f"kafka://{self.bootstrap}/{self.topics[s]}") \
                     if s == UNSPOOLED else UMCEF_CLI
-                self.gateways[s] = Gateway(path, self.tmp / f"data{n}", self.tmp / f"gateway{n}.log", cli=cli)
+                self.gateways[s] = Gateway(path, self.tmp / f"data{n}", self.tmp / f"gateway{n}.log", cli=cli,
+                                           cpus=self.sut_cpus)
             self.gateway = self.gateways["gateway"]
             for s, spool in (("naive bridge", None), (DURABLE_BRIDGE, str(self.tmp / "durable-bridge.db"))):
-                bridge = spawn_role("bridge", {"bootstrap": self.bootstrap, "topic": self.topics[s], "spool": spool})
+                bridge = spawn_role("bridge", {"bootstrap": self.bootstrap, "topic": self.topics[s], "spool": spool},
+                                    cpus=self.sut_cpus)
                 self.bridges[s] = bridge  # (stopped at the end even if it never announces its URL)
                 self.bridge_urls[s] = bridge_url(bridge)
             self.log(", ".join(f"{s} {url}" for s, url in
@@ -934,7 +989,8 @@ class Bench:
 
         self.gateways["gateway"].stop()
         prof = self.tmp / "gateway.prof"
-        self.gateway = Gateway(config, self.tmp / "data-prof", self.tmp / "gateway-prof.log", profile_to=prof)
+        self.gateway = Gateway(config, self.tmp / "data-prof", self.tmp / "gateway-prof.log", profile_to=prof,
+                               cpus=self.sut_cpus)
         self.gateways["gateway"] = self.gateway
         out: dict[str, Any] = {"saturation": self.saturate("gateway"),
                                "latency_1000": self.latency("gateway", 1000, 1, self.lat_slots - 1)}
@@ -1064,6 +1120,10 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--concurrency", type=int, default=8, help="concurrent senders at saturation")
     parser.add_argument("--high-load", type=int, default=5000, help="the higher offered load, events/s")
+    parser.add_argument("--pin", metavar="SUT:APPARATUS",
+                        help="run the systems under test (gateways, bridges, direct producers) on CPUs SUT and "
+                        "everything else (Tansu, HTTP load generators, consumers, this process) on APPARATUS, "
+                        "e.g. 1:0: the comparison without the broker and the clients sharing the system's cores")
     parser.add_argument("--role", choices=["load", "bridge", "consume"], help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -1084,6 +1144,8 @@ def main() -> None:
     load_before = os.getloadavg()
     started = time.perf_counter()
     bench = Bench(args)
+    if bench.apparatus_cpus:
+        os.sched_setaffinity(0, bench.apparatus_cpus)  # Tansu, consumers and HTTP load generators inherit it
     results = bench.run(args.profile)
     elapsed = time.perf_counter() - started
     load_after = os.getloadavg()
@@ -1118,6 +1180,8 @@ def main() -> None:
         },
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
+        "pin": {"systems": sorted(bench.sut_cpus), "apparatus": sorted(bench.apparatus_cpus)}
+        if bench.sut_cpus and bench.apparatus_cpus else None,
         "load_average": {"before": load_before[0], "after": load_after[0]},
         "seconds": round(elapsed, 1),
         "summary": summary,
@@ -1132,12 +1196,13 @@ def main() -> None:
         s: [sat[s]["delivered_per_s"] / 1000] + [lat[load].get(s, {}).get("p99_ms") for load in lat]
         for s in SYSTEMS_SAT
     }
+    pin = f", --pin {args.pin}" if args.pin else ""
     json_path, png_path = write_results(
-        "gateway",
+        "gateway-pinned" if args.pin else "gateway",  # (a pinned run does not replace the unpinned figures)
         payload,
         groups=groups,
         series=series,
-        title=f"Gateway vs direct Kafka client vs naive bridge on Tansu ({payload['mode']} run)",
+        title=f"Gateway vs direct Kafka client vs naive bridge on Tansu ({payload['mode']} run{pin})",
         ylabel="k events/s (higher better) | ms (lower better)",
         log=True,
     )

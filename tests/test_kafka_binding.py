@@ -15,7 +15,7 @@ from cloudevents.core.base import BaseCloudEvent
 from cloudevents.core.bindings import kafka as sdk_kafka
 from cloudevents.core.exceptions import CloudEventValidationError
 from cloudevents.core.v1.event import CloudEvent as SdkEvent
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.roundtrip import canonical
@@ -320,6 +320,16 @@ def from_sdk_message(msg: sdk_kafka.KafkaMessage) -> KafkaMessage:
     return KafkaMessage(tuple(msg.headers.items()), key, msg.value)
 
 
+def as_sdk_keys_it(event: Event, key: bytes | str | None) -> Event:
+    """The SDK copies the record's key into `partitionkey` (test_sdk_quirk_key_overrides_the_partitionkey_header),
+    so a partitionkey of another type than String (42, true) comes back from it as the key's text: ours
+    (`partitionkey_mapper`: "true") or, for a record the SDK wrote, its own (Python's str(): "True")."""
+    if isinstance(event.attributes.get("partitionkey", ""), str) or key is None:
+        return event
+    text = key.decode() if isinstance(key, bytes) else key
+    return Event({**event.attributes, "partitionkey": text}, event.data)
+
+
 def ours_to_sdk(event: Event, mode: str) -> BaseCloudEvent:
     msg = to_sdk_message(encode(event, mode))
     decoded: BaseCloudEvent = sdk_kafka.from_kafka(msg, SDK_JSON)  # the SDK's own auto-detection
@@ -334,11 +344,11 @@ def sdk_message(event: BaseCloudEvent, mode: str) -> sdk_kafka.KafkaMessage:
 
 def check_both_ways(event: Event, mode: str) -> None:
     binary_mode = mode == "binary"
-    assert_same(event, ours_to_sdk(event, mode), binary=binary_mode)
+    assert_same(as_sdk_keys_it(event, kafka.partitionkey_mapper(event)), ours_to_sdk(event, mode), binary=binary_mode)
     original = to_sdk(event, mode)
     message = sdk_message(original, mode)
     decoded = kafka.from_message(from_sdk_message(message))
-    assert_same(decoded, sdk_kafka.from_kafka(message, SDK_JSON), binary=binary_mode)
+    assert_same(as_sdk_keys_it(decoded, message.key), sdk_kafka.from_kafka(message, SDK_JSON), binary=binary_mode)
     if sdk_round_trips(original, mode):  # the HTTP check: the SDK loses nothing here in its own round trip
         assert_same(decoded, original, binary=binary_mode)
 
@@ -351,6 +361,11 @@ def test_spec_cases_both_ways_with_the_sdk(case: str, mode: str) -> None:
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(event=events(), mode=st.sampled_from(MODES))
+# (found by Hypothesis in CI: the SDK's key quirk with a partitionkey that is not a String)
+@example(event=Event({"specversion": "1.0", "id": "0", "source": "0", "type": "0", "partitionkey": 0}),
+         mode="structured")
+@example(event=Event({"specversion": "1.0", "id": "0", "source": "0", "type": "0", "partitionkey": True}),
+         mode="structured")
 def test_generated_events_both_ways_with_the_sdk(event: Event, mode: str) -> None:
     check_both_ways(event, mode)
 
