@@ -76,16 +76,20 @@ class SpoolLimit:
 
 PRIORITY_CLASSES = ("low", "normal", "high")
 MAX_IN_FLIGHT_BYTES = 256 * 1024 * 1024  # 64 requests at the default max_body_bytes
+# The spools are bounded unless told otherwise (null): a destination that is down for long fills the disk
+# otherwise, and ingress never pushes back. A million events is ~1 GB at 1 KB each.
+MAX_SPOOLED_EVENTS = 1_000_000
+SHED_NORMAL_AT = 0.9  # high priority keeps the last tenth of a watermark to itself
 SPOOL_LIMIT_KEYS = ("max_spooled_events", "max_spooled_bytes")
 
 
 @dataclass(frozen=True, slots=True)
 class BackpressureConfig:
-    max_spooled_events: int | None = None  # undelivered events in the delivery spools; None: unbounded
+    max_spooled_events: int | None = MAX_SPOOLED_EVENTS  # undelivered events in the delivery spools; None: unbounded
     max_spooled_bytes: int | None = None  # their encoded size
     retry_after_seconds: float = 1.0
     shed_low_at: float = 0.5  # low priority is refused above this fraction of a watermark
-    shed_normal_at: float = 1.0  # normal above this one (1: the watermark, as for high)
+    shed_normal_at: float = SHED_NORMAL_AT  # normal above this one (1: the watermark, as for high)
     max_in_flight_bytes: int | None = MAX_IN_FLIGHT_BYTES  # request bodies being published (HTTP)
     destinations: dict[str, SpoolLimit] = field(default_factory=dict)  # per remote destination
     route_classes: dict[str, str] = field(default_factory=dict)  # routes[].priority_class by route name
@@ -309,7 +313,7 @@ class _Parser:
         bp = self.section(raw, "backpressure", ("max_spooled_events", "max_spooled_bytes", "retry_after_seconds",
                                                 "shed_low_at", "shed_normal_at", "max_in_flight_bytes"))
         path = "backpressure"
-        shed_normal = self.fraction(bp, "shed_normal_at", path, 1.0, 1.0, "1")
+        shed_normal = self.fraction(bp, "shed_normal_at", path, SHED_NORMAL_AT, 1.0, "1")
         shed_low = self.fraction(bp, "shed_low_at", path, 0.5, shed_normal, f"shed_normal_at ({shed_normal:g})")
         limits: dict[str, SpoolLimit] = {}
         specs = raw.get("destinations")
@@ -330,7 +334,7 @@ class _Parser:
                 cls = self.string(route, "priority_class", f"routes[{i}]", "normal", PRIORITY_CLASSES)
                 classes[str(route.get("name", f"route{i}"))] = cls
         return BackpressureConfig(
-            max_spooled_events=self.integer(bp, "max_spooled_events", path, None, 1, nullable=True),
+            max_spooled_events=self.integer(bp, "max_spooled_events", path, MAX_SPOOLED_EVENTS, 1, nullable=True),
             max_spooled_bytes=self.integer(bp, "max_spooled_bytes", path, None, 1, nullable=True),
             retry_after_seconds=self.number(bp, "retry_after_seconds", path, 1.0) or 1.0,
             shed_low_at=shed_low,

@@ -194,6 +194,8 @@ class Gateway:
 
     def _backlog(self, topic: str, max_events: int | None, max_bytes: int | None) -> tuple[int, int]:
         after = self.store.cursor(CURSOR_GROUP, topic)
+        if max_bytes is None:  # only events count: one range of the topic's index, no payload read
+            return self.store.count(topic, after), 0
         return backlog(lambda seq: [(r.seq, len(r.payload)) for r in self.store.read(topic, max(seq, after), 1000)],
                        max_events, max_bytes)
 

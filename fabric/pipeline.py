@@ -118,9 +118,24 @@ class Pipeline:
         self.in_flight_bytes = 0  # request bodies being published (HTTP), against max_in_flight_bytes
         self.closing = False
 
-    async def ingest_http(self, headers: Mapping[str, str], body: bytes) -> PublishResult:
-        """HTTP ingress: decode + validate the request in whatever mode it uses, then publish."""
-        return await self.publish(http_binding.decode_request(headers, body, self.limits), len(body))
+    async def ingest_http(self, headers: Mapping[str, str], body: bytes, size: int | None = None) -> PublishResult:
+        """HTTP ingress: decode + validate the request in whatever mode it uses, then publish. `size`: the
+        bytes to hold against `max_in_flight_bytes` (the body's length; 0 when the caller holds them itself)."""
+        events = http_binding.decode_request(headers, body, self.limits)
+        return await self.publish(events, len(body) if size is None else size)
+
+    def hold_bytes(self, size: int) -> None:
+        """Counts `size` request bytes in flight until `release_bytes`, or raises Overloaded when they would
+        pass `max_in_flight_bytes`. An idle pipeline takes any request, so a big one is not refused forever."""
+        gauge = self.backpressure
+        if size and gauge is not None and gauge.max_in_flight_bytes is not None and self.in_flight_bytes \
+                and self.in_flight_bytes + size > gauge.max_in_flight_bytes:
+            raise Overloaded(f"{self.in_flight_bytes} request bytes in flight, limit {gauge.max_in_flight_bytes}",
+                             gauge.retry_after_seconds)
+        self.in_flight_bytes += size
+
+    def release_bytes(self, size: int) -> None:
+        self.in_flight_bytes -= size
 
     async def publish(self, events: list[Event], size: int = 0) -> PublishResult:
         """`size`: the request's encoded size, counted against `max_in_flight_bytes` while it is published."""
@@ -129,18 +144,13 @@ class Pipeline:
         # An idle pipeline takes any batch, so a batch above the limit cannot be refused forever.
         if self.in_flight and self.in_flight + len(events) > self.max_in_flight:
             raise Overloaded(f"{self.in_flight} events in flight, limit {self.max_in_flight}")
-        gauge = self.backpressure
-        if gauge is not None and gauge.max_in_flight_bytes is not None and self.in_flight_bytes \
-                and self.in_flight_bytes + size > gauge.max_in_flight_bytes:
-            raise Overloaded(f"{self.in_flight_bytes} request bytes in flight, limit {gauge.max_in_flight_bytes}",
-                             gauge.retry_after_seconds)
+        self.hold_bytes(size)
         self.in_flight += len(events)
-        self.in_flight_bytes += size
         try:
             return await self._publish(events)
         finally:
             self.in_flight -= len(events)
-            self.in_flight_bytes -= size
+            self.release_bytes(size)
 
     async def _publish(self, events: list[Event]) -> PublishResult:
         unique: list[Event] = []
@@ -168,6 +178,8 @@ class Pipeline:
             reserved = gauge.demand(*_records(decided, sizes))
             why = gauge.reserve(reserved)
             if why is not None:
+                if await self._accepted_before(keys):  # a client's retry of a 202: the same answer, full or not
+                    return PublishResult([e.id for e in events], [*duplicates, *(key[1] for key in keys)])
                 raise Overloaded(why, gauge.retry_after_seconds)
         try:
             try:
@@ -206,6 +218,20 @@ class Pipeline:
             # The concurrent first publish of one of these failed; this caller must not get a 202 for it.
             raise Overloaded("a concurrent publish of the same event failed; retry", retry_after=0.1)
         return PublishResult([e.id for e in events], duplicates)
+
+    async def _accepted_before(self, keys: list[Key]) -> bool:
+        """Whether every event of a batch the spools refused is already durable (or being made durable and
+        then is): a resend of an accepted batch then gets the same answer as the first publish, not a 429."""
+        try:
+            claims = await self.dedup.claim_batch(keys)
+        except DedupUnavailable:
+            return False
+        claimed = [key for key, claim in zip(keys, claims, strict=True) if claim is True]
+        if claimed:  # new events: nothing is written, so the claims go back
+            await self.dedup.release_batch(claimed)
+            return False
+        waits = [claim for claim in claims if not isinstance(claim, bool)]
+        return not waits or all(await asyncio.gather(*waits))
 
     def _decide(self, events: list[Event], positions: list[int] | None) -> list[_Decided]:
         """The route step's decisions, with each event's priority class: its `priorityclass` extension,

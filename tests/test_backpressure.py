@@ -157,9 +157,12 @@ def test_backpressure_config() -> None:
     assert bp.destinations == {"eu": SpoolLimit(7, None), "us": SpoolLimit(None, 900)}
     assert bp.route_classes == {"vip": "high", "route1": "low"}
     assert cfg.routes[0].priority == 3  # the route ordering key is untouched
+    # Bounded unless told otherwise, with headroom for high priority; null lifts the bound.
     default = config_mod.from_mapping({}).backpressure
-    assert (default.max_spooled_events, default.shed_low_at, default.shed_normal_at) == (None, 0.5, 1.0)
+    assert (default.max_spooled_events, default.shed_low_at, default.shed_normal_at) == (1_000_000, 0.5, 0.9)
     assert default.max_in_flight_bytes == 256 * 1024 * 1024
+    assert config_mod.from_mapping({"backpressure": {"max_spooled_events": None}}).backpressure.max_spooled_events \
+        is None
 
 
 @pytest.mark.parametrize(("raw", "message"), [
@@ -172,7 +175,7 @@ def test_backpressure_config() -> None:
     ({"backpressure": {"shed_low_at": 0.9, "shed_normal_at": 0.75}},
      "backpressure.shed_low_at: expected a fraction above 0 and at most shed_normal_at (0.75), got 0.9"),
     ({"backpressure": {"shed_low_at": 0}},
-     "backpressure.shed_low_at: expected a fraction above 0 and at most shed_normal_at (1), got 0"),
+     "backpressure.shed_low_at: expected a fraction above 0 and at most shed_normal_at (0.9), got 0"),
     ({"destinations": {"eu": {"url": "kafka://h:1/t", "max_spooled_bytes": "1MB"}}},
      "destinations.eu.max_spooled_bytes: expected an integer, got a string '1MB'"),
     ({"destinations": {"o": {"url": "local://o", "max_spooled_events": 5}}},
@@ -207,25 +210,29 @@ async def test_down_destination_fills_the_spool_to_the_watermark_then_429(make_g
     assert refused.status_code == 429
     assert refused.headers["Retry-After"] == "3"
     assert refused.headers["content-type"].startswith("application/problem+json")
-    assert refused.json()["detail"] == ("destination 'eu': 98 events wait in the delivery spool (0 more being "
-                                        "written); 7 more would exceed watermark 100")
-    assert accepted == 98  # 14 requests of 7; the 15th would have taken the depth to 105
+    # By default normal priority stops at nine tenths of the watermark (high keeps the last tenth).
+    assert refused.json()["detail"] == ("destination 'eu': 84 events wait in the delivery spool (0 more being "
+                                        "written); 7 more would exceed 90 (normal priority is shed at 0.9 x "
+                                        "watermark 100)")
+    assert accepted == 84  # 12 requests of 7; the 13th would have taken the depth to 91
     # Nothing accepted is lost: every 202'd event is in the spool, and nothing else is.
     spooled = [orjson.loads(s.payload)["id"] for s in gateway.store.read(spool_topic("eu"), 0, 1000)]
     assert sorted(spooled, key=int) == [str(i) for i in range(accepted)]
     assert gateway.workers["eu"].delivered == 0
+    assert (await post(gateway, events(1000, 7, priorityclass="high"))).status_code == 202  # 91 <= 100
 
 
 async def test_restart_counts_the_spool_left_by_the_previous_run(make_gateway: GatewayFactory,
                                                                  tmp_path: Path) -> None:
     url = f"kafka://127.0.0.1:{closed_port()}/orders"
-    first = await make_gateway(destinations={"eu": url}, default="eu", backpressure={"max_spooled_events": 50})
+    limits = {"max_spooled_events": 50, "shed_normal_at": 1}
+    first = await make_gateway(destinations={"eu": url}, default="eu", backpressure=limits)
     accepted, _ = await fill_until_429(first, per_request=10)
     assert accepted == 50
     await first.stop()
     config = config_mod.from_mapping({"data_dir": str(first.config.data_dir), "server": {"port": 0, "grpc_port": 0},
                                       "destinations": {"eu": url}, "default": "eu",
-                                      "backpressure": {"max_spooled_events": 50}}, "test")
+                                      "backpressure": limits}, "test")
     second = Gateway(config)
     await second.start()
     try:
@@ -299,6 +306,67 @@ async def test_low_priority_is_shed_while_high_keeps_flowing(make_gateway: Gatew
     low_vip = await post(gateway, events(n, 1, "vip.x", priorityclass="low"))
     assert "low priority is shed at 0.5 x watermark 100" in low_vip.json()["detail"]
     assert len(gateway.store.read(spool_topic("eu"), 0, 1000)) == 100
+
+
+async def test_a_resent_accepted_batch_gets_its_first_answer_above_the_watermark(
+        make_gateway: GatewayFactory) -> None:
+    gateway = await make_gateway(
+        destinations={"eu": {"url": f"kafka://127.0.0.1:{closed_port()}/orders", "max_spooled_events": 20}},
+        default="eu", backpressure={"shed_normal_at": 1})
+    ids = [str(i) for i in range(10)]
+    assert (await post(gateway, events(0, 10))).json() == {"accepted": ids, "duplicates": []}
+    assert (await post(gateway, events(10, 10))).status_code == 202
+    assert (await post(gateway, events(20, 1))).status_code == 429  # the spool is full
+    # A client retrying a batch whose 202 it never saw: accepted before, so the same answer, not a 429.
+    again = await post(gateway, events(0, 10))
+    assert again.status_code == 202 and again.json() == {"accepted": ids, "duplicates": ids}
+    # One new event among them: the batch is refused as a whole, and the new event's claim goes back.
+    mixed = await post(gateway, events(15, 6))
+    assert mixed.status_code == 429 and "20 events wait" in mixed.json()["detail"]
+    assert len(gateway.store.read(spool_topic("eu"), 0, 100)) == 20
+    dedup = gateway.pipeline.dedup
+    assert await dedup.claim_batch([("/bp", "20"), ("/bp", "19")]) == [True, False]
+    await dedup.release_batch([("/bp", "20")])
+
+
+async def test_request_bytes_are_held_before_the_body_is_read(make_gateway: GatewayFactory) -> None:
+    """Many large bodies at once are refused from their headers, not buffered first: a request whose body
+    is still arriving holds its Content-Length against max_in_flight_bytes."""
+    gateway = await make_gateway(backpressure={"max_in_flight_bytes": 1000})
+    alone = events(200, 20)
+    assert len(alone) > 1000
+    assert (await post(gateway, alone)).status_code == 202  # an idle gateway takes any request
+    body = events(0, 12)
+    assert 500 < len(body) <= 1000
+
+    async def send_head(length: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.endpoints.http_port)
+        writer.write(f"POST /v1/events HTTP/1.1\r\nHost: t\r\ncontent-type: {HEADERS['content-type']}\r\n"
+                     f"content-length: {length}\r\n\r\n".encode())
+        await writer.drain()
+        return reader, writer
+
+    async def status(reader: asyncio.StreamReader) -> int:
+        line = await asyncio.wait_for(reader.readline(), 10)
+        return int(line.split()[1])
+
+    slow_reader, slow = await send_head(len(body))
+    slow.write(body[:100])  # the rest comes later: the gateway is reading this body
+    await slow.drain()
+    await eventually(lambda: gateway.pipeline.in_flight_bytes == len(body))
+    big_reader, big = await send_head(len(body))  # no body sent: only its length can refuse it
+    assert await status(big_reader) == 429
+    small = events(100, 1)
+    small_reader, small_writer = await send_head(len(small))  # fits beside the slow one
+    small_writer.write(small)
+    assert await status(small_reader) == 202
+    slow.write(body[100:])
+    assert await status(slow_reader) == 202
+    for writer in (slow, big, small_writer):
+        writer.close()
+    assert gateway.pipeline.in_flight_bytes == 0
+    assert sorted(orjson.loads(r.payload)["id"] for r in gateway.store.read("default", 0, 100)) == \
+        sorted([*(str(i) for i in range(12)), "100", *(str(i) for i in range(200, 220))])
 
 
 async def test_an_invalid_priority_class_is_a_422_naming_the_attribute(make_gateway: GatewayFactory) -> None:
@@ -433,7 +501,8 @@ async def test_events_replayed_by_another_process_count_toward_the_watermark(mak
                                                                             process: bool) -> None:
     gateway = await make_gateway(
         destinations={"eu": {"url": f"kafka://127.0.0.1:{closed_port()}/orders", "max_spooled_events": 10}},
-        default="eu", backpressure={"max_spooled_events": 50}, router=NEVER_EJECT, delivery={"process": process})
+        default="eu", backpressure={"max_spooled_events": 50, "shed_normal_at": 1}, router=NEVER_EJECT,
+        delivery={"process": process})
     await replay_with_the_cli(gateway, "eu", 8)
     lane = gateway.spool_gauge.lanes["eu"]
     await eventually(lambda: lane.depth == 8, 10, "the gateway to count the 8 replayed events")

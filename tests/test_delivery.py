@@ -288,3 +288,13 @@ async def test_later_pages_fail_over_while_earlier_ones_wait_and_order_holds_on_
         await worker.stop()
         await asyncio.wait_for(task, 5)
         assert store.cursor(CURSOR_GROUP, spool_topic("d")) == store.last_seq(spool_topic("d"))
+
+
+def test_backoff_is_full_jitter_under_a_doubling_cap_and_never_below_a_brokers_floor() -> None:
+    policy = RetryPolicy(base_seconds=0.1, cap_seconds=2.0)
+    for attempt, ceiling in ((0, 0.1), (1, 0.2), (3, 0.8), (5, 2.0), (200, 2.0)):
+        delays = [policy.backoff(attempt) for _ in range(500)]
+        assert all(0 <= d <= ceiling for d in delays), attempt
+        # Spread over the whole range (full jitter), not bunched at the ceiling (plain exponential backoff).
+        assert min(delays) < ceiling * 0.1 and max(delays) > ceiling * 0.9, attempt
+    assert all(policy.backoff(0, floor=1.5) >= 1.5 for _ in range(100))  # a broker's Retry-After wins

@@ -35,13 +35,30 @@ async def publish(request: web.Request) -> web.Response:
     if limit and request.content_length is not None and request.content_length > limit:
         return _problem(problem(413, "too-large", "Request too large",
                                 f"body of {request.content_length} bytes exceeds the limit of {limit}"))
+    if pipeline.closing:  # (before reading a body that would only be refused)
+        return _shutting_down(ShuttingDown("the gateway is shutting down"))
+    # Request bytes count against max_in_flight_bytes from before the body is read, so that many large
+    # bodies arriving at once are refused rather than buffered: a body of unknown length (chunked) counts
+    # as the largest one allowed.
+    held = request.content_length if request.content_length is not None else limit or 0
+    try:
+        pipeline.hold_bytes(held)
+    except Overloaded as exc:
+        return _overloaded(exc)
+    try:
+        return await _publish(pipeline, request, limit)
+    finally:
+        pipeline.release_bytes(held)
+
+
+async def _publish(pipeline: Pipeline, request: web.Request, limit: int | None) -> web.Response:
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         return _problem(problem(413, "too-large", "Request too large", f"body exceeds the limit of {limit} bytes"))
     headers = request.headers
     try:
-        result = await pipeline.ingest_http(headers, body)
+        result = await pipeline.ingest_http(headers, body, size=0)  # (its bytes are held above)
     except EventError as exc:
         try:
             binary = detect_mode(headers) is Mode.BINARY
@@ -49,12 +66,19 @@ async def publish(request: web.Request) -> web.Response:
             binary = False
         return _problem(for_event_error(exc, binary))
     except Overloaded as exc:
-        seconds = max(1, round(exc.retry_after))
-        return _problem(problem(429, "overloaded", "Too many requests", str(exc)),
-                        {"Retry-After": str(seconds)})
+        return _overloaded(exc)
     except ShuttingDown as exc:
-        return _problem(problem(503, "shutting-down", "Service unavailable", str(exc)), {"Retry-After": "1"})
+        return _shutting_down(exc)
     return _json(202, {"accepted": result.ids, "duplicates": result.duplicates})
+
+
+def _overloaded(exc: Overloaded) -> web.Response:
+    seconds = max(1, round(exc.retry_after))
+    return _problem(problem(429, "overloaded", "Too many requests", str(exc)), {"Retry-After": str(seconds)})
+
+
+def _shutting_down(exc: ShuttingDown) -> web.Response:
+    return _problem(problem(503, "shutting-down", "Service unavailable", str(exc)), {"Retry-After": "1"})
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -77,7 +77,8 @@ async def test_broker_outage_spool_holds_everything_and_429_only_when_full(
     gateway = await make_gateway(
         destinations={DEST: f"kafka://{broker.bootstrap}/{topic}"},
         default=DEST,
-        backpressure={"max_spooled_events": WATERMARK, "retry_after_seconds": 1},
+        # (normal priority up to the watermark itself: "full" is then the watermark, not 0.9 x)
+        backpressure={"max_spooled_events": WATERMARK, "retry_after_seconds": 1, "shed_normal_at": 1},
         # In its own process, what left the spool reaches the watermark through the child's reports.
         delivery={"process": delivery_process},
     )

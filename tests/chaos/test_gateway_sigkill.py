@@ -5,12 +5,14 @@ the spool by itself, and a consumer reading the Kafka topic finds every event an
 once after dedup on (source, id) — and no event that was never sent or never accepted. Requests cut off by
 a kill ("unknown": they may or may not have been stored) are retried by the client in the next round, as
 a real client would; an id may then be in Kafka even though it never got a 202, which is allowed for
-unknown ids only.
+unknown ids only. Among the batches go refused ones (one invalid event refuses its whole batch): none of
+their events may reach Kafka. Duplicate records (a restart redelivers what was published but not yet
+past the delivery cursor, and a retried unknown batch is new to the restarted gateway's dedup) are
+bounded: at most the unknown ids plus, per kill, the pages in flight and a cursor delay's worth.
 
 Run twice: with the delivery workers inside the gateway, and in their own process (`delivery.process`),
 where the kill hits the gateway only and its delivery child must notice and exit by itself.
 
-Scaled for CI: the issue asks for 50,000 events; EVENTS is 20,000 here (same semantics; 50,000 passed locally in 44 s).
 """
 
 from __future__ import annotations
@@ -32,10 +34,16 @@ from tests.conformance.target_kafka import create_topic
 from umcef.adapters.local import LocalStore
 from umcef.fabric.delivery import CURSOR_GROUP, spool_topic
 
-EVENTS = 20_000  # the issue asks for 50,000: scaled down for CI (50,000 passes too, in ~45 s)
+# The issue's 50,000 with delivery in the gateway's process (~95 s here); the same semantics with 20,000 in
+# delivery-process mode, to keep CI under its time budget.
+EVENTS = {False: 50_000, True: 20_000}
 BATCH = 50
 PUBLISHERS = 4
 KILLS = 5  # SIGKILLs during the load; the gateway is started KILLS + 1 times
+REFUSED_EVERY = 40  # every 40th batch sent is one the gateway must refuse (an event without `type`)
+# Records a restart may deliver again: the pages in flight (4 x 500) and what was acknowledged in the
+# cursor's commit delay (0.1 s at up to ~20,000 events/s), with room to spare.
+REDELIVERED_PER_KILL = 6_000
 SOURCE = "/chaos/sigkill"
 DEST = "kafka"
 
@@ -45,9 +53,19 @@ def make_batch(b: int) -> list[dict[str, Any]]:
              "partitionkey": f"k{i % 8}", "data": {"b": b, "i": i}} for i in range(BATCH)]
 
 
+def make_refused_batch(r: int) -> list[dict[str, Any]]:
+    """Valid events but the last, which has no `type`: the gateway refuses the whole batch (422)."""
+    events = [{**event, "id": f"r-{r}-{i}"} for i, event in enumerate(make_batch(0))]
+    del events[-1]["type"]
+    return events
+
+
 class Load:
-    def __init__(self) -> None:
-        self.todo: collections.deque[int] = collections.deque(range(EVENTS // BATCH))
+    def __init__(self, events: int) -> None:
+        self.todo: collections.deque[int] = collections.deque(range(events // BATCH))
+        self.refused_todo: collections.deque[int] = collections.deque(range(events // BATCH // REFUSED_EVERY))
+        self.sent = 0
+        self.refused: set[str] = set()  # sent in batches that can only be refused (answered or not)
         self.accepted: set[str] = set()
         self.unknown: set[str] = set()  # sent, answer lost (connection cut by the kill, timeout, 5xx, 429)
         self.statuses: collections.Counter[int | str] = collections.Counter()
@@ -59,6 +77,10 @@ class Load:
         async def publisher() -> None:
             async with httpx.AsyncClient(base_url=gateway.url, timeout=10) as client:
                 while self.todo:
+                    self.sent += 1
+                    if self.refused_todo and self.sent % REFUSED_EVERY == 0:
+                        await self.send_refused(client, self.refused_todo.popleft())
+                        continue
                     b = self.todo.popleft()
                     ids = [e["id"] for e in make_batch(b)]
                     try:
@@ -85,6 +107,17 @@ class Load:
                         gateway.kill()
 
         await asyncio.gather(*(publisher() for _ in range(PUBLISHERS)))
+
+    async def send_refused(self, client: httpx.AsyncClient, r: int) -> None:
+        batch = make_refused_batch(r)
+        self.refused.update(e["id"] for e in batch)
+        try:
+            response = await client.post("/v1/events", content=orjson.dumps(batch),
+                                         headers={"content-type": "application/cloudevents-batch+json"})
+        except httpx.TransportError:
+            return  # cut off by a kill: refused anyway (nothing of it can be stored)
+        assert response.status_code == 422 and response.json()["attribute"] == "type", response.text
+        self.statuses["refused 422"] += 1
 
 
 def gone(pid: int) -> bool:
@@ -117,11 +150,12 @@ async def test_sigkill_during_load_every_accepted_event_reaches_kafka_once(
         "delivery": {"process": delivery_process},
     })
 
-    load = Load()
+    events = EVENTS[delivery_process]
+    load = Load(events)
     kills = 0
     for round_ in range(KILLS):
         gateway = await ChaosGateway.astart(data_dir, config)
-        target = (round_ + 1) * EVENTS // (KILLS + 1)
+        target = (round_ + 1) * events // (KILLS + 1)
         await load.round(gateway, kill_at=target)
         await asyncio.to_thread(gateway.proc.wait, 10)
         assert gateway.proc.returncode == -9, f"round {round_}: not SIGKILLed (rc {gateway.proc.returncode}):\n" \
@@ -137,7 +171,7 @@ async def test_sigkill_during_load_every_accepted_event_reaches_kafka_once(
     try:
         await load.round(gateway, kill_at=None)
         assert not load.todo
-        assert len(load.accepted) == EVENTS, "every batch is eventually answered 202 (retried after kills)"
+        assert len(load.accepted) == events, "every batch is eventually answered 202 (retried after kills)"
         async with TopicReader(broker.bootstrap, topic) as reader:
             want = {(SOURCE, i) for i in load.accepted}
             await reader.until(lambda: want <= reader.keys(), 60,
@@ -163,10 +197,14 @@ async def test_sigkill_during_load_every_accepted_event_reaches_kafka_once(
     assert not missing, f"{len(missing)} events answered 202 are not in Kafka, e.g. {sorted(missing)[:5]}"
     never_sent_or_accepted = {k for k in seen if k[1] not in load.accepted | load.unknown or k[0] != SOURCE}
     assert not never_sent_or_accepted, f"events in Kafka that were never accepted: {sorted(never_sent_or_accepted)[:5]}"
+    assert load.refused and load.statuses["refused 422"], "the refused batches were sent and refused"
+    assert not load.refused & {i for _, i in seen}, "events of refused batches reached Kafka"
     for record in reader.records:  # the records are the events that were sent, intact
         b, i = (int(x) for x in record.ce_id.split("-")[1:])
         assert orjson.loads(record.value) == {"b": b, "i": i} and record.key == f"k{i % 8}".encode()
     duplicates = len(reader.records) - len(seen)
-    print(f"\n[chaos-a] {EVENTS} events, {kills} SIGKILLs, answers {dict(load.statuses)}, "
+    print(f"\n[chaos-a] {events} events, {kills} SIGKILLs, answers {dict(load.statuses)}, "
           f"{len(load.unknown)} ids ever unknown, {duplicates} duplicate records in Kafka (deduped), "
           f"{time.monotonic() - began:.1f} s")
+    assert duplicates <= len(load.unknown) + kills * REDELIVERED_PER_KILL, \
+        f"{duplicates} duplicate records: a restart redelivered more than it had in flight"

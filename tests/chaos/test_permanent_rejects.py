@@ -1,4 +1,6 @@
-"""Chaos (c): a Kafka destination that refuses some events for good (`max_event_bytes` smaller than they are).
+"""Chaos (c): destinations that refuse some events for good — a Kafka destination whose `max_event_bytes` is
+smaller than they are (the adapter refuses them), and an SQS queue whose own MaximumMessageSize is (the broker
+refuses them; the second test).
 
 Proves: every oversized event is dead-lettered at once (`Rejected` is permanent: fabricattempts 1) in the
 `_deadletter` topic with its reason (fabricreason), destination (fabricdest) and content intact, and
@@ -19,11 +21,12 @@ from typing import Any
 import httpx
 import orjson
 
-from tests.brokers import unique_name
+from tests.brokers import SqsServer, unique_name
 from tests.chaos._kafka import TopicReader
 from tests.conformance.target_kafka import create_topic
 from tests.conftest import GatewayFactory, http_url
 from umcef.fabric.deadletter import DEAD_LETTER_TOPIC
+from umcef.fabric.gateway import Gateway
 
 EVENTS = 5_000
 BATCH = 100
@@ -35,6 +38,27 @@ DEST = "kafka"
 
 def oversized(n: int) -> bool:
     return n % 7 == 3  # one event in seven, spread over every key and every page
+
+
+async def publish_all(gateway: Gateway, count: int) -> tuple[set[str], set[str]]:
+    """Publish events 0..count-1 in batches of BATCH, each answered 202; their ids, (refused, the others)."""
+    async with httpx.AsyncClient(base_url=http_url(gateway), timeout=30) as client:
+        for start in range(0, count, BATCH):
+            response = await client.post("/v1/events",
+                                         content=orjson.dumps([event(n) for n in range(start, start + BATCH)]),
+                                         headers={"content-type": "application/cloudevents-batch+json"})
+            assert response.status_code == 202, response.text
+            assert len(response.json()["accepted"]) == BATCH
+    return ({f"c-{n}" for n in range(count) if oversized(n)}, {f"c-{n}" for n in range(count) if not oversized(n)})
+
+
+async def dead_letters(gateway: Gateway, count: int) -> list[Any]:
+    """The gateway's dead letters once there are `count` of them (polled from its own store)."""
+    deadline = time.monotonic() + 60
+    while len(letters := gateway.store.read(DEAD_LETTER_TOPIC, 0, 2 * count + 1000)) < count:
+        assert time.monotonic() < deadline, f"{len(letters)} of {count} dead letters after 60 s"
+        await asyncio.sleep(0.1)
+    return letters
 
 
 def event(n: int) -> dict[str, Any]:
@@ -56,21 +80,8 @@ async def test_permanently_rejected_events_are_dead_lettered_and_the_rest_unaffe
                              "options": {"max_event_bytes": MAX_EVENT_BYTES}}},
         default=DEST,
     )
-    async with httpx.AsyncClient(base_url=http_url(gateway), timeout=30) as client:
-        for start in range(0, EVENTS, BATCH):
-            response = await client.post("/v1/events",
-                                         content=orjson.dumps([event(n) for n in range(start, start + BATCH)]),
-                                         headers={"content-type": "application/cloudevents-batch+json"})
-            assert response.status_code == 202, response.text
-            assert len(response.json()["accepted"]) == BATCH
-    bad = {f"c-{n}" for n in range(EVENTS) if oversized(n)}
-    good = {f"c-{n}" for n in range(EVENTS) if not oversized(n)}
-
-    # The dead letters: polled from the gateway's own store.
-    deadline = time.monotonic() + 60
-    while len(letters := gateway.store.read(DEAD_LETTER_TOPIC, 0, 2 * EVENTS)) < len(bad):
-        assert time.monotonic() < deadline, f"{len(letters)} of {len(bad)} dead letters after 60 s"
-        await asyncio.sleep(0.1)
+    bad, good = await publish_all(gateway, EVENTS)
+    await dead_letters(gateway, len(bad))
 
     async with TopicReader(broker.bootstrap, topic) as reader:
         want = {(SOURCE, i) for i in good}
@@ -119,3 +130,56 @@ async def test_permanently_rejected_events_are_dead_lettered_and_the_rest_unaffe
         await asyncio.sleep(0.05)
     print(f"\n[chaos-c] {EVENTS} events, {len(bad)} rejected → _deadletter, {len(good)} delivered in key order, "
           f"{len(reader.records) - len(seen)} duplicate records; {time.monotonic() - began:.1f} s")
+
+
+QUEUE_MAX_BYTES = 1_024  # the queue's own MaximumMessageSize (SQS's lowest): the broker refuses bigger messages
+
+
+async def test_a_queue_that_refuses_messages_gets_them_dead_lettered_and_the_rest_delivered(
+        make_gateway: GatewayFactory, sqs_server: SqsServer) -> None:
+    """The same, refused by the broker itself rather than by the adapter's own size check: an SQS queue
+    (moto's server) whose MaximumMessageSize is below some events, the adapter told to let up to 256 KiB
+    through. moto refuses a whole SendMessageBatch for one such entry, so the adapter halves the batch until
+    the refused event is alone: the others of its batch arrive."""
+    import boto3
+
+    from umcef.adapters.sqs import from_url
+
+    queue = unique_name("chaos-c-sqs")
+    boto3.client("sqs", **sqs_server.client_kwargs()).create_queue(
+        QueueName=queue, Attributes={"MaximumMessageSize": str(QUEUE_MAX_BYTES)})
+    options = {"aws_access_key_id": sqs_server.access_key, "aws_secret_access_key": sqs_server.secret_key,
+               "region_name": sqs_server.region, "endpoint_url": sqs_server.endpoint_url}
+    gateway = await make_gateway(destinations={"sqs": {"url": f"sqs://{queue}",
+                                                       "options": {**options, "max_event_bytes": 262_144}}},
+                                 default="sqs")
+    count = 300
+    bad, good = await publish_all(gateway, count)
+    dead = [orjson.loads(s.payload) for s in await dead_letters(gateway, len(bad))]
+    assert sorted(d["id"] for d in dead) == sorted(bad), "each refused event dead-lettered exactly once"
+    for d in dead:
+        assert d["fabricdest"] == "sqs" and int(d["fabricattempts"]) == 1, d  # permanent: no retries first
+        assert f"shorter than {QUEUE_MAX_BYTES} bytes" in d["fabricreason"], d["fabricreason"]  # the broker's words
+        assert d["data"] == event(int(d["id"].split("-")[1]))["data"]
+
+    seen: list[str] = []
+    consumer = from_url(f"sqs://{queue}", **options, wait_seconds=1)
+
+    async def handler(delivery: Any) -> None:
+        seen.append(delivery.event.id)
+
+    task = asyncio.create_task(consumer.consume(handler))
+    try:
+        deadline = time.monotonic() + 60
+        while not good <= set(seen):
+            assert not task.done(), task
+            assert time.monotonic() < deadline, f"{len(good - set(seen))} good events not in the queue"
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)  # anything refused would have come by now too
+    finally:
+        await consumer.stop_consuming()
+        await asyncio.wait_for(task, 10)
+        await consumer.close()
+    assert set(seen) == good, f"refused events in the queue: {sorted(set(seen) - good)[:5]}"
+    print(f"\n[chaos-c sqs] {count} events, {len(bad)} refused by the queue → _deadletter, "
+          f"{len(seen) - len(good)} duplicate messages")
