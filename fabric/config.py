@@ -313,7 +313,12 @@ class _Parser:
         bp = self.section(raw, "backpressure", ("max_spooled_events", "max_spooled_bytes", "retry_after_seconds",
                                                 "shed_low_at", "shed_normal_at", "max_in_flight_bytes"))
         path = "backpressure"
-        shed_normal = self.fraction(bp, "shed_normal_at", path, SHED_NORMAL_AT, 1.0, "1")
+        # (the default never sits below a shed_low_at set alone, which was valid before it was 0.9)
+        low = bp.get("shed_low_at")
+        default_normal = SHED_NORMAL_AT
+        if isinstance(low, float | int) and not isinstance(low, bool) and low <= 1:
+            default_normal = max(SHED_NORMAL_AT, float(low))
+        shed_normal = self.fraction(bp, "shed_normal_at", path, default_normal, 1.0, "1")
         shed_low = self.fraction(bp, "shed_low_at", path, 0.5, shed_normal, f"shed_normal_at ({shed_normal:g})")
         limits: dict[str, SpoolLimit] = {}
         specs = raw.get("destinations")

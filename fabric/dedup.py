@@ -33,6 +33,10 @@ class DedupStore(Protocol):
 
     async def release_batch(self, keys: Sequence[Key]) -> None: ...
 
+    async def accepted_batch(self, keys: Sequence[Key]) -> list[bool]:
+        """Whether each key was committed inside the window; claims nothing (a read-only look)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -154,6 +158,11 @@ class DedupWindow:
     async def release_batch(self, keys: Sequence[Key]) -> None:
         for key in keys:
             self.release(key)
+
+    async def accepted_batch(self, keys: Sequence[Key]) -> list[bool]:
+        horizon = self._clock() - self.window - self.slice
+        seen = self._seen
+        return [(bucket := seen.get(key)) is not None and bucket.started > horizon for key in keys]
 
     async def close(self) -> None:
         return None

@@ -69,6 +69,15 @@ class RedisDedup:
                     out[i] = self._watch(key)
         return [c for c in out if c is not None]
 
+    async def accepted_batch(self, keys: Sequence[Key]) -> list[bool]:
+        if not keys:
+            return []
+        try:
+            answers = await self.client.mget([self.redis_key(key) for key in keys])
+        except RedisError as exc:
+            raise DedupUnavailable(f"dedup store {self.url} unavailable: {exc}") from None
+        return [answer == DONE for answer in answers]
+
     def _watch(self, key: Key) -> asyncio.Future[bool]:
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
 

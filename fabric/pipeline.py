@@ -214,24 +214,20 @@ class Pipeline:
             gauge.commit(reserved, written)
         if claimed:
             await self.dedup.commit_batch(claimed)
-        if waits and not all(await asyncio.gather(*waits)):
+        # (shielded: the futures are shared with other publishers, whom a cancelled request must not cancel)
+        if waits and not all(await asyncio.gather(*(asyncio.shield(wait) for wait in waits))):
             # The concurrent first publish of one of these failed; this caller must not get a 202 for it.
             raise Overloaded("a concurrent publish of the same event failed; retry", retry_after=0.1)
         return PublishResult([e.id for e in events], duplicates)
 
     async def _accepted_before(self, keys: list[Key]) -> bool:
-        """Whether every event of a batch the spools refused is already durable (or being made durable and
-        then is): a resend of an accepted batch then gets the same answer as the first publish, not a 429."""
+        """Whether every event of a batch the spools refused is already durable: a resend of an accepted
+        batch then gets the same answer as the first publish, not a 429. A read-only look: a claim would
+        make a concurrent publish of a new one of these events (on another instance) wait for nothing."""
         try:
-            claims = await self.dedup.claim_batch(keys)
+            return all(await self.dedup.accepted_batch(keys))
         except DedupUnavailable:
             return False
-        claimed = [key for key, claim in zip(keys, claims, strict=True) if claim is True]
-        if claimed:  # new events: nothing is written, so the claims go back
-            await self.dedup.release_batch(claimed)
-            return False
-        waits = [claim for claim in claims if not isinstance(claim, bool)]
-        return not waits or all(await asyncio.gather(*waits))
 
     def _decide(self, events: list[Event], positions: list[int] | None) -> list[_Decided]:
         """The route step's decisions, with each event's priority class: its `priorityclass` extension,

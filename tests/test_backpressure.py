@@ -163,6 +163,9 @@ def test_backpressure_config() -> None:
     assert default.max_in_flight_bytes == 256 * 1024 * 1024
     assert config_mod.from_mapping({"backpressure": {"max_spooled_events": None}}).backpressure.max_spooled_events \
         is None
+    # A shed_low_at above the default shed_normal_at, set alone (valid before that default was 0.9), still loads.
+    alone = config_mod.from_mapping({"backpressure": {"shed_low_at": 0.95}}).backpressure
+    assert (alone.shed_low_at, alone.shed_normal_at) == (0.95, 0.95)
 
 
 @pytest.mark.parametrize(("raw", "message"), [
@@ -367,6 +370,24 @@ async def test_request_bytes_are_held_before_the_body_is_read(make_gateway: Gate
     assert gateway.pipeline.in_flight_bytes == 0
     assert sorted(orjson.loads(r.payload)["id"] for r in gateway.store.read("default", 0, 100)) == \
         sorted([*(str(i) for i in range(12)), "100", *(str(i) for i in range(200, 220))])
+
+
+async def test_a_body_that_stalls_is_answered_408_and_lets_its_bytes_go(make_gateway: GatewayFactory,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from umcef.fabric.ingress import http_server
+
+    monkeypatch.setattr(http_server, "BODY_READ_SECONDS", 0.5)
+    gateway = await make_gateway(backpressure={"max_in_flight_bytes": 1000})
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.endpoints.http_port)
+    writer.write(f"POST /v1/events HTTP/1.1\r\nHost: t\r\ncontent-type: {HEADERS['content-type']}\r\n"
+                 "content-length: 900\r\n\r\n".encode())  # ... and no body
+    await writer.drain()
+    await eventually(lambda: gateway.pipeline.in_flight_bytes == 900)
+    line = await asyncio.wait_for(reader.readline(), 10)
+    assert int(line.split()[1]) == 408
+    writer.close()
+    assert gateway.pipeline.in_flight_bytes == 0
+    assert (await post(gateway, events(0, 12))).status_code == 202  # its 900 bytes no longer count
 
 
 async def test_an_invalid_priority_class_is_a_422_naming_the_attribute(make_gateway: GatewayFactory) -> None:

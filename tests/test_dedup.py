@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 import httpx
 import orjson
@@ -227,3 +228,16 @@ def test_dedup_config_is_validated() -> None:
     with pytest.raises(config_mod.ConfigError, match=r"dedup\.url: only used with store: redis"):
         config_mod.from_mapping({"dedup": {"url": "redis://h"}})
 
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_accepted_batch_looks_without_claiming(kind: str, redis_dedups: Callable[..., RedisDedup]) -> None:
+    """What a refused batch asks (is every event of it accepted already?): committed keys only, and the look
+    takes no claim, so a concurrent first publish of a new key is not made to wait."""
+    store: Any = redis_dedups() if kind == "redis" else DedupWindow(60.0)
+    done, writing, new = ("/s", "done"), ("/s", "writing"), ("/s", "new")
+    assert await store.claim_batch([done, writing]) == [True, True]
+    await store.commit_batch([done])
+    assert await store.accepted_batch([done, writing, new]) == [True, False, False]
+    assert await store.claim_batch([new]) == [True]  # the look left no claim behind
+    await store.release_batch([writing, new])

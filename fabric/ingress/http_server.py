@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -18,6 +19,7 @@ from umcef.fabric.problems import PROBLEM_CONTENT_TYPE, for_event_error, problem
 
 log = logging.getLogger("umcef.http")
 PIPELINE_KEY = web.AppKey("pipeline", Pipeline)
+BODY_READ_SECONDS = 30.0  # longest a request's body may take to arrive once its headers have
 
 
 def _json(status: int, body: dict[str, Any], content_type: str = "application/json",
@@ -46,17 +48,24 @@ async def publish(request: web.Request) -> web.Response:
     except Overloaded as exc:
         return _overloaded(exc)
     try:
-        return await _publish(pipeline, request, limit)
+        try:
+            # Bounded: a client that announces a body and stalls must not hold its bytes for ever.
+            async with asyncio.timeout(BODY_READ_SECONDS):
+                body = await request.read()
+        except TimeoutError:
+            return _problem(problem(408, "timeout", "Request timeout",
+                                    f"the body did not arrive within {BODY_READ_SECONDS:g} s"))
+        except web.HTTPRequestEntityTooLarge:
+            return _problem(problem(413, "too-large", "Request too large",
+                                    f"body exceeds the limit of {limit} bytes"))
+        pipeline.release_bytes(held - len(body))  # from now on the body holds what it is, not what it announced
+        held = len(body)
+        return await _publish(pipeline, request.headers, body)
     finally:
         pipeline.release_bytes(held)
 
 
-async def _publish(pipeline: Pipeline, request: web.Request, limit: int | None) -> web.Response:
-    try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        return _problem(problem(413, "too-large", "Request too large", f"body exceeds the limit of {limit} bytes"))
-    headers = request.headers
+async def _publish(pipeline: Pipeline, headers: Any, body: bytes) -> web.Response:
     try:
         result = await pipeline.ingest_http(headers, body, size=0)  # (its bytes are held above)
     except EventError as exc:
