@@ -627,12 +627,6 @@ class Gateway:
         self.errfile.close()
 
 
-def cpu_busy() -> tuple[int, int]:
-    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    idle = fields[3] + fields[4]
-    return sum(fields) - idle, sum(fields)
-
-
 def core_busy() -> dict[int, tuple[int, int]]:
     """Per CPU: (busy ticks, all ticks) so far, from /proc/stat."""
     out: dict[int, tuple[int, int]] = {}
@@ -643,6 +637,11 @@ def core_busy() -> dict[int, tuple[int, int]]:
         fields = [int(x) for x in values]
         out[int(name[3:])] = (sum(fields) - fields[3] - fields[4], sum(fields))
     return out
+
+
+def machine_busy(cores: dict[int, tuple[int, int]]) -> tuple[int, int]:
+    """The whole machine's (busy ticks, all ticks) in a `core_busy()` reading."""
+    return sum(busy for busy, _ in cores.values()), sum(total for _, total in cores.values())
 
 
 def core_busy_share(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]]) -> dict[str, float]:
@@ -769,7 +768,8 @@ class Bench:
         assert consumer.stdout is not None and consumer.stdin is not None
         if consumer.stdout.readline().strip() != "READY":
             raise RuntimeError("consumer did not start")
-        busy0, cores0 = cpu_busy(), core_busy()
+        cores0 = core_busy()
+        busy0 = machine_busy(cores0)
         server = self.server_pids(system)
         cpu0 = thread_cpu(server)
         broker0 = sum(thread_cpu([self.broker.process.proc.pid]).values())
@@ -786,7 +786,8 @@ class Bench:
             60,
             cpus=self.load_cpus(system),
         )
-        busy1, cores1 = cpu_busy(), core_busy()
+        cores1 = core_busy()
+        busy1 = machine_busy(cores1)
         events = out["sent"] + 30  # + the load generator's 3 warm-up batches of 10
         consumer.stdin.write(f"{events}\n")
         consumer.stdin.flush()
@@ -796,7 +797,7 @@ class Bench:
             raise RuntimeError(f"{system}: only {got['count']} of {events} events reached Kafka")
         # CPU until every event is in Kafka, like the server's (a gateway's spool drains after its last 202).
         cpu1 = thread_cpu(server)
-        busy2 = cpu_busy()
+        busy2 = machine_busy(core_busy())
         broker1 = sum(thread_cpu([self.broker.process.proc.pid]).values())
         elapsed = out["finished"] - out["started"]
         delivered_at = got["last"]
@@ -845,7 +846,8 @@ class Bench:
         assert consumer.stdout is not None
         if consumer.stdout.readline().strip() != "READY":
             raise RuntimeError("consumer did not start")
-        busy0, cores0 = cpu_busy(), core_busy()
+        cores0 = core_busy()
+        busy0 = machine_busy(cores0)
         out = run_role(
             "load",
             {
@@ -860,7 +862,8 @@ class Bench:
             60,
             cpus=self.load_cpus(system),
         )
-        busy1, cores1 = cpu_busy(), core_busy()
+        cores1 = core_busy()
+        busy1 = machine_busy(cores1)
         text, _ = consumer.communicate(timeout=60)
         got = orjson.loads(text.strip().splitlines()[-1])
         lat = got["latencies_ms"]
