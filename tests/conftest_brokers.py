@@ -2,7 +2,8 @@
 
 A broker that cannot be started fails the tests that need it, loudly, with the reason and the broker's
 log (``pytest.fail``, never a skip: a skip is not a pass). Brokers start lazily, only when a test
-asks for them, once per session; their logs go to the session's temporary directory.
+asks for them, once per session — with pytest-xdist (``./run test`` uses two workers) once per worker,
+so every worker has brokers of its own; their logs go to the session's temporary directory.
 
 Fixtures:
 
@@ -24,7 +25,8 @@ Fixtures:
 Overrides: ``UMCEF_TANSU`` (tansu binary), ``UMCEF_PUBSUB_EMULATOR`` (emulator script),
 ``UMCEF_TEST_REDIS_URL``, ``UMCEF_TEST_POSTGRES_DSN``.
 
-Use :func:`unique_name` for every topic, queue, subscription and key: the brokers are shared.
+Use :func:`unique_name` for every topic, queue, subscription and key: the brokers are shared (Redis and
+PostgreSQL by every worker).
 """
 
 from __future__ import annotations
