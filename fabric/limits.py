@@ -16,4 +16,8 @@ class Limits:
 
 
 NO_LIMITS = Limits()
+# Longest a request's body (HTTP) or message (gRPC) may take to arrive once the request has begun: a client
+# that announces a body and stalls must not hold its share of max_in_flight_bytes for ever.
+BODY_READ_SECONDS = 30.0
+
 DEFAULT_LIMITS = Limits(max_body_bytes=4 * 1024 * 1024, max_batch=1000, max_attributes=64, max_attribute_bytes=4096)

@@ -137,6 +137,19 @@ class Pipeline:
     def release_bytes(self, size: int) -> None:
         self.in_flight_bytes -= size
 
+    def resize_hold(self, held: int, size: int) -> None:
+        """Turn a hold of `held` bytes (what a request announced, or the most it may be) into `size` (what
+        it turned out to be). Growing is checked like a new hold: on Overloaded `held` stays held."""
+        if size <= held:
+            self.in_flight_bytes -= held - size
+            return
+        self.in_flight_bytes -= held
+        try:
+            self.hold_bytes(size)
+        except Overloaded:
+            self.in_flight_bytes += held
+            raise
+
     async def publish(self, events: list[Event], size: int = 0) -> PublishResult:
         """`size`: the request's encoded size, counted against `max_in_flight_bytes` while it is published."""
         if self.closing:

@@ -30,6 +30,7 @@ from umcef.fabric.gateway import TRIM_DELIVERED, Gateway
 from umcef.fabric.grpc_client import AsyncGrpcGatewayClient, GrpcOverloaded
 from umcef.fabric.limits import NO_LIMITS
 from umcef.fabric.pipeline import Overloaded, Pipeline
+from umcef.fabric.sdk import AsyncPublisher
 
 HEADERS = {"content-type": "application/cloudevents-batch+json"}
 
@@ -462,6 +463,20 @@ async def test_request_bytes_in_flight_are_bounded() -> None:
     assert pipeline.in_flight_bytes == 0
 
 
+def test_a_hold_turns_into_the_real_size_and_growing_it_is_checked() -> None:
+    pipeline = Pipeline(DedupWindow(60.0), lambda_router(), GatedSpool(), NO_LIMITS,
+                        backpressure=SpoolGauge(max_in_flight_bytes=300))
+    pipeline.hold_bytes(200)  # another request's
+    pipeline.hold_bytes(50)
+    pipeline.resize_hold(50, 20)  # announced 50, was 20
+    assert pipeline.in_flight_bytes == 220
+    with pytest.raises(Overloaded, match=r"^200 request bytes in flight, limit 300$"):
+        pipeline.resize_hold(20, 150)  # unknown length (held 20), turned out to be 150
+    assert pipeline.in_flight_bytes == 220  # the 20 stay held until the caller lets them go
+    pipeline.resize_hold(20, 90)
+    assert pipeline.in_flight_bytes == 290
+
+
 async def test_grpc_request_bytes_in_flight_are_bounded_too() -> None:
     from umcef.fabric.ingress.grpc_server import start_grpc_server
 
@@ -486,6 +501,46 @@ async def test_grpc_request_bytes_in_flight_are_bounded_too() -> None:
         assert pipeline.in_flight_bytes == 0
     finally:
         await server.stop(None)
+
+
+async def test_a_grpc_call_holds_the_largest_request_before_its_message_arrives(
+        make_gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call's message size is unknown until it is read, so the call holds max_body_bytes from its start
+    (as a chunked HTTP body does): a flood of large requests is refused before grpc buffers them. A call
+    whose message never comes ends with DEADLINE_EXCEEDED and lets its bytes go."""
+    from umcef.fabric.formats import proto
+    from umcef.fabric.ingress import grpc_server
+
+    monkeypatch.setattr(grpc_server, "BODY_READ_SECONDS", 1.0)
+    gateway = await make_gateway(limits={"max_body_bytes": 1000}, backpressure={"max_in_flight_bytes": 1500})
+    target = f"127.0.0.1:{gateway.endpoints.grpc_port}"
+    never = asyncio.Event()
+
+    async def no_message() -> Any:  # a client that opens the call and stalls before sending its request
+        await never.wait()
+        yield b""
+
+    async with grpc.aio.insecure_channel(target) as channel, \
+            AsyncGrpcGatewayClient(target, timeout=10.0) as client:
+        stalled = channel.stream_unary(proto.PUBLISH_METHOD)(no_message())
+        await eventually(lambda: gateway.pipeline.in_flight_bytes == 1000)
+        one = [Event({"specversion": "1.0", "id": "g1", "source": "/bp", "type": "t"})]
+        with pytest.raises(GrpcOverloaded) as err:  # its 1000 bytes cannot be held beside the stalled call's
+            await client.publish(one)
+        assert err.value.message == "1000 request bytes in flight, limit 1500"
+        assert err.value.retry_after is not None and err.value.retry_after > 0
+        async with AsyncPublisher(target, transport="grpc", max_attempts=100, backoff_max=0.2) as sdk:
+            retried = asyncio.create_task(sdk.publish({**one[0].attributes, "id": "g2"}))
+            await asyncio.sleep(0.3)
+            assert not retried.done()  # refused and retried (a non-retryable answer would have ended it)
+            with pytest.raises(grpc.aio.AioRpcError) as stall:
+                await stalled
+            assert stall.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert stall.value.details() == "the request did not arrive within 1 s"
+            assert await retried == "g2"  # accepted once the stalled call let its bytes go
+        assert await client.publish(one) == ["g1"]
+    assert gateway.pipeline.in_flight_bytes == 0
+    assert [orjson.loads(r.payload)["id"] for r in gateway.store.read("default", 0, 10)] == ["g2", "g1"]
 
 
 def lambda_router() -> Any:

@@ -290,6 +290,14 @@ async def test_errors_raised_by_the_pipeline_are_mapped() -> None:
         async def publish(self, events: list[Event], size: int = 0) -> PublishResult:
             raise InvalidAttribute("not allowed here", "tenant", 1)
 
+        def hold_bytes(self, size: int) -> None:
+            pass
+
+        release_bytes = hold_bytes
+
+        def resize_hold(self, held: int, size: int) -> None:
+            pass
+
     server, port = await start_grpc_server(Rejecting(), "127.0.0.1", 0, Limits())
     try:
         async with AsyncGrpcGatewayClient(f"127.0.0.1:{port}", timeout=TIMEOUT) as client:

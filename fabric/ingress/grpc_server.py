@@ -1,6 +1,13 @@
 """gRPC ingress (grpc.aio): the `umcef.v1.Gateway` service of `fabric/formats/proto/gateway.proto`.
 
 A response is sent only after every event of the request is durable (the pipeline returns then).
+
+Both RPCs are unary on the wire but served as client-streaming handlers, which grpc calls before the
+request message is read: each call first holds `max_body_bytes` against `backpressure.max_in_flight_bytes`
+(its size is not known yet, as for a chunked HTTP body), so a flood of large requests is refused before
+it is buffered; once read, the request holds its real size. A call whose message does not arrive within
+`BODY_READ_SECONDS` ends with DEADLINE_EXCEEDED and lets its bytes go.
+
 Status codes: INVALID_ARGUMENT for an unacceptable request (the message names the attribute and, in a
 batch, the index); RESOURCE_EXHAUSTED for a size/count limit and for backpressure (told apart by the
 `umcef-reason` trailing metadata); UNAVAILABLE while the gateway drains; INTERNAL only for a bug.
@@ -8,8 +15,10 @@ batch, the index); RESOURCE_EXHAUSTED for a size/count limit and for backpressur
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import Any, NoReturn, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn, Protocol, TypeAlias
 from urllib.parse import quote
 
 import grpc
@@ -20,10 +29,12 @@ from umcef.fabric.event import Event
 from umcef.fabric.formats import proto
 from umcef.fabric.formats.proto.gateway_pb2 import PublishResponse
 from umcef.fabric.formats.protobuf_format import decode, decode_batch, unwrap
-from umcef.fabric.limits import Limits
+from umcef.fabric.limits import BODY_READ_SECONDS, Limits
 from umcef.fabric.pipeline import Overloaded, PublishResult, ShuttingDown
 
 log = logging.getLogger("umcef.grpc")
+
+Context: TypeAlias = grpc.aio.ServicerContext[bytes, bytes]
 
 # Status details travel in an HTTP/2 trailer; clients refuse metadata beyond ~8 KiB by default, and an
 # error quoting a huge bad value must still reach them as that error.
@@ -35,6 +46,12 @@ class Publisher(Protocol):
 
     async def publish(self, events: list[Event], size: int = 0) -> PublishResult: ...
 
+    def hold_bytes(self, size: int) -> None: ...
+
+    def release_bytes(self, size: int) -> None: ...
+
+    def resize_hold(self, held: int, size: int) -> None: ...
+
 
 class GatewayService:
     """The two RPCs. Requests arrive as raw bytes: a malformed message is then our INVALID_ARGUMENT, not
@@ -44,7 +61,35 @@ class GatewayService:
         self.pipeline = pipeline
         self.limits = limits
 
-    async def publish(self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+    async def admit(self, rpc: Callable[[bytes, Context], Awaitable[bytes]], context: Context) -> bytes:
+        """Hold the largest allowed request's bytes, read the request, then hold what it really is while
+        `rpc` publishes it (its bytes are passed on as 0: they are held here)."""
+        pipeline = self.pipeline
+        held = self.limits.max_body_bytes
+        try:
+            pipeline.hold_bytes(held)
+        except Overloaded as exc:
+            await _abort_overloaded(context, exc)
+        try:
+            try:
+                async with asyncio.timeout(BODY_READ_SECONDS):
+                    request = await context.read()
+            except TimeoutError:
+                await _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED,
+                             f"the request did not arrive within {BODY_READ_SECONDS:g} s")
+            if not isinstance(request, bytes):  # EOF: the client half-closed without a message
+                await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "the call carried no request message",
+                             proto.REASON_INVALID)
+            try:
+                pipeline.resize_hold(held, len(request))
+            except Overloaded as exc:
+                await _abort_overloaded(context, exc)
+            held = len(request)
+            return await rpc(request, context)
+        finally:
+            pipeline.release_bytes(held)
+
+    async def publish(self, request: bytes, context: Context) -> bytes:
         limits = self.limits
         try:
             body = unwrap(request, "umcef.v1.PublishRequest")
@@ -53,9 +98,9 @@ class GatewayService:
             events = [decode(body, limits.max_attributes, limits.max_attribute_bytes)]
         except EventError as exc:
             await _abort_for_event_error(context, exc)
-        return await self._publish(events, len(request), context)
+        return await self._publish(events, context)
 
-    async def publish_batch(self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+    async def publish_batch(self, request: bytes, context: Context) -> bytes:
         limits = self.limits
         try:
             body = unwrap(request, "umcef.v1.PublishBatchRequest")
@@ -64,19 +109,15 @@ class GatewayService:
             await _abort_for_event_error(context, exc)
         if not events:
             return _EMPTY_RESPONSE
-        return await self._publish(events, len(request), context)
+        return await self._publish(events, context)
 
-    async def _publish(self, events: list[Event], size: int,
-                       context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
-        """`size`: the request's bytes, held against `backpressure.max_in_flight_bytes` as HTTP bodies are."""
+    async def _publish(self, events: list[Event], context: Context) -> bytes:
         try:
-            result = await self.pipeline.publish(events, size)
+            result = await self.pipeline.publish(events)  # (the request's bytes are held by `admit`)
         except EventError as exc:
             await _abort_for_event_error(context, exc)
         except Overloaded as exc:
-            retry_ms = max(0, round(exc.retry_after * 1000))
-            await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), proto.REASON_OVERLOADED,
-                         ((proto.RETRY_AFTER_KEY, str(retry_ms)),))
+            await _abort_overloaded(context, exc)
         except ShuttingDown as exc:
             await _abort(context, grpc.StatusCode.UNAVAILABLE, str(exc), proto.REASON_SHUTTING_DOWN)
         except Exception:
@@ -90,8 +131,14 @@ class GatewayService:
 _EMPTY_RESPONSE: bytes = PublishResponse().SerializeToString()
 
 
+async def _abort_overloaded(context: Context, exc: Overloaded) -> NoReturn:
+    retry_ms = max(0, round(exc.retry_after * 1000))
+    await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), proto.REASON_OVERLOADED,
+                 ((proto.RETRY_AFTER_KEY, str(retry_ms)),))
+
+
 async def _abort_for_event_error(
-    context: grpc.aio.ServicerContext[bytes, bytes], exc: EventError
+    context: Context, exc: EventError
 ) -> NoReturn:
     metadata: list[tuple[str, str]] = []
     if exc.attribute:
@@ -106,7 +153,7 @@ async def _abort_for_event_error(
 
 
 async def _abort(
-    context: grpc.aio.ServicerContext[bytes, bytes],
+    context: Context,
     code: grpc.StatusCode,
     details: str,
     reason: str | None = None,
@@ -121,9 +168,15 @@ async def _abort(
 
 def generic_handler(service: GatewayService) -> Any:
     """The service's handlers for `grpc.aio.Server.add_generic_rpc_handlers` (bytes in, bytes out)."""
+    def admitted(rpc: Callable[[bytes, Context], Awaitable[bytes]]) -> Any:
+        async def handle(_requests: Any, context: Context) -> bytes:
+            return await service.admit(rpc, context)
+
+        return grpc.stream_unary_rpc_method_handler(handle)
+
     return grpc.method_handlers_generic_handler(proto.SERVICE, {
-        "Publish": grpc.unary_unary_rpc_method_handler(service.publish),
-        "PublishBatch": grpc.unary_unary_rpc_method_handler(service.publish_batch),
+        "Publish": admitted(service.publish),
+        "PublishBatch": admitted(service.publish_batch),
     })
 
 

@@ -14,12 +14,12 @@ from aiohttp import web
 
 from umcef.fabric.bindings.http import Mode, detect_mode
 from umcef.fabric.errors import EventError
+from umcef.fabric.limits import BODY_READ_SECONDS
 from umcef.fabric.pipeline import Overloaded, Pipeline, ShuttingDown
 from umcef.fabric.problems import PROBLEM_CONTENT_TYPE, for_event_error, problem
 
 log = logging.getLogger("umcef.http")
 PIPELINE_KEY = web.AppKey("pipeline", Pipeline)
-BODY_READ_SECONDS = 30.0  # longest a request's body may take to arrive once its headers have
 
 
 def _json(status: int, body: dict[str, Any], content_type: str = "application/json",
@@ -58,7 +58,10 @@ async def publish(request: web.Request) -> web.Response:
         except web.HTTPRequestEntityTooLarge:
             return _problem(problem(413, "too-large", "Request too large",
                                     f"body exceeds the limit of {limit} bytes"))
-        pipeline.release_bytes(held - len(body))  # from now on the body holds what it is, not what it announced
+        try:
+            pipeline.resize_hold(held, len(body))  # from now on the body holds what it is, not what it announced
+        except Overloaded as exc:
+            return _overloaded(exc)
         held = len(body)
         return await _publish(pipeline, request.headers, body)
     finally:
