@@ -2,6 +2,9 @@
 
 Environment overrides use `__` for nesting: `UMCEF_SERVER__PORT=9000`, `UMCEF_DATA_DIR=/var/lib/umcef`.
 Values are parsed as YAML scalars, so `UMCEF_STORE__SYNC=normal` and `UMCEF_LIMITS__MAX_BATCH=50` work.
+Only variables whose first part names a top-level key are overrides: other `UMCEF_*` variables belong to
+someone else (`UMCEF_SERVICEBUS_CONNECTION_STRING` to the Service Bus adapter, `UMCEF_PURE` to the
+native switch, the test harness's own) and must not stop the gateway from starting.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from umcef.fabric.limits import DEFAULT_LIMITS, Limits
 from umcef.router.model import Route, RoutingConfig
 
 ENV_PREFIX = "UMCEF_"
+TOP_LEVEL_KEYS = ("data_dir", "server", "limits", "store", "dedup", "backpressure", "destinations", "routes",
+                  "default", "sources", "residency", "router", "delivery")
 DEFAULT_TOPIC = "default"
 KNOWN_SCHEMES = ("local", "kafka", "sqs", "pubsub", "servicebus")
 
@@ -193,9 +198,11 @@ def from_mapping(raw: dict[str, Any], source: str = "(inline)") -> Config:
 
 def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
     for key, value in env.items():
-        if not key.startswith(ENV_PREFIX) or key in ("UMCEF_PURE", "UMCEF_NO_NATIVE", "UMCEF_CONFIG"):
+        if not key.startswith(ENV_PREFIX):
             continue
         parts = [p.lower() for p in key[len(ENV_PREFIX):].split("__") if p]
+        if not parts or parts[0] not in TOP_LEVEL_KEYS:
+            continue
         node = raw
         for part in parts[:-1]:
             child = node.setdefault(part, {})
@@ -259,11 +266,9 @@ class _Parser:
         return value
 
     def config(self, raw: dict[str, Any]) -> Config:
-        top = ("data_dir", "server", "limits", "store", "dedup", "backpressure", "destinations", "routes", "default",
-               "sources", "residency", "router", "delivery")
         for key in raw:
-            if key not in top:
-                raise self.fail(str(key), f"unknown key; expected one of {', '.join(top)}")
+            if key not in TOP_LEVEL_KEYS:
+                raise self.fail(str(key), f"unknown key; expected one of {', '.join(TOP_LEVEL_KEYS)}")
         data_dir = Path(self.string(raw, "data_dir", "", "umcef-data").strip())
         s = self.section(raw, "server", ("host", "port", "grpc_port"))
         server = ServerConfig(

@@ -64,6 +64,18 @@ def test_mistakes_are_reported_exactly(tmp_path: Path, text: str, env: dict[str,
     assert message in str(info.value)
 
 
+def test_other_umcef_variables_are_not_overrides(tmp_path: Path) -> None:
+    """The Service Bus adapter's credentials, the native switch and the test harness's settings share the
+    prefix; a gateway started beside them must not refuse them as unknown keys."""
+    env = {"UMCEF_SERVICEBUS_CONNECTION_STRING": "Endpoint=sb://x/;SharedAccessKeyName=k;SharedAccessKey=s=",
+           "UMCEF_SERVICEBUS_CONNECTION_STRING__MY_NS": "Endpoint=sb://y/", "UMCEF_PURE": "1",
+           "UMCEF_TEST_WORKERS": "2", "UMCEF_SERVER__PORT": "9100", "UMCEF_DATA_DIR": str(tmp_path / "d")}
+    cfg = load(write(tmp_path, GOOD), env=env)
+    assert cfg.server.port == 9100 and cfg.data_dir == tmp_path / "d"
+    with pytest.raises(ConfigError, match=r"server\.prot: unknown key"):  # a known section still checks its keys
+        load(write(tmp_path, GOOD), env={"UMCEF_SERVER__PROT": "1"})
+
+
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read the file"):
         load(tmp_path / "absent.yaml", env={})
