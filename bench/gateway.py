@@ -89,8 +89,7 @@ STRUCTURED = "gateway structured"
 # so the gap to `gateway` is what the spool costs and the gap to the bridge is everything else.
 UNSPOOLED = "gateway no spool"
 UNSPOOLED_ROLE = "unspooled-gateway"
-# The naive bridge with a durable step a user would add (DurableLog: SQLite, fsync per request), saturation
-# only: what durability alone costs a minimal Python bridge, beside what the gateway's spool costs it.
+# The naive bridge with DurableLog (below), saturation only.
 DURABLE_BRIDGE = "durable bridge"
 UMCEF_CLI = ("-m", "umcef.fabric.cli")  # how a Gateway runs `umcef` unless told otherwise
 SYSTEMS_SAT = ["direct confluent", "direct aiokafka", "naive bridge", DURABLE_BRIDGE, *GATEWAYS, STRUCTURED,

@@ -124,7 +124,7 @@ class SpoolGauge:
         self.max_spooled_bytes = max_spooled_bytes
         self.retry_after_seconds = retry_after_seconds
         self.shed_at = (shed_low_at, shed_normal_at, 1.0)  # fraction of a watermark, by class
-        self.max_in_flight_bytes = max_in_flight_bytes  # request bodies inside the pipeline (HTTP)
+        self.max_in_flight_bytes = max_in_flight_bytes  # request bodies (HTTP) and messages (gRPC) held
         self.route_classes: Mapping[str, int] = route_classes or {}  # routes[].priority_class by route name
         self.spooled = 0  # appended to spool topics by this process (plus the depth found at start)
         self.foreign = 0  # appended to them by other processes: the lanes' `foreign`, summed at each reconcile

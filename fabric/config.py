@@ -4,11 +4,13 @@ Environment overrides use `__` for nesting: `UMCEF_SERVER__PORT=9000`, `UMCEF_DA
 Values are parsed as YAML scalars, so `UMCEF_STORE__SYNC=normal` and `UMCEF_LIMITS__MAX_BATCH=50` work.
 Only variables whose first part names a top-level key are overrides: other `UMCEF_*` variables belong to
 someone else (`UMCEF_SERVICEBUS_CONNECTION_STRING` to the Service Bus adapter, `UMCEF_PURE` to the
-native switch, the test harness's own) and must not stop the gateway from starting.
+native switch, the test harness's own) and must not stop the gateway from starting. A near miss of an
+override (`UMCEF_SERVER_PORT`, `UMCEF_LIMIT__MAX_BATCH`) is still an error, with what it probably meant.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -95,7 +97,7 @@ class BackpressureConfig:
     retry_after_seconds: float = 1.0
     shed_low_at: float = 0.5  # low priority is refused above this fraction of a watermark
     shed_normal_at: float = SHED_NORMAL_AT  # normal above this one (1: the watermark, as for high)
-    max_in_flight_bytes: int | None = MAX_IN_FLIGHT_BYTES  # request bodies being published (HTTP)
+    max_in_flight_bytes: int | None = MAX_IN_FLIGHT_BYTES  # request bodies (HTTP) and messages (gRPC) held
     destinations: dict[str, SpoolLimit] = field(default_factory=dict)  # per remote destination
     route_classes: dict[str, str] = field(default_factory=dict)  # routes[].priority_class by route name
 
@@ -201,7 +203,12 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
         if not key.startswith(ENV_PREFIX):
             continue
         parts = [p.lower() for p in key[len(ENV_PREFIX):].split("__") if p]
-        if not parts or parts[0] not in TOP_LEVEL_KEYS:
+        if not parts:
+            continue
+        if parts[0] not in TOP_LEVEL_KEYS:
+            meant = _meant_override(parts)
+            if meant:  # a near miss of an override is a mistake to report, not someone else's variable
+                raise ConfigError(f"environment {key}", "", f"not a configuration key; did you mean {meant}?")
             continue
         node = raw
         for part in parts[:-1]:
@@ -213,6 +220,22 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
             node[parts[-1]] = yaml.safe_load(value) if value else value
         except yaml.YAMLError:
             node[parts[-1]] = value
+
+
+def _meant_override(parts: list[str]) -> str | None:
+    """The override a variable probably meant: one `_` where `__` nests (UMCEF_SERVER_PORT) or a misspelt
+    top-level key (UMCEF_LIMIT__MAX_BATCH); None for a variable that is no near miss."""
+    head, rest = parts[0], parts[1:]
+    for top in TOP_LEVEL_KEYS:
+        if head.startswith(top + "_"):
+            head, rest = top, [head[len(top) + 1:], *rest]
+            break
+    else:
+        close = difflib.get_close_matches(head, TOP_LEVEL_KEYS, n=1, cutoff=0.8)
+        if not close:
+            return None
+        head = close[0]
+    return ENV_PREFIX + "__".join(p.upper() for p in (head, *rest))
 
 
 class _Parser:

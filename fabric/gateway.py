@@ -144,6 +144,7 @@ class Gateway:
 
             self._grpc, grpc_port = await start_grpc_server(
                 self.pipeline, server.host, server.grpc_port, self.config.limits)
+            self._warn_of_few_grpc_calls()
         for source in self.config.sources:
             # A local source reads the gateway's own store rather than opening a second writer on it.
             shared = {"store": self.store} if source.url.startswith("local:") else {}
@@ -236,6 +237,14 @@ class Gateway:
     def _report_exit(task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
             log.error("%s stopped: %r", task.get_name(), task.exception())
+
+    def _warn_of_few_grpc_calls(self) -> None:
+        """A gRPC call holds max_body_bytes until its message is read (its size is unknown before)."""
+        budget, largest = self.config.backpressure.max_in_flight_bytes, self.config.limits.max_body_bytes
+        if budget is not None and largest and budget < 8 * largest:
+            log.warning("backpressure.max_in_flight_bytes (%d) admits %d gRPC call(s) at once while their messages "
+                        "are read (each holds limits.max_body_bytes, %d, until then): lower max_body_bytes or raise "
+                        "max_in_flight_bytes", budget, max(1, budget // largest), largest)
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful shutdown (issue 5 §6): stop accepting, let in-flight publishes finish (they are durable

@@ -115,7 +115,7 @@ class Pipeline:
         self.limits = limits
         self.max_in_flight = max_in_flight
         self.in_flight = 0
-        self.in_flight_bytes = 0  # request bodies being published (HTTP), against max_in_flight_bytes
+        self.in_flight_bytes = 0  # request bodies (HTTP) and messages (gRPC) held, against max_in_flight_bytes
         self.closing = False
 
     async def ingest_http(self, headers: Mapping[str, str], body: bytes, size: int | None = None) -> PublishResult:

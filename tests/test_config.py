@@ -76,6 +76,19 @@ def test_other_umcef_variables_are_not_overrides(tmp_path: Path) -> None:
         load(write(tmp_path, GOOD), env={"UMCEF_SERVER__PROT": "1"})
 
 
+@pytest.mark.parametrize(("variable", "meant"), [
+    ("UMCEF_SERVER_PORT", "UMCEF_SERVER__PORT"),
+    ("UMCEF_LIMIT__MAX_BATCH", "UMCEF_LIMITS__MAX_BATCH"),
+    ("UMCEF_DATADIR", "UMCEF_DATA_DIR"),
+    ("UMCEF_STORE_SYNC", "UMCEF_STORE__SYNC"),
+])
+def test_a_near_miss_of_an_override_is_reported_with_what_it_meant(tmp_path: Path, variable: str,
+                                                                    meant: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(write(tmp_path, GOOD), env={variable: "1"})
+    assert str(info.value) == f"environment {variable}: not a configuration key; did you mean {meant}?"
+
+
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read the file"):
         load(tmp_path / "absent.yaml", env={})

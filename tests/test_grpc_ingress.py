@@ -285,8 +285,23 @@ async def test_a_pipeline_bug_is_internal_and_the_retry_is_not_a_duplicate(serve
     assert [e.id for e in served.spool.events] == ["o-1"]
 
 
+async def test_a_call_without_a_request_message_is_invalid_and_holds_nothing(served: Served) -> None:
+    async def nothing() -> Any:
+        return
+        yield b""
+
+    async with grpc.aio.insecure_channel(served.target) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await channel.stream_unary(proto.PUBLISH_METHOD)(nothing())
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details() == "the call carried no request message"
+    assert served.pipeline.in_flight_bytes == 0
+
+
 async def test_errors_raised_by_the_pipeline_are_mapped() -> None:
     class Rejecting:
+        closing = False
+
         async def publish(self, events: list[Event], size: int = 0) -> PublishResult:
             raise InvalidAttribute("not allowed here", "tenant", 1)
 

@@ -5,7 +5,9 @@ A response is sent only after every event of the request is durable (the pipelin
 Both RPCs are unary on the wire but served as client-streaming handlers, which grpc calls before the
 request message is read: each call first holds `max_body_bytes` against `backpressure.max_in_flight_bytes`
 (its size is not known yet, as for a chunked HTTP body), so a flood of large requests is refused before
-it is buffered; once read, the request holds its real size. A call whose message does not arrive within
+grpc buffers more of each than its HTTP/2 flow-control window; once read, the request holds its real
+size. So `max_in_flight_bytes / max_body_bytes` bounds how many calls are read at once (64 at the
+defaults; the gateway warns at start when it is below 8). A call whose message does not arrive within
 `BODY_READ_SECONDS` ends with DEADLINE_EXCEEDED and lets its bytes go.
 
 Status codes: INVALID_ARGUMENT for an unacceptable request (the message names the attribute and, in a
@@ -44,6 +46,8 @@ _MAX_DETAILS = 1024
 class Publisher(Protocol):
     """What the ingress needs of `umcef.fabric.pipeline.Pipeline`."""
 
+    closing: bool
+
     async def publish(self, events: list[Event], size: int = 0) -> PublishResult: ...
 
     def hold_bytes(self, size: int) -> None: ...
@@ -65,6 +69,9 @@ class GatewayService:
         """Hold the largest allowed request's bytes, read the request, then hold what it really is while
         `rpc` publishes it (its bytes are passed on as 0: they are held here)."""
         pipeline = self.pipeline
+        if pipeline.closing:  # (before holding and reading what would only be refused)
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down",
+                         proto.REASON_SHUTTING_DOWN)
         held = self.limits.max_body_bytes
         try:
             pipeline.hold_bytes(held)
@@ -77,7 +84,10 @@ class GatewayService:
             except TimeoutError:
                 await _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED,
                              f"the request did not arrive within {BODY_READ_SECONDS:g} s")
-            if not isinstance(request, bytes):  # EOF: the client half-closed without a message
+            if not isinstance(request, bytes):
+                if context.cancelled() or context.done():  # gone (cancelled, or grpc refused an oversized message)
+                    return _EMPTY_RESPONSE  # (reaches no one)
+                # the client half-closed without a message
                 await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "the call carried no request message",
                              proto.REASON_INVALID)
             try:

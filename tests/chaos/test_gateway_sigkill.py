@@ -96,7 +96,9 @@ class Load:
                         continue
                     b = self.todo.popleft()
                     ids = [e["id"] for e in make_batch(b)]
-                    sent = self.first_sent.setdefault(b, self.tick())
+                    if b not in self.first_sent:
+                        self.first_sent[b] = self.tick()
+                    sent = self.first_sent[b]
                     try:
                         response = await client.post("/v1/events", content=orjson.dumps(make_batch(b)),
                                                      headers={"content-type": "application/cloudevents-batch+json"})
@@ -141,8 +143,11 @@ def assert_per_key_order(records: list[Record], accepted_batches: dict[int, tupl
     has each key's events ahead of that one's. (Batches in flight together have no order to keep, and an
     attempt cut off by a kill may have stored its batch, so a batch counts from its first attempt.)"""
     first: dict[str, tuple[int, int]] = {}  # ce_id -> (partition, offset) of its first record
+    partition_of: dict[bytes | None, int] = {}
     for record in sorted(records, key=lambda r: (r.partition, r.offset)):
         first.setdefault(record.ce_id, (record.partition, record.offset))
+        assert partition_of.setdefault(record.key, record.partition) == record.partition, \
+            f"key {record.key!r} in two partitions: its offsets cannot be compared"
     # (key, batch) -> offsets of the key's events in batch order (one key lives in one partition)
     spans: dict[tuple[str, int], list[int]] = collections.defaultdict(list)
     for b in sorted(accepted_batches):
