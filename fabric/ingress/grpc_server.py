@@ -4,10 +4,12 @@ A response is sent only after every event of the request is durable (the pipelin
 
 Both RPCs are unary on the wire but served as client-streaming handlers, which grpc calls before the
 request message is read: each call first holds `max_body_bytes` against `backpressure.max_in_flight_bytes`
-(its size is not known yet, as for a chunked HTTP body), so a flood of large requests is refused before
-grpc buffers more of each than its HTTP/2 flow-control window; once read, the request holds its real
-size. So `max_in_flight_bytes / max_body_bytes` bounds how many calls are read at once (64 at the
-defaults; the gateway warns at start when it is below 8). A call whose message does not arrive within
+(its size is not known yet, as for a chunked HTTP body), so calls beyond the budget are refused before
+they are read, decoded and published; once read, the request holds its real size. So
+`max_in_flight_bytes / max_body_bytes` bounds how many calls are handled at once (64 at the defaults; the
+gateway warns at start when it is below 8). grpc itself still receives a refused call's message (its flow
+control grants the window for the whole message): under a flood, memory is bounded per connection, a
+message or two each (docs/delivery.md). A call whose message does not arrive within
 `BODY_READ_SECONDS` ends with DEADLINE_EXCEEDED and lets its bytes go.
 
 Status codes: INVALID_ARGUMENT for an unacceptable request (the message names the attribute and, in a
@@ -20,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, NoReturn, Protocol, TypeAlias
+from typing import Any, NamedTuple, NoReturn, Protocol, TypeAlias
 from urllib.parse import quote
 
 import grpc
@@ -65,41 +67,37 @@ class GatewayService:
         self.pipeline = pipeline
         self.limits = limits
 
-    async def admit(self, rpc: Callable[[bytes, Context], Awaitable[bytes]], context: Context) -> bytes:
+    async def admit(self, rpc: Callable[[bytes], Awaitable[bytes | _Status]], context: Context) -> bytes | _Status:
         """Hold the largest allowed request's bytes, read the request, then hold what it really is while
-        `rpc` publishes it (its bytes are passed on as 0: they are held here)."""
+        `rpc` publishes it (its bytes are passed on as 0: they are held here). A refusal is returned."""
         pipeline = self.pipeline
         if pipeline.closing:  # (before holding and reading what would only be refused)
-            await _abort(context, grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down",
-                         proto.REASON_SHUTTING_DOWN)
+            return _Status(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down", proto.REASON_SHUTTING_DOWN)
         held = self.limits.max_body_bytes
-        try:
-            pipeline.hold_bytes(held)
-        except Overloaded as exc:
-            await _abort_overloaded(context, exc)
+        refusal = _held(pipeline.hold_bytes, held)
+        if refusal is not None:
+            return refusal
         try:
             try:
                 async with asyncio.timeout(BODY_READ_SECONDS):
                     request = await context.read()
             except TimeoutError:
-                await _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED,
-                             f"the request did not arrive within {BODY_READ_SECONDS:g} s")
+                return _Status(grpc.StatusCode.DEADLINE_EXCEEDED,
+                               f"the request did not arrive within {BODY_READ_SECONDS:g} s")
             if not isinstance(request, bytes):
                 if context.cancelled() or context.done():  # gone (cancelled, or grpc refused an oversized message)
                     return _EMPTY_RESPONSE  # (reaches no one)
-                # the client half-closed without a message
-                await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "the call carried no request message",
-                             proto.REASON_INVALID)
-            try:
-                pipeline.resize_hold(held, len(request))
-            except Overloaded as exc:
-                await _abort_overloaded(context, exc)
+                return _Status(grpc.StatusCode.INVALID_ARGUMENT, "the call carried no request message",
+                               proto.REASON_INVALID)  # the client half-closed without one
+            refusal = _held(lambda size: pipeline.resize_hold(held, size), len(request))
+            if refusal is not None:
+                return refusal
             held = len(request)
-            return await rpc(request, context)
+            return await rpc(request)
         finally:
             pipeline.release_bytes(held)
 
-    async def publish(self, request: bytes, context: Context) -> bytes:
+    async def publish(self, request: bytes) -> bytes | _Status:
         limits = self.limits
         try:
             body = unwrap(request, "umcef.v1.PublishRequest")
@@ -107,80 +105,94 @@ class GatewayService:
                 raise MalformedBody("PublishRequest.event is missing")
             events = [decode(body, limits.max_attributes, limits.max_attribute_bytes)]
         except EventError as exc:
-            await _abort_for_event_error(context, exc)
-        return await self._publish(events, context)
+            return _for_event_error(exc)
+        return await self._publish(events)
 
-    async def publish_batch(self, request: bytes, context: Context) -> bytes:
+    async def publish_batch(self, request: bytes) -> bytes | _Status:
         limits = self.limits
         try:
             body = unwrap(request, "umcef.v1.PublishBatchRequest")
             events = decode_batch(body, limits.max_batch, limits.max_attributes, limits.max_attribute_bytes)
         except EventError as exc:
-            await _abort_for_event_error(context, exc)
-        if not events:
-            return _EMPTY_RESPONSE
-        return await self._publish(events, context)
+            return _for_event_error(exc)
+        return await self._publish(events) if events else _EMPTY_RESPONSE
 
-    async def _publish(self, events: list[Event], context: Context) -> bytes:
+    async def _publish(self, events: list[Event]) -> bytes | _Status:
         try:
             result = await self.pipeline.publish(events)  # (the request's bytes are held by `admit`)
         except EventError as exc:
-            await _abort_for_event_error(context, exc)
+            return _for_event_error(exc)
         except Overloaded as exc:
-            await _abort_overloaded(context, exc)
+            return _overloaded(exc)
         except ShuttingDown as exc:
-            await _abort(context, grpc.StatusCode.UNAVAILABLE, str(exc), proto.REASON_SHUTTING_DOWN)
+            return _Status(grpc.StatusCode.UNAVAILABLE, str(exc), proto.REASON_SHUTTING_DOWN)
         except Exception:
             # A bug, not bad input: keep the traceback in our log, not in the client's face.
             log.exception("gRPC publish of %d event(s) failed", len(events))
-            await _abort(context, grpc.StatusCode.INTERNAL, "internal error; see the gateway log")
+            return _Status(grpc.StatusCode.INTERNAL, "internal error; see the gateway log")
         out: bytes = PublishResponse(ids=result.ids, duplicates=len(result.duplicates)).SerializeToString()
         return out
+
+
+class _Status(NamedTuple):
+    """A refusal: the status a call ends with."""
+
+    code: grpc.StatusCode
+    details: str
+    reason: str | None = None
+    metadata: tuple[tuple[str, str], ...] = ()
 
 
 _EMPTY_RESPONSE: bytes = PublishResponse().SerializeToString()
 
 
-async def _abort_overloaded(context: Context, exc: Overloaded) -> NoReturn:
+def _held(hold: Callable[[int], None], size: int) -> _Status | None:
+    """`hold(size)`, or the refusal it raised."""
+    try:
+        hold(size)
+    except Overloaded as exc:
+        return _overloaded(exc)
+    return None
+
+
+def _overloaded(exc: Overloaded) -> _Status:
     retry_ms = max(0, round(exc.retry_after * 1000))
-    await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), proto.REASON_OVERLOADED,
-                 ((proto.RETRY_AFTER_KEY, str(retry_ms)),))
+    return _Status(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), proto.REASON_OVERLOADED,
+                   ((proto.RETRY_AFTER_KEY, str(retry_ms)),))
 
 
-async def _abort_for_event_error(
-    context: Context, exc: EventError
-) -> NoReturn:
+def _for_event_error(exc: EventError) -> _Status:
     metadata: list[tuple[str, str]] = []
     if exc.attribute:
         metadata.append((proto.ATTRIBUTE_KEY, quote(exc.attribute, safe="")))
     if exc.index is not None:
         metadata.append((proto.INDEX_KEY, str(exc.index)))
     if isinstance(exc, LimitExceeded):
-        code, reason = grpc.StatusCode.RESOURCE_EXHAUSTED, proto.REASON_LIMIT
-    else:
-        code, reason = grpc.StatusCode.INVALID_ARGUMENT, proto.REASON_INVALID
-    await _abort(context, code, exc.describe(), reason, metadata)
+        return _Status(grpc.StatusCode.RESOURCE_EXHAUSTED, exc.describe(), proto.REASON_LIMIT, tuple(metadata))
+    return _Status(grpc.StatusCode.INVALID_ARGUMENT, exc.describe(), proto.REASON_INVALID, tuple(metadata))
 
 
-async def _abort(
-    context: Context,
-    code: grpc.StatusCode,
-    details: str,
-    reason: str | None = None,
-    metadata: Any = (),
-) -> NoReturn:
+async def _abort(context: Context, status: _Status) -> NoReturn:
+    details = status.details
     if len(details) > _MAX_DETAILS:
         details = details[: _MAX_DETAILS - 3] + "..."
-    trailing = ((proto.REASON_KEY, reason), *metadata) if reason else tuple(metadata)
-    await context.abort(code, details, trailing)
+    trailing = ((proto.REASON_KEY, status.reason), *status.metadata) if status.reason else status.metadata
+    await context.abort(status.code, details, trailing)
     raise AssertionError("unreachable: ServicerContext.abort raises")  # for type checkers
 
 
 def generic_handler(service: GatewayService) -> Any:
     """The service's handlers for `grpc.aio.Server.add_generic_rpc_handlers` (bytes in, bytes out)."""
-    def admitted(rpc: Callable[[bytes, Context], Awaitable[bytes]]) -> Any:
+    def admitted(rpc: Callable[[bytes], Awaitable[bytes | _Status]]) -> Any:
         async def handle(_requests: Any, context: Context) -> bytes:
-            return await service.admit(rpc, context)
+            # The abort is raised here, once the frames that held the request have returned: grpc keeps an
+            # aborted call's exception in a reference cycle, and through its traceback every frame it passed
+            # and their locals (the request, its decoded events) until the next full garbage collection;
+            # under a flood of refused 4 MiB calls that was hundreds of MiB.
+            outcome = await service.admit(rpc, context)
+            if isinstance(outcome, bytes):
+                return outcome
+            await _abort(context, outcome)
 
         return grpc.stream_unary_rpc_method_handler(handle)
 

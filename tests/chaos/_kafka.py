@@ -1,10 +1,15 @@
-"""Helpers shared by the chaos tests: read a Kafka topic back with aiokafka (not through the gateway)."""
+"""Helpers shared by the chaos tests: read a Kafka topic back with aiokafka (not through the gateway), and
+judge per-key order on what was read."""
 
 from __future__ import annotations
 
+import bisect
+import collections
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition  # type: ignore[import-untyped]
 
@@ -86,3 +91,34 @@ class TopicReader:
                 raise AssertionError(f"could not read {self.topic} to its end offsets {end} in {seconds} s")
             await self.poll()
 
+
+def assert_per_key_order(records: list[Record], accepted_batches: dict[int, tuple[int, int]],
+                         events_of: Callable[[int], list[dict[str, Any]]]) -> None:
+    """Per-key order through failures, judged on each event's first record (later ones are redeliveries):
+    within a batch a key's events keep their order, and a batch answered 202 before another was first sent
+    has each key's events ahead of that one's. (Batches in flight together have no order to keep, and an
+    attempt whose answer was lost may have stored its batch, so a batch counts from its first attempt.)
+    `accepted_batches`: batch -> (tick of its first attempt, tick of its 202) on one clock; `events_of(b)`:
+    the batch's events (with `id` and `partitionkey`), in the order they were sent."""
+    first: dict[str, tuple[int, int]] = {}  # ce_id -> (partition, offset) of its first record
+    partition_of: dict[bytes | None, int] = {}
+    for record in sorted(records, key=lambda r: (r.partition, r.offset)):
+        first.setdefault(record.ce_id, (record.partition, record.offset))
+        assert partition_of.setdefault(record.key, record.partition) == record.partition, \
+            f"key {record.key!r} in two partitions: its offsets cannot be compared"
+    # (key, batch) -> offsets of the key's events in batch order (one key lives in one partition)
+    spans: dict[tuple[str, int], list[int]] = collections.defaultdict(list)
+    for b in sorted(accepted_batches):
+        for event in events_of(b):
+            spans[(event["partitionkey"], b)].append(first[event["id"]][1])
+    for (key, b), offsets in spans.items():
+        assert offsets == sorted(offsets), f"batch {b}, key {key}: events out of order at offsets {offsets}"
+    by_answer = sorted(accepted_batches, key=lambda b: accepted_batches[b][1])
+    answers = [accepted_batches[b][1] for b in by_answer]
+    for key in {key for key, _ in spans}:
+        latest = list(itertools.accumulate((spans[(key, b)][-1] for b in by_answer), max))
+        for b, (sent, _) in accepted_batches.items():
+            before = bisect.bisect_left(answers, sent)  # batches answered before b was sent
+            if before:
+                assert latest[before - 1] < spans[(key, b)][0], \
+                    f"key {key}: batch {b} (first sent at tick {sent}) overtook a batch answered 202 before"

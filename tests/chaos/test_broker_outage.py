@@ -3,7 +3,8 @@
 Proves: nothing is lost (every 202'd event ends up in Kafka, nothing else does); delivery resumes by itself
 when the broker is back (no restart of the gateway, no intervention); ingress answers 429 (with a
 Retry-After) only when the spool is really at the watermark, never below it, and never lets the spool
-grow past it.
+grow past it; per-key order holds through the outage (the one publisher sends a batch only after the
+previous one's 202, so each key's events must reach Kafka in the order sent).
 
 How "the spool was full" is checked without a metrics endpoint: one publisher sends one batch at a time
 (so the gateway's in-flight term is 0) and the gateway runs in-process, so around every request the test
@@ -30,7 +31,7 @@ import orjson
 import pytest
 
 from tests.brokers import eventually, unique_name
-from tests.chaos._kafka import TopicReader
+from tests.chaos._kafka import TopicReader, assert_per_key_order
 from tests.conformance.target_kafka import create_topic
 from tests.conftest import GatewayFactory, http_url
 
@@ -86,6 +87,7 @@ async def test_broker_outage_spool_holds_everything_and_429_only_when_full(
     phase = "before"
     answers: list[Answer] = []
     accepted: set[str] = set()
+    batches: dict[int, tuple[int, int]] = {}  # per batch: (first attempt, 202), counted in requests
     timeline: dict[str, float] = {}
     # The load pauses at the outage point until the broker is really down: otherwise, on a loaded
     # machine, the rest of the load can finish while the broker is still stopping, and the outage
@@ -97,6 +99,7 @@ async def test_broker_outage_spool_holds_everything_and_429_only_when_full(
             for b in range(EVENTS // BATCH):
                 if len(accepted) >= BEFORE_OUTAGE and not broker_down.is_set():
                     await asyncio.wait_for(broker_down.wait(), 60)
+                first_sent = len(answers)
                 while True:
                     d0, n = drained(), len(accepted)
                     response = await client.post("/v1/events", content=orjson.dumps(make_batch(b)),
@@ -104,6 +107,7 @@ async def test_broker_outage_spool_holds_everything_and_429_only_when_full(
                     answers.append(Answer(phase, response.status_code, n, d0, drained(), time.monotonic()))
                     if response.status_code == 202:
                         accepted.update(response.json()["accepted"])
+                        batches[b] = (first_sent, len(answers))
                         break
                     assert response.status_code == 429, f"{response.status_code}: {response.text}"
                     retry_after = float(response.headers["retry-after"])
@@ -152,6 +156,7 @@ async def test_broker_outage_spool_holds_everything_and_429_only_when_full(
     for record in reader.records:
         b, i = (int(x) for x in record.ce_id.split("-")[1:])
         assert orjson.loads(record.value) == {"b": b, "i": i}
+    assert_per_key_order(reader.records, batches, make_batch)
     # (a consumer can read a record before the producer has its acknowledgement, and a delivery process
     # reports what it drained every 0.05 s)
     await eventually(lambda: gateway.spool_gauge.depth == 0, what="the spool depth back to 0")

@@ -19,9 +19,7 @@ where the kill hits the gateway only and its delivery child must notice and exit
 from __future__ import annotations
 
 import asyncio
-import bisect
 import collections
-import itertools
 import os
 import time
 from pathlib import Path
@@ -33,7 +31,7 @@ import pytest
 
 from tests.brokers import unique_name
 from tests.chaos._gateway import ChaosGateway, write_config
-from tests.chaos._kafka import Record, TopicReader
+from tests.chaos._kafka import TopicReader, assert_per_key_order
 from tests.conformance.target_kafka import create_topic
 from umcef.adapters.local import LocalStore
 from umcef.fabric.delivery import CURSOR_GROUP, spool_topic
@@ -137,35 +135,6 @@ class Load:
         self.statuses["refused 422"] += 1
 
 
-def assert_per_key_order(records: list[Record], accepted_batches: dict[int, tuple[int, int]]) -> None:
-    """Per-key order through the kills, judged on each event's first record (later ones are redeliveries):
-    within a batch a key's events keep their order, and a batch answered 202 before another was first sent
-    has each key's events ahead of that one's. (Batches in flight together have no order to keep, and an
-    attempt cut off by a kill may have stored its batch, so a batch counts from its first attempt.)"""
-    first: dict[str, tuple[int, int]] = {}  # ce_id -> (partition, offset) of its first record
-    partition_of: dict[bytes | None, int] = {}
-    for record in sorted(records, key=lambda r: (r.partition, r.offset)):
-        first.setdefault(record.ce_id, (record.partition, record.offset))
-        assert partition_of.setdefault(record.key, record.partition) == record.partition, \
-            f"key {record.key!r} in two partitions: its offsets cannot be compared"
-    # (key, batch) -> offsets of the key's events in batch order (one key lives in one partition)
-    spans: dict[tuple[str, int], list[int]] = collections.defaultdict(list)
-    for b in sorted(accepted_batches):
-        for event in make_batch(b):
-            spans[(event["partitionkey"], b)].append(first[event["id"]][1])
-    for (key, b), offsets in spans.items():
-        assert offsets == sorted(offsets), f"batch {b}, key {key}: events out of order at offsets {offsets}"
-    by_answer = sorted(accepted_batches, key=lambda b: accepted_batches[b][1])
-    answers = [accepted_batches[b][1] for b in by_answer]
-    for key in {key for key, _ in spans}:
-        latest = list(itertools.accumulate((spans[(key, b)][-1] for b in by_answer), max))
-        for b, (sent, _) in accepted_batches.items():
-            before = bisect.bisect_left(answers, sent)  # batches answered before b was sent
-            if before:
-                assert latest[before - 1] < spans[(key, b)][0], \
-                    f"key {key}: batch {b} (first sent at tick {sent}) overtook a batch answered 202 before"
-
-
 def gone(pid: int) -> bool:
     """The process has exited (a zombie waiting for its new parent to reap it counts as exited)."""
     try:
@@ -247,7 +216,7 @@ async def test_sigkill_during_load_every_accepted_event_reaches_kafka_once(
     for record in reader.records:  # the records are the events that were sent, intact
         b, i = (int(x) for x in record.ce_id.split("-")[1:])
         assert orjson.loads(record.value) == {"b": b, "i": i} and record.key == f"k{i % 8}".encode()
-    assert_per_key_order(reader.records, load.accepted_batches)
+    assert_per_key_order(reader.records, load.accepted_batches, make_batch)
     duplicates = len(reader.records) - len(seen)
     print(f"\n[chaos-a] {EVENTS} events, {kills} SIGKILLs, answers {dict(load.statuses)}, "
           f"{len(load.unknown)} ids ever unknown, {duplicates} duplicate records in Kafka (deduped), "
