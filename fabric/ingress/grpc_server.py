@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, NamedTuple, NoReturn, Protocol, TypeAlias
+from typing import Any, NamedTuple, Protocol, TypeAlias
 from urllib.parse import quote
 
 import grpc
@@ -172,13 +172,13 @@ def _for_event_error(exc: EventError) -> _Status:
     return _Status(grpc.StatusCode.INVALID_ARGUMENT, exc.describe(), proto.REASON_INVALID, tuple(metadata))
 
 
-async def _abort(context: Context, status: _Status) -> NoReturn:
+def _abort_args(status: _Status) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
+    """`context.abort`'s arguments; the details cut short (an error may quote a huge bad value)."""
     details = status.details
     if len(details) > _MAX_DETAILS:
         details = details[: _MAX_DETAILS - 3] + "..."
     trailing = ((proto.REASON_KEY, status.reason), *status.metadata) if status.reason else status.metadata
-    await context.abort(status.code, details, trailing)
-    raise AssertionError("unreachable: ServicerContext.abort raises")  # for type checkers
+    return status.code, details, trailing
 
 
 def generic_handler(service: GatewayService) -> Any:
@@ -192,7 +192,10 @@ def generic_handler(service: GatewayService) -> Any:
             outcome = await service.admit(rpc, context)
             if isinstance(outcome, bytes):
                 return outcome
-            await _abort(context, outcome)
+            code, details, trailing = _abort_args(outcome)
+            del outcome  # (its details may quote a large value in full)
+            await context.abort(code, details, trailing)
+            raise AssertionError("unreachable: ServicerContext.abort raises")  # for type checkers
 
         return grpc.stream_unary_rpc_method_handler(handle)
 

@@ -98,8 +98,9 @@ def assert_per_key_order(records: list[Record], accepted_batches: dict[int, tupl
     within a batch a key's events keep their order, and a batch answered 202 before another was first sent
     has each key's events ahead of that one's. (Batches in flight together have no order to keep, and an
     attempt whose answer was lost may have stored its batch, so a batch counts from its first attempt.)
-    `accepted_batches`: batch -> (tick of its first attempt, tick of its 202) on one clock; `events_of(b)`:
-    the batch's events (with `id` and `partitionkey`), in the order they were sent."""
+    `accepted_batches`: batch -> (tick of its first attempt, tick of its 202) on one clock where no two
+    sends or answers share a tick; `events_of(b)`: the batch's events (with `id` and `partitionkey`), in the
+    order they were sent."""
     first: dict[str, tuple[int, int]] = {}  # ce_id -> (partition, offset) of its first record
     partition_of: dict[bytes | None, int] = {}
     for record in sorted(records, key=lambda r: (r.partition, r.offset)):
@@ -116,9 +117,11 @@ def assert_per_key_order(records: list[Record], accepted_batches: dict[int, tupl
     by_answer = sorted(accepted_batches, key=lambda b: accepted_batches[b][1])
     answers = [accepted_batches[b][1] for b in by_answer]
     for key in {key for key, _ in spans}:
-        latest = list(itertools.accumulate((spans[(key, b)][-1] for b in by_answer), max))
+        # the key's last offset among the batches answered so far (-1: none of them had the key)
+        latest = list(itertools.accumulate((spans[(key, b)][-1] if (key, b) in spans else -1 for b in by_answer),
+                                           max))
         for b, (sent, _) in accepted_batches.items():
             before = bisect.bisect_left(answers, sent)  # batches answered before b was sent
-            if before:
+            if before and (key, b) in spans:
                 assert latest[before - 1] < spans[(key, b)][0], \
                     f"key {key}: batch {b} (first sent at tick {sent}) overtook a batch answered 202 before"

@@ -56,3 +56,9 @@ def test_a_key_in_two_partitions_fails() -> None:
     moved[-1] = Record(0, 99, moved[-1].key, moved[-1].headers, b"")  # k2's last record on k0's partition
     with pytest.raises(AssertionError, match="in two partitions"):
         assert_per_key_order(moved, ONE_AFTER_THE_OTHER, batch)
+
+
+def test_overtaking_the_batch_just_before_fails() -> None:
+    order = [(b, i) for b in (0, 2, 1) for i in range(6)]  # 2 answered 202 after 1 was sent, written before it
+    with pytest.raises(AssertionError, match=r"batch 2 .* overtook"):
+        assert_per_key_order(records(order), {0: (1, 2), 1: (3, 4), 2: (5, 6)}, batch)
