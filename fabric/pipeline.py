@@ -12,8 +12,9 @@ claim behind. Routing a duplicate costs a decision (~1 µs) and writes nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
@@ -105,6 +106,19 @@ class _Decided(NamedTuple):  # one per event: a tuple is built in a quarter of a
     priority: int  # backpressure class (umcef.fabric.backpressure.LOW/NORMAL/HIGH)
 
 
+class BytesHold:
+    """Request bytes counted against `max_in_flight_bytes` (see `Pipeline.holding`)."""
+
+    def __init__(self, pipeline: Pipeline, size: int) -> None:
+        self._pipeline = pipeline
+        self.size = size
+
+    def resize(self, size: int) -> None:
+        """What the request turned out to be: growing is checked like a new hold (Overloaded, size kept)."""
+        self._pipeline.resize_hold(self.size, size)
+        self.size = size
+
+
 class Pipeline:
     def __init__(self, dedup: DedupStore, router: Router, spool: Spool, limits: Limits,
                  max_in_flight: int = 10_000, backpressure: SpoolGauge | None = None) -> None:
@@ -137,6 +151,17 @@ class Pipeline:
     def release_bytes(self, size: int) -> None:
         self.in_flight_bytes -= size
 
+    @contextlib.contextmanager
+    def holding(self, size: int) -> Iterator[BytesHold]:
+        """`size` request bytes held for the `with` block (Overloaded when they do not fit): what both
+        ingresses do around reading and publishing a request; `resize` once its real size is known."""
+        self.hold_bytes(size)
+        hold = BytesHold(self, size)
+        try:
+            yield hold
+        finally:
+            self.release_bytes(hold.size)
+
     def resize_hold(self, held: int, size: int) -> None:
         """Turn a hold of `held` bytes (what a request announced, or the most it may be) into `size` (what
         it turned out to be). Growing is checked like a new hold: on Overloaded `held` stays held."""
@@ -157,13 +182,12 @@ class Pipeline:
         # An idle pipeline takes any batch, so a batch above the limit cannot be refused forever.
         if self.in_flight and self.in_flight + len(events) > self.max_in_flight:
             raise Overloaded(f"{self.in_flight} events in flight, limit {self.max_in_flight}")
-        self.hold_bytes(size)
-        self.in_flight += len(events)
-        try:
-            return await self._publish(events)
-        finally:
-            self.in_flight -= len(events)
-            self.release_bytes(size)
+        with self.holding(size):
+            self.in_flight += len(events)
+            try:
+                return await self._publish(events)
+            finally:
+                self.in_flight -= len(events)
 
     async def _publish(self, events: list[Event]) -> PublishResult:
         unique: list[Event] = []

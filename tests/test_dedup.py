@@ -229,7 +229,6 @@ def test_dedup_config_is_validated() -> None:
         config_mod.from_mapping({"dedup": {"url": "redis://h"}})
 
 
-
 @pytest.mark.parametrize("kind", ["memory", "redis"])
 async def test_accepted_batch_looks_without_claiming(kind: str, redis_dedups: Callable[..., RedisDedup]) -> None:
     """What a refused batch asks (is every event of it accepted already?): committed keys only, and the look

@@ -305,13 +305,8 @@ async def test_errors_raised_by_the_pipeline_are_mapped() -> None:
         async def publish(self, events: list[Event], size: int = 0) -> PublishResult:
             raise InvalidAttribute("not allowed here", "tenant", 1)
 
-        def hold_bytes(self, size: int) -> None:
-            pass
-
-        release_bytes = hold_bytes
-
-        def resize_hold(self, held: int, size: int) -> None:
-            pass
+        def holding(self, size: int) -> Any:
+            return Pipeline(DedupWindow(60.0), EverythingToDefault(), RecordingSpool(), NO_LIMITS).holding(size)
 
     server, port = await start_grpc_server(Rejecting(), "127.0.0.1", 0, Limits())
     try:

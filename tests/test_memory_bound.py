@@ -101,8 +101,6 @@ async def test_a_flood_of_large_http_requests_does_not_grow_the_gateway_with_it(
     assert growth < bound, f"peak resident memory grew {growth:.0f} MiB (bound {bound:.0f}) under {offered_mib:.0f} MiB"
 
 
-
-
 async def test_a_refused_grpc_call_keeps_nothing_of_its_request_alive(make_gateway: GatewayFactory) -> None:
     """Refused calls (here by the spool watermark, after their requests were read and decoded) leave no
     garbage cycle holding their events: with the collector off, a collection finds no Event among what only

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from typing import Any, NamedTuple, Protocol, TypeAlias
 from urllib.parse import quote
 
@@ -34,7 +35,7 @@ from umcef.fabric.formats import proto
 from umcef.fabric.formats.proto.gateway_pb2 import PublishResponse
 from umcef.fabric.formats.protobuf_format import decode, decode_batch, unwrap
 from umcef.fabric.limits import BODY_READ_SECONDS, Limits
-from umcef.fabric.pipeline import Overloaded, PublishResult, ShuttingDown
+from umcef.fabric.pipeline import BytesHold, Overloaded, PublishResult, ShuttingDown
 
 log = logging.getLogger("umcef.grpc")
 
@@ -52,11 +53,7 @@ class Publisher(Protocol):
 
     async def publish(self, events: list[Event], size: int = 0) -> PublishResult: ...
 
-    def hold_bytes(self, size: int) -> None: ...
-
-    def release_bytes(self, size: int) -> None: ...
-
-    def resize_hold(self, held: int, size: int) -> None: ...
+    def holding(self, size: int) -> AbstractContextManager[BytesHold]: ...
 
 
 class GatewayService:
@@ -73,29 +70,23 @@ class GatewayService:
         pipeline = self.pipeline
         if pipeline.closing:  # (before holding and reading what would only be refused)
             return _Status(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down", proto.REASON_SHUTTING_DOWN)
-        held = self.limits.max_body_bytes
-        refusal = _held(pipeline.hold_bytes, held)
-        if refusal is not None:
-            return refusal
         try:
-            try:
-                async with asyncio.timeout(BODY_READ_SECONDS):
-                    request = await context.read()
-            except TimeoutError:
-                return _Status(grpc.StatusCode.DEADLINE_EXCEEDED,
-                               f"the request did not arrive within {BODY_READ_SECONDS:g} s")
-            if not isinstance(request, bytes):
-                if context.cancelled() or context.done():  # gone (cancelled, or grpc refused an oversized message)
-                    return _EMPTY_RESPONSE  # (reaches no one)
-                return _Status(grpc.StatusCode.INVALID_ARGUMENT, "the call carried no request message",
-                               proto.REASON_INVALID)  # the client half-closed without one
-            refusal = _held(lambda size: pipeline.resize_hold(held, size), len(request))
-            if refusal is not None:
-                return refusal
-            held = len(request)
-            return await rpc(request)
-        finally:
-            pipeline.release_bytes(held)
+            with pipeline.holding(self.limits.max_body_bytes) as held:
+                try:
+                    async with asyncio.timeout(BODY_READ_SECONDS):
+                        request = await context.read()
+                except TimeoutError:
+                    return _Status(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                   f"the request did not arrive within {BODY_READ_SECONDS:g} s")
+                if not isinstance(request, bytes):
+                    if context.cancelled() or context.done():  # gone (cancelled, or grpc refused it as oversized)
+                        return _EMPTY_RESPONSE  # (reaches no one)
+                    return _Status(grpc.StatusCode.INVALID_ARGUMENT, "the call carried no request message",
+                                   proto.REASON_INVALID)  # the client half-closed without one
+                held.resize(len(request))
+                return await rpc(request)
+        except Overloaded as exc:  # (from the hold: `rpc` returns the pipeline's own refusals)
+            return _overloaded(exc)
 
     async def publish(self, request: bytes) -> bytes | _Status:
         limits = self.limits
@@ -144,15 +135,6 @@ class _Status(NamedTuple):
 
 
 _EMPTY_RESPONSE: bytes = PublishResponse().SerializeToString()
-
-
-def _held(hold: Callable[[int], None], size: int) -> _Status | None:
-    """`hold(size)`, or the refusal it raised."""
-    try:
-        hold(size)
-    except Overloaded as exc:
-        return _overloaded(exc)
-    return None
 
 
 def _overloaded(exc: Overloaded) -> _Status:

@@ -42,30 +42,23 @@ async def publish(request: web.Request) -> web.Response:
     # Request bytes count against max_in_flight_bytes from before the body is read, so that many large
     # bodies arriving at once are refused rather than buffered: a body of unknown length (chunked) counts
     # as the largest one allowed.
-    held = request.content_length if request.content_length is not None else limit or 0
+    announced = request.content_length if request.content_length is not None else limit or 0
     try:
-        pipeline.hold_bytes(held)
-    except Overloaded as exc:
+        with pipeline.holding(announced) as held:
+            try:
+                # Bounded: a client that announces a body and stalls must not hold its bytes for ever.
+                async with asyncio.timeout(BODY_READ_SECONDS):
+                    body = await request.read()
+            except TimeoutError:
+                return _problem(problem(408, "timeout", "Request timeout",
+                                        f"the body did not arrive within {BODY_READ_SECONDS:g} s"))
+            except web.HTTPRequestEntityTooLarge:
+                return _problem(problem(413, "too-large", "Request too large",
+                                        f"body exceeds the limit of {limit} bytes"))
+            held.resize(len(body))  # from now on the body holds what it is, not what it announced
+            return await _publish(pipeline, request.headers, body)
+    except Overloaded as exc:  # (from the hold: _publish answers the pipeline's own)
         return _overloaded(exc)
-    try:
-        try:
-            # Bounded: a client that announces a body and stalls must not hold its bytes for ever.
-            async with asyncio.timeout(BODY_READ_SECONDS):
-                body = await request.read()
-        except TimeoutError:
-            return _problem(problem(408, "timeout", "Request timeout",
-                                    f"the body did not arrive within {BODY_READ_SECONDS:g} s"))
-        except web.HTTPRequestEntityTooLarge:
-            return _problem(problem(413, "too-large", "Request too large",
-                                    f"body exceeds the limit of {limit} bytes"))
-        try:
-            pipeline.resize_hold(held, len(body))  # from now on the body holds what it is, not what it announced
-        except Overloaded as exc:
-            return _overloaded(exc)
-        held = len(body)
-        return await _publish(pipeline, request.headers, body)
-    finally:
-        pipeline.release_bytes(held)
 
 
 async def _publish(pipeline: Pipeline, headers: Any, body: bytes) -> web.Response:

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import orjson
 
-from tests.brokers import SqsServer, unique_name
+from tests.brokers import SqsServer, eventually, unique_name
 from tests.chaos._kafka import TopicReader
 from tests.conformance.target_kafka import create_topic
 from tests.conftest import GatewayFactory, http_url
@@ -54,11 +54,11 @@ async def publish_all(gateway: Gateway, count: int) -> tuple[set[str], set[str]]
 
 async def dead_letters(gateway: Gateway, count: int) -> list[Any]:
     """The gateway's dead letters once there are `count` of them (polled from its own store)."""
-    deadline = time.monotonic() + 60
-    while len(letters := gateway.store.read(DEAD_LETTER_TOPIC, 0, 2 * count + 1000)) < count:
-        assert time.monotonic() < deadline, f"{len(letters)} of {count} dead letters after 60 s"
-        await asyncio.sleep(0.1)
-    return letters
+    def letters() -> list[Any]:
+        return gateway.store.read(DEAD_LETTER_TOPIC, 0, 2 * count + 1000)
+
+    await eventually(lambda: len(letters()) >= count, 60, f"{count} dead letters", poll=0.1)
+    return letters()
 
 
 def event(n: int) -> dict[str, Any]:
@@ -124,10 +124,8 @@ async def test_permanently_rejected_events_are_dead_lettered_and_the_rest_unaffe
 
     # A Rejected event never blocks the spool: the worker's cursor reached the end.
     worker = gateway.workers[DEST]
-    deadline = time.monotonic() + 10
-    while gateway.store.read(worker.topic, gateway.store.cursor("delivery", worker.topic), 1):
-        assert time.monotonic() < deadline, "the delivery cursor did not reach the end of the spool"
-        await asyncio.sleep(0.05)
+    await eventually(lambda: not gateway.store.read(worker.topic, gateway.store.cursor("delivery", worker.topic), 1),
+                     10, "the delivery cursor to reach the end of the spool", poll=0.05)
     print(f"\n[chaos-c] {EVENTS} events, {len(bad)} rejected → _deadletter, {len(good)} delivered in key order, "
           f"{len(reader.records) - len(seen)} duplicate records; {time.monotonic() - began:.1f} s")
 
@@ -170,11 +168,8 @@ async def test_a_queue_that_refuses_messages_gets_them_dead_lettered_and_the_res
 
     task = asyncio.create_task(consumer.consume(handler))
     try:
-        deadline = time.monotonic() + 60
-        while not good <= set(seen):
-            assert not task.done(), task
-            assert time.monotonic() < deadline, f"{len(good - set(seen))} good events not in the queue"
-            await asyncio.sleep(0.1)
+        await eventually(lambda: task.done() or good <= set(seen), 60, "the good events in the queue", poll=0.1)
+        assert not task.done(), task
         await asyncio.sleep(1.0)  # anything refused would have come by now too
     finally:
         await consumer.stop_consuming()
