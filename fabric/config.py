@@ -104,7 +104,7 @@ class BackpressureConfig:
 
 DEAD_LETTER = "_deadletter"  # the local dead-letter topic (`umcef dlq` reads it)
 DELIVERY_KEYS = ("max_attempts", "max_age_seconds", "backoff_base_seconds", "backoff_cap_seconds", "dead_letter",
-                 "pages_in_flight", "memory_events")
+                 "pages_in_flight", "memory_events", "pace_above_events")
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +118,9 @@ class DeliveryLimits:
     dead_letter: str = DEAD_LETTER  # `_deadletter` (local topic) or a configured destination name
     pages_in_flight: int = 4  # pages published at once (pages sharing a partitionkey wait for each other)
     memory_events: int = 20_000  # spooled events handed to the worker in memory before it reads the store
+    # Ingress pacing: with more handed-over events than this waiting for a worker that is delivering, a publish
+    # to its destination waits (after its write) for the worker to catch up; None: never (docs/delivery.md).
+    pace_above_events: int | None = 5_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -409,6 +412,7 @@ class _Parser:
             dead_letter=dead_letter.strip(),
             pages_in_flight=self.integer(d, "pages_in_flight", path, base.pages_in_flight, 1, 64),
             memory_events=self.integer(d, "memory_events", path, base.memory_events, 0),
+            pace_above_events=self.integer(d, "pace_above_events", path, base.pace_above_events, 1, nullable=True),
         )
         if limits.backoff_cap_seconds < limits.backoff_base_seconds:
             raise self.fail(f"{path}.backoff_cap_seconds",

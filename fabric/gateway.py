@@ -133,6 +133,7 @@ class Gateway:
             else:
                 self.delivery = DeliveryHost(self.config, self.store, self.router, self.spool_gauge.add)
                 self.delivery.start()
+                self.pipeline.pace = self.delivery.room_for
         if self._spool_topics:
             self._spool_look = asyncio.create_task(self._look_at_spools(), name="spool-look")
             self._tasks.append(self._spool_look)
@@ -254,6 +255,8 @@ class Gateway:
         grace = self.config.delivery.drain_seconds if grace is None else grace
         deadline = asyncio.get_running_loop().time() + grace
         self.pipeline.closing = True
+        if self.delivery is not None:
+            self.delivery.stop_pacing()  # (paced publishes are durable: their answers go now)
         if self._spool_look is not None:
             self._spool_look.cancel()  # `finish` below collects it with the sources' tasks
         if self._grpc is not None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
@@ -131,6 +131,10 @@ class Pipeline:
         self.in_flight = 0
         self.in_flight_bytes = 0  # request bodies (HTTP) and messages (gRPC) held, against max_in_flight_bytes
         self.closing = False
+        # Ingress pacing (set by the gateway when its delivery workers run in this process): once a publish is
+        # durable and counted, its answer waits while its destinations' workers are delivering but far behind
+        # (DeliveryHost.room_for; docs/delivery.md, "Ingress paced to delivery").
+        self.pace: Callable[[Collection[str]], Awaitable[None]] | None = None
 
     async def ingest_http(self, headers: Mapping[str, str], body: bytes, size: int | None = None) -> PublishResult:
         """HTTP ingress: decode + validate the request in whatever mode it uses, then publish. `size`: the
@@ -251,6 +255,9 @@ class Pipeline:
             gauge.commit(reserved, written)
         if claimed:
             await self.dedup.commit_batch(claimed)
+        if fresh and self.pace is not None and not self.closing:
+            # Nothing is left to undo: a cancelled wait costs the client a retry that dedup answers.
+            await self.pace(set().union(*(decided[i].destinations for i in fresh)))
         # (shielded: the futures are shared with other publishers, whom a cancelled request must not cancel)
         if waits and not all(await asyncio.gather(*(asyncio.shield(wait) for wait in waits))):
             # The concurrent first publish of one of these failed; this caller must not get a 202 for it.

@@ -249,16 +249,23 @@ async def test_attempt_and_age_limits_dead_letter_to_the_configured_destination(
 
 def test_delivery_config_defaults_overrides_and_errors(tmp_path: Path) -> None:
     config = gateway_config(tmp_path, delivery={"max_attempts": 5, "drain_seconds": 2, "dead_letter": "dlq",
-                                                "pages_in_flight": 2},
+                                                "pages_in_flight": 2, "pace_above_events": 300},
                             destinations={"a": {"url": "kafka://h:1/t", "delivery": {"max_attempts": None,
                                                                                     "backoff_cap_seconds": 3,
-                                                                                    "memory_events": 0}},
+                                                                                    "memory_events": 0,
+                                                                                    "pace_above_events": None}},
                                           "b": "kafka://h:1/t", "dlq": "local://dlq"})
     assert config.delivery.drain_seconds == 2
     a, b = config.destinations["a"].delivery, config.destinations["b"].delivery
     assert a.max_attempts is None and a.backoff_cap_seconds == 3 and a.dead_letter == "dlq"
     assert b.max_attempts == 5 and b.max_age_seconds == 86400 and b.backoff_base_seconds == 0.1
     assert (a.pages_in_flight, a.memory_events, b.pages_in_flight, b.memory_events) == (2, 0, 2, 20_000)
+    assert (a.pace_above_events, b.pace_above_events) == (None, 300)
+    assert gateway_config(tmp_path, destinations={"c": "kafka://h:1/t"}).destinations["c"].delivery \
+        .pace_above_events == 5_000
+    with pytest.raises(config_mod.ConfigError, match=r"^test: delivery\.pace_above_events: expected an integer "
+                                                     r"at least 1, got 0$"):
+        gateway_config(tmp_path, delivery={"pace_above_events": 0})
     with pytest.raises(config_mod.ConfigError, match=r"^test: destinations\.a\.delivery\.pages_in_flight: expected "
                                                      r"an integer between 1 and 64, got 0$"):
         gateway_config(tmp_path, destinations={"a": {"url": "kafka://h:1/t", "delivery": {"pages_in_flight": 0}}})

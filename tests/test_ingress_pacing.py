@@ -1,0 +1,157 @@
+"""Ingress pacing end to end: clients publishing faster than a healthy Kafka destination takes the events.
+
+The destination is a real Tansu behind a latency proxy, so its worker delivers a few thousand events a second
+while four clients on the gateway's own event loop could send several times that. The 202 still means
+durable; pacing makes it wait while the destination's worker is `pace_above_events` behind, so ingress runs
+at delivery's speed instead of filling the spool. Without pacing (the control case, which shows the load
+really does outrun delivery) the worker falls so far behind that its in-memory hand-off overflows and it
+reads the spool back from disk. With the destination hanging (blackholed), ingress must not be paced at all:
+the spool absorbs what arrives, as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.brokers import KafkaBroker, eventually, unique_name
+from tests.conformance.target_kafka import create_topic
+from tests.conftest import GatewayFactory, http_url
+from tests.conftest_brokers import KafkaFactory
+from tests.test_dedup import MemorySpool, ToDefault, event
+from umcef.fabric.dedup import DedupWindow
+from umcef.fabric.delivery_host import PACE_MAX_WAIT_SECONDS
+from umcef.fabric.gateway import Gateway
+from umcef.fabric.limits import NO_LIMITS
+from umcef.fabric.pipeline import Pipeline
+
+BATCH = 100
+CLIENTS = 4
+PAGE = 100  # the destination's max_in_flight: a page of the spool per publish
+MEMORY = 2_000  # delivery.memory_events: the hand-off overflows beyond this
+PACE = 300
+FLOOD_SECONDS = 3.0
+DEST = "kafka"
+
+
+def batch(tag: str, n: int) -> list[dict[str, Any]]:
+    return [{"specversion": "1.0", "id": f"{tag}-{n}-{i}", "source": "/pacing", "type": "t.pacing",
+             "partitionkey": f"k{i % 16}", "data": {"n": n}} for i in range(BATCH)]
+
+
+async def slow_kafka(kafka_broker_factory: KafkaFactory, delay_ms: float) -> tuple[KafkaBroker, str]:
+    broker: KafkaBroker = await asyncio.to_thread(kafka_broker_factory, behind_proxy=True, delay_ms=delay_ms)
+    topic = unique_name("pacing")
+    await create_topic(broker.bootstrap, topic)
+    return broker, topic
+
+
+async def start(make_gateway: GatewayFactory, broker: KafkaBroker, topic: str, pace: int | None) -> Gateway:
+    return await make_gateway(
+        destinations={DEST: {"url": f"kafka://{broker.bootstrap}/{topic}", "max_in_flight": PAGE,
+                             "delivery": {"pages_in_flight": 1, "memory_events": MEMORY, "pace_above_events": pace}}},
+        routes=[], default=DEST)
+
+
+@pytest.mark.parametrize("pace", [PACE, None], ids=["paced", "unpaced-control"])
+async def test_ingress_runs_at_the_speed_of_a_delivering_destination(
+        pace: int | None, kafka_broker_factory: KafkaFactory, make_gateway: GatewayFactory) -> None:
+    broker, topic = await slow_kafka(kafka_broker_factory, delay_ms=10)
+    gateway = await start(make_gateway, broker, topic, pace)
+    worker = gateway.workers[DEST]
+    accepted = 0
+    behind: list[int] = []  # accepted minus what left the spool, sampled while the clients publish
+    deadline = time.monotonic() + FLOOD_SECONDS
+
+    async def client(c: int) -> None:
+        nonlocal accepted
+        n = 0
+        async with httpx.AsyncClient(base_url=http_url(gateway), timeout=30) as http:
+            # (The control stops once the hand-off overflowed: what it shows is shown, and its backlog drains.)
+            while time.monotonic() < deadline and not (pace is None and worker.feed and worker.feed.from_store):
+                response = await http.post("/v1/events", json=batch(f"c{c}", n),
+                                           headers={"content-type": "application/cloudevents-batch+json"})
+                assert response.status_code == 202, response.text
+                accepted += BATCH
+                behind.append(accepted - gateway._drained())
+                n += 1
+
+    await asyncio.gather(*(client(c) for c in range(CLIENTS)))
+    assert worker.feed is not None
+    # Pacing's reach: the threshold, the requests waiting on it (each durable with its events), the page
+    # gathering and the page in flight. Unpaced, the same load goes far beyond it.
+    reach = PACE + CLIENTS * BATCH + 2 * PAGE
+    if pace is None:
+        assert worker.feed.from_store > 0 and max(behind) > reach, (worker.feed.from_store, max(behind))
+    else:  # never read back from disk, and the spool stayed within reach
+        assert worker.feed.from_store == 0 and max(behind) <= reach, (worker.feed.from_store, max(behind))
+    assert accepted > 10 * BATCH  # (the clients did publish)
+    await eventually(lambda: gateway._drained() >= accepted, 120, "every accepted event delivered")
+
+
+async def test_a_hanging_destination_does_not_pace_ingress(kafka_broker_factory: KafkaFactory,
+                                                           make_gateway: GatewayFactory) -> None:
+    broker, topic = await slow_kafka(kafka_broker_factory, delay_ms=0)
+    gateway = await start(make_gateway, broker, topic, 50)
+    async with httpx.AsyncClient(base_url=http_url(gateway), timeout=60) as http:
+        async def publish(n: int) -> None:
+            response = await http.post("/v1/events", json=batch("h", n),
+                                       headers={"content-type": "application/cloudevents-batch+json"})
+            assert response.status_code == 202, response.text
+
+        await publish(0)
+        await eventually(lambda: gateway._drained() >= BATCH, 30, "the first batch delivered")
+        assert broker.proxy is not None
+        broker.proxy.set_blackhole(True)  # connections stay open, nothing comes back: publishes hang
+        started = time.monotonic()
+        for n in range(1, 11):  # 1,000 events while 50 are allowed ahead: paced, each would wait its bound
+            await publish(n)
+        # Released by the stall (the worker took nothing for STALLED_SECONDS), not held for the bound each.
+        assert time.monotonic() - started < PACE_MAX_WAIT_SECONDS, time.monotonic() - started
+        broker.proxy.set_blackhole(False)
+
+
+# -- where the pipeline waits (pure logic: an in-memory dedup window and spool, a pace hook that blocks) ------
+
+
+class Gate:
+    def __init__(self) -> None:
+        self.names: list[set[str]] = []
+        self.open = asyncio.Event()
+
+    async def __call__(self, names: Any) -> None:
+        self.names.append(set(names))
+        await self.open.wait()
+
+
+async def test_a_paced_publish_is_durable_and_claimed_before_it_waits() -> None:
+    spool, gate = MemorySpool(), Gate()
+    pipeline = Pipeline(DedupWindow(600.0), ToDefault(), spool, NO_LIMITS)
+    pipeline.pace = gate
+    waiting = asyncio.ensure_future(pipeline.publish([event(1), event(2)]))
+    await eventually(lambda: gate.names, 5, "the publish waiting for delivery")
+    assert spool.written == ["e1", "e2"] and gate.names == [{"default"}]
+    waiting.cancel()  # the client went away: its retry must get the first answer, not a second write
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    gate.open.set()
+    again = await pipeline.publish([event(1), event(2)])
+    assert again.duplicates == ["e1", "e2"] and spool.written == ["e1", "e2"]
+    assert gate.names == [{"default"}]  # a publish of nothing new waits for nothing
+
+
+async def test_a_publish_finishing_while_the_gateway_closes_is_not_paced() -> None:
+    spool, gate = MemorySpool(), Gate()
+    spool.gate = asyncio.Event()  # the durable write in progress
+    pipeline = Pipeline(DedupWindow(600.0), ToDefault(), spool, NO_LIMITS)
+    pipeline.pace = gate
+    writing = asyncio.ensure_future(pipeline.publish([event(1)]))
+    await asyncio.sleep(0.05)
+    pipeline.closing = True  # (the gateway then also releases publishes already waiting: stop_pacing)
+    spool.gate.set()
+    assert (await asyncio.wait_for(writing, 5)).ids == ["e1"]
+    assert gate.names == []
