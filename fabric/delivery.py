@@ -253,11 +253,6 @@ class DeliveryWorker:
         if feed is not None and self.pace_above is not None and not self._unpaced:
             await feed.wait_for_room(self.pace_above, until)
 
-    def ahead(self) -> bool:
-        """Whether ingress should wait for this worker now (SpoolFeed.ahead at its `pace_above`)."""
-        feed = self.feed
-        return feed is not None and self.pace_above is not None and not self._unpaced and feed.ahead(self.pace_above)
-
     def stop_pacing(self) -> None:
         self._unpaced = True
         if self.feed is not None:

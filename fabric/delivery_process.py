@@ -11,7 +11,7 @@ mode takes two writers; each commit holds the write lock briefly), plus one pipe
   child's feed of the spool is caught up, a gap alone otherwise; and a final ("stop", grace) message;
 - child -> parent, every `REPORT_SECONDS`: the estimator's health and RTT per destination (the parent's
   router decides with it), what left each spool and what dead-lettering put into one (backpressure
-  depths), what failover moved where, and which destinations' workers ingress should wait for (pacing).
+  depths), and what failover moved where.
 
 The child exits when the parent goes away (its pipe reads EOF), so a SIGKILLed gateway leaves no
 deliverer behind for long; a lock file keeps a lingering one from running beside its successor. A child
@@ -29,9 +29,8 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
-import time
 from collections import Counter
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -39,7 +38,7 @@ from umcef.adapters.local import Committed, LocalStore
 from umcef.fabric.commit_relay import CommitReceiver, CommitSender
 from umcef.fabric.config import Config
 from umcef.fabric.delivery import spool_topic
-from umcef.fabric.delivery_host import PACE_MAX_WAIT_SECONDS, DeliveryHost
+from umcef.fabric.delivery_host import DeliveryHost
 from umcef.fabric.runtime import tune_interpreter
 from umcef.router.estimator import Estimator
 
@@ -62,7 +61,6 @@ class Report(NamedTuple):
     moved: dict[str, int]  # what failover moved where since the last report
     caught_up: list[str]  # spool topics whose feed was caught up at some moment since the last report
     from_memory: int  # events the feeds took from memory (relayed), not from the store
-    ahead: list[str]  # destinations whose worker is delivering but `pace_above_events` behind (ingress pacing)
 
 
 class DeliveryProcess:
@@ -81,9 +79,6 @@ class DeliveryProcess:
         self._sender: CommitSender | None = None
         self._caught_up: frozenset[str] = frozenset()  # spool topics whose child feed keeps up (last report)
         self.from_memory = 0  # events the current child's feeds took from memory, not the store (last report)
-        self._ahead: frozenset[str] = frozenset()  # destinations ingress waits for (last report)
-        self._next_report: asyncio.Future[None] | None = None  # room_for() waiting for the next report
-        self._unpaced = False
         self._ready: asyncio.Future[None] | None = None
         self._stopping = False
         self._restarts = 0
@@ -152,36 +147,12 @@ class DeliveryProcess:
             report: Report = message[1]
             self._caught_up = frozenset(report.caught_up)
             self.from_memory = report.from_memory
-            self._ahead = frozenset(report.ahead)
-            self._reported()
             self.estimator.mirror(report.health)
             self._drained = report.drained
             self._lanes = Counter(report.lanes)
             self._spooled_in = Counter(report.spooled_in)
             if report.moved:
                 self._moved(report.moved)
-
-    async def room_for(self, names: Collection[str]) -> None:
-        """Ingress pacing, as `DeliveryHost.room_for`, on the child's reports: waits while its last report has
-        one of these destinations' workers delivering but far behind, for at most PACE_MAX_WAIT_SECONDS."""
-        until = time.monotonic() + PACE_MAX_WAIT_SECONDS
-        while not self._unpaced and not self._ahead.isdisjoint(names):
-            left = until - time.monotonic()
-            if left <= 0:
-                return
-            if self._next_report is None:
-                self._next_report = asyncio.get_running_loop().create_future()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._next_report), left)
-
-    def stop_pacing(self) -> None:
-        self._unpaced = True
-        self._reported()
-
-    def _reported(self) -> None:
-        waiting, self._next_report = self._next_report, None
-        if waiting is not None and not waiting.done():
-            waiting.set_result(None)
 
     def drained(self) -> int:
         """What left the delivery spools since this gateway started (`DeliveryHost.drained`)."""
@@ -239,8 +210,6 @@ class DeliveryProcess:
             self._sender.close()
             self._sender = None
         self._caught_up = frozenset()  # a new child starts by reading the store
-        self._ahead = frozenset()  # (and paces nobody until it reports)
-        self._reported()
         for conn in (self._conn, self._relay):
             if conn is not None:
                 conn.close()
@@ -330,7 +299,6 @@ async def _deliver(config: Config, store: LocalStore, router: Any, conn: multipr
             moved=dict(moved),
             caught_up=[feed.topic for feed in feeds if feed.caught_up_lately()],
             from_memory=sum(feed.from_memory for feed in feeds),
-            ahead=[name for name, w in host.workers.items() if w.ahead()],
         ))
         moved.clear()
         try:

@@ -130,7 +130,6 @@ class Gateway:
                 self.delivery_process = DeliveryProcess(self.config, self.store, self.router.estimator,
                                                         self.spool_gauge.add)
                 await self.delivery_process.start()
-                self.pipeline.pace = self.delivery_process.room_for
             else:
                 self.delivery = DeliveryHost(self.config, self.store, self.router, self.spool_gauge.add)
                 self.delivery.start()
@@ -256,9 +255,8 @@ class Gateway:
         grace = self.config.delivery.drain_seconds if grace is None else grace
         deadline = asyncio.get_running_loop().time() + grace
         self.pipeline.closing = True
-        for delivery in (self.delivery, self.delivery_process):
-            if delivery is not None:
-                delivery.stop_pacing()  # (paced publishes are durable: their answers go now)
+        if self.delivery is not None:
+            self.delivery.stop_pacing()  # (paced publishes are durable: their answers go now)
         if self._spool_look is not None:
             self._spool_look.cancel()  # `finish` below collects it with the sources' tasks
         if self._grpc is not None:

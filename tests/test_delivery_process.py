@@ -166,7 +166,7 @@ def test_a_spool_is_relayed_only_while_the_childs_feed_is_caught_up_and_else_onl
         parent._committed("_spool.k", [(seq, 0.0, Record("_spool.k", b"{}"))], False)
 
     def report(live: list[str]) -> None:
-        parent._handle(("report", Report([], 0, {}, {}, {}, live, 0, [])))
+        parent._handle(("report", Report([], 0, {}, {}, {}, live, 0)))
 
     commit(1)  # the child has not said its feed is caught up: it reads the store
     report(["_spool.k"])
