@@ -119,7 +119,7 @@ class DeliveryLimits:
     pages_in_flight: int = 4  # pages published at once (pages sharing a partitionkey wait for each other)
     memory_events: int = 20_000  # spooled events handed to the worker in memory before it reads the store
     # Ingress pacing: with more handed-over events than this waiting for a worker that is delivering, a publish
-    # to its destination waits (after its write) for the worker to catch up; None: never (docs/delivery.md).
+    # to its destination waits (once durable) for the worker to catch up; None: never (docs/delivery.md).
     pace_above_events: int | None = 5_000
 
 
