@@ -52,6 +52,7 @@ class Lane:
         self.spooled_in = spooled_in
         self.track_bytes = track_bytes or max_bytes is not None
         self.added = 0  # events appended to this spool in this run (plus the depth found at start)
+        self.accepted = 0  # of those, what ingress appended (not the depth found at start, nor failover moves)
         self.added_bytes = 0
         self.foreign = 0  # appended by other processes, as of the last `reconcile`
         self._baseline = (0, 0)  # (the store's appended counter of the spool, added) when counting began
@@ -232,6 +233,7 @@ class SpoolGauge:
         self._count(reserved, -1)
         for lane, load in written.items():
             lane.add(load.events, load.bytes)
+            lane.accepted += load.events
 
     def _count(self, demand: Mapping[Lane, Load], sign: int) -> None:
         for lane, load in demand.items():

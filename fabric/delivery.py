@@ -216,7 +216,7 @@ class DeliveryWorker:
     def __init__(self, destination: str, adapter: Adapter, store: LocalStore, dead_letters: DeadLetterQueue, *,
                  policy: RetryPolicy = RetryPolicy(), page_size: int = 500, failover: Failover | None = None,
                  clock: Callable[[], float] = time.time, memory_capacity: int = 20_000,
-                 pages_in_flight: int = 4, pace_above: int | None = None) -> None:
+                 pages_in_flight: int = 4) -> None:
         self.destination = destination
         self.adapter = adapter
         self.store = store
@@ -226,8 +226,6 @@ class DeliveryWorker:
         self.memory_capacity = memory_capacity  # spooled events held in memory for the worker (SpoolFeed)
         self.feed: SpoolFeed | None = None
         self.pages_in_flight = max(1, pages_in_flight)  # pages with different keys published concurrently
-        self.pace_above = pace_above  # handed-over events waiting for the worker beyond which ingress waits
-        self._unpaced = False  # the gateway is closing (a feed made after that must not pace either)
         self._ordered = adapter.capabilities.ordered_in_flight  # pages sharing keys may be in flight together
         self._warm = False  # a publish started since the last failure was acknowledged in full (see _publish)
         self._failures = 0  # failed publishes and parkings so far: what "since the last failure" compares
@@ -245,18 +243,6 @@ class DeliveryWorker:
     def drained(self) -> int:
         """Events that left this spool in this run other than by dead-lettering (backpressure gauge)."""
         return self.delivered + self.moved
-
-    async def room(self, until: float) -> None:
-        """Waits (up to `until`, monotonic) while ingress is more than `pace_above` events ahead of this worker
-        and the worker is delivering (SpoolFeed.wait_for_room)."""
-        feed = self.feed
-        if feed is not None and self.pace_above is not None and not self._unpaced:
-            await feed.wait_for_room(self.pace_above, until)
-
-    def stop_pacing(self) -> None:
-        self._unpaced = True
-        if self.feed is not None:
-            self.feed.stop_pacing()
 
     async def run(self) -> None:
         feed = SpoolFeed(self.store, self.topic, self.store.cursor(CURSOR_GROUP, self.topic),

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from umcef.adapters import open_adapter
@@ -33,9 +33,6 @@ from umcef.router.decide import Router
 from umcef.router.estimator import ProbeLoop
 
 log = logging.getLogger("umcef.delivery")
-# The longest a publish waits for its destinations' workers to catch up (ingress pacing): a safety bound, a
-# worker that stops taking pages releases its waiters within spool_feed.STALLED_SECONDS anyway.
-PACE_MAX_WAIT_SECONDS = 5.0
 
 
 class RoutedAdapter:
@@ -148,12 +145,12 @@ class DeliveryHost:
             failover = RouterFailover(name, self.router, self.store, self.topics, self._moved)
             worker = DeliveryWorker(name, RoutedAdapter(adapter, name, self.router), self.store, dead_letters,
                                     policy=retry_policy(limits), page_size=page, failover=failover,
-                                    memory_capacity=limits.memory_events, pages_in_flight=limits.pages_in_flight,
-                                    pace_above=limits.pace_above_events)
+                                    memory_capacity=limits.memory_events, pages_in_flight=limits.pages_in_flight)
             self.workers[name] = worker
             if limits.pace_above_events is not None and limits.pace_above_events >= limits.memory_events:
-                log.warning("%s: pace_above_events (%d) is not below memory_events (%d): its hand-off overflows to "
-                            "the store first, so ingress is never paced to it", name, limits.pace_above_events,
+                log.warning("%s: pace_above_events (%d) is not below memory_events (%d): under a sustained "
+                            "overload its hand-off overflows and it reads the spool back from the store before "
+                            "ingress is paced to it", name, limits.pace_above_events,
                             limits.memory_events)
             self._spawn(worker.run(), f"deliver:{name}")
         if self.adapters:
@@ -174,20 +171,6 @@ class DeliveryHost:
         task = asyncio.create_task(work, name=name)
         task.add_done_callback(_report_exit)
         self._tasks.append(task)
-
-    async def room_for(self, names: Collection[str]) -> None:
-        """Ingress pacing: waits while any of these destinations' workers is delivering but far behind what was
-        accepted for it (`delivery.pace_above_events`), for at most PACE_MAX_WAIT_SECONDS."""
-        until = time.monotonic() + PACE_MAX_WAIT_SECONDS
-        for name in names:
-            worker = self.workers.get(name)
-            if worker is not None:
-                await worker.room(until)
-
-    def stop_pacing(self) -> None:
-        """The gateway is closing: publishes waiting for a worker answer now, and none waits from now on."""
-        for worker in self.workers.values():
-            worker.stop_pacing()
 
     def lane_drained(self, name: str) -> int:
         """What left `name`'s spool in this run: its worker's drained and dead-lettered events, minus the

@@ -20,6 +20,7 @@ from umcef.fabric.delivery import CURSOR_GROUP, SPOOL_PREFIX, DeliveryWorker
 from umcef.fabric.delivery_host import DeliveryHost, destination_topics, finish
 from umcef.fabric.delivery_host import RoutedAdapter as RoutedAdapter  # where tests and users found it
 from umcef.fabric.ingress.http_server import start_http_server
+from umcef.fabric.pacing import Pacer
 from umcef.fabric.pipeline import LocalSpool, Pipeline
 from umcef.fabric.sources import SourceRunner
 from umcef.router.decide import Router
@@ -109,6 +110,8 @@ class Gateway:
         # Delivery runs here (`delivery`) or in a second process (`delivery_process`), never both.
         self.delivery: DeliveryHost | None = None
         self.delivery_process: DeliveryProcess | None = None
+        self.pacer = Pacer({name: (self.spool_gauge.lanes[name], dest.delivery.pace_above_events)
+                            for name, dest in config.destinations.items() if not dest.is_local})
         self.dead_letters = DeadLetterQueue(self.store)
         self.sources: dict[str, SourceRunner] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -133,7 +136,7 @@ class Gateway:
             else:
                 self.delivery = DeliveryHost(self.config, self.store, self.router, self.spool_gauge.add)
                 self.delivery.start()
-                self.pipeline.pace = self.delivery.room_for
+            self.pipeline.pace = self.pacer.room_for
         if self._spool_topics:
             self._spool_look = asyncio.create_task(self._look_at_spools(), name="spool-look")
             self._tasks.append(self._spool_look)
@@ -255,8 +258,7 @@ class Gateway:
         grace = self.config.delivery.drain_seconds if grace is None else grace
         deadline = asyncio.get_running_loop().time() + grace
         self.pipeline.closing = True
-        if self.delivery is not None:
-            self.delivery.stop_pacing()  # (paced publishes are durable: their answers go now)
+        self.pacer.stop()  # (paced publishes are durable: their answers go now)
         if self._spool_look is not None:
             self._spool_look.cancel()  # `finish` below collects it with the sources' tasks
         if self._grpc is not None:

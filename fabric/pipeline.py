@@ -131,9 +131,8 @@ class Pipeline:
         self.in_flight = 0
         self.in_flight_bytes = 0  # request bodies (HTTP) and messages (gRPC) held, against max_in_flight_bytes
         self.closing = False
-        # Ingress pacing (set by the gateway when its delivery workers run in this process): once a publish is
-        # durable and counted, its answer waits while its destinations' workers are delivering but far behind
-        # (DeliveryHost.room_for; docs/delivery.md, "Ingress paced to delivery").
+        # Ingress pacing (set by the gateway): once a publish is durable and counted, its answer waits while its
+        # destinations' workers are delivering but far behind (umcef.fabric.pacing).
         self.pace: Callable[[Collection[str]], Awaitable[None]] | None = None
 
     async def ingest_http(self, headers: Mapping[str, str], body: bytes, size: int | None = None) -> PublishResult:

@@ -14,10 +14,6 @@ complete:
 - another writer may append to the topic (`umcef dlq replay` in another process): the store reports
   that at its next commit of records (a `gap`), and a live feed with nothing in memory looks for a stored record
   it was not given every `poll_interval`; either way it reads the store again.
-
-The feed also paces ingress (`wait_for_room`): while live, what waits in memory is how far ingress has run
-ahead of a worker that is delivering, and a publish can wait for it to shrink (docs/delivery.md, "Ingress
-paced to delivery").
 """
 
 from __future__ import annotations
@@ -29,12 +25,6 @@ from dataclasses import dataclass
 
 from umcef.adapters.local import Committed, LocalStore
 from umcef.fabric.event import Event
-
-# A worker that took no page for this long is not delivering (its destination fails, hangs or is ejected):
-# ingress is not paced to it, the spool absorbs what arrives (up to backpressure's watermarks). Longer than a
-# slow but healthy publish: a worker with its pages in flight takes nothing until one is acknowledged (with
-# 0.5 s, a Kafka destination behind a 40 ms latency proxy counted as stalled under load).
-STALLED_SECONDS = 2.0
 
 
 @dataclass(slots=True)
@@ -61,56 +51,12 @@ class SpoolFeed:
         self._inbox: deque[Committed] = deque()
         self._incomplete = False
         self._waiter: asyncio.Future[None] | None = None  # next_page() waiting for the store's news
-        self._room_waiters: list[asyncio.Future[None]] = []  # wait_for_room() callers
-        self._room_at = 0  # their threshold: they are woken once no more than this many wait in memory
-        self._unpaced = False  # closed, or the gateway is closing: nobody waits here any more
-        self.taken_at = 0.0  # monotonic: when a page was last handed out, or the feed went live
         self._next_check = 0.0
         self._unlisten = store.listen(topic, self._heard)
 
     def close(self) -> None:
-        self._unpaced = True
         self._unlisten()
         self._inbox.clear()
-        self._make_room()
-
-    def ahead(self, above: int) -> bool:
-        """Whether more than `above` committed records wait in memory for a worker that is delivering: ingress
-        ran that far ahead of it. (Reading the store, the feed is behind for another reason: a backlog, an
-        overflow; ingress is not paced then, backpressure bounds the spool.)"""
-        return (self.live and not self._incomplete and not self._unpaced and len(self._inbox) > above
-                and time.monotonic() - self.taken_at < STALLED_SECONDS)
-
-    def stop_pacing(self) -> None:
-        """The gateway is closing: release every publisher waiting here and pace none from now on."""
-        self._unpaced = True
-        self._make_room()
-
-    async def wait_for_room(self, above: int, until: float) -> None:
-        """Returns once no more than `above` records wait in memory, the worker stalls, the feed stops being
-        live or is closed, or at `until` (monotonic) at the latest."""
-        loop = asyncio.get_running_loop()
-        while self.ahead(above):
-            now = time.monotonic()
-            wake_at = min(until, self.taken_at + STALLED_SECONDS)
-            if wake_at <= now:
-                return
-            self._room_at = above  # (one worker, one threshold: every waiter of a feed passes the same)
-            room = loop.create_future()
-            self._room_waiters.append(room)
-            timer = loop.call_later(wake_at - now, _settle, room)
-            try:
-                await room
-            finally:
-                timer.cancel()
-                if room in self._room_waiters:  # (cancelled while waiting)
-                    self._room_waiters.remove(room)
-
-    def _make_room(self) -> None:
-        """Wake every wait_for_room(): each looks again (a page was taken, or the feed changed state)."""
-        waiters, self._room_waiters = self._room_waiters, []
-        for room in waiters:
-            _settle(room)
 
     @property
     def caught_up(self) -> bool:
@@ -137,7 +83,6 @@ class SpoolFeed:
         if gap or behind or len(inbox) + len(committed) > self.capacity:
             self._incomplete = True  # the store has them, in order; the feed will read it
             inbox.clear()
-            self._make_room()
         else:
             inbox.extend(committed)
         self._wake_up()
@@ -174,11 +119,9 @@ class SpoolFeed:
             self._inbox.clear()
             self._incomplete = False
             self.live = self.reached_live = True
-            self.taken_at = time.monotonic()
-            self._next_check = self.taken_at + self.poll_interval
+            self._next_check = time.monotonic() + self.poll_interval
             return []
         self.from_store += len(stored)
-        self._make_room()  # (not live: nobody is paced any more)
         return [Spooled(seq, stored_at, payload, None) for seq, stored_at, payload in stored]
 
     def _from_memory(self) -> list[Spooled]:
@@ -194,9 +137,6 @@ class SpoolFeed:
             carried = record.carry
             page.append(Spooled(seq, stored_at, record.payload, carried if isinstance(carried, Event) else None))
         self.from_memory += len(page)
-        self.taken_at = time.monotonic()
-        if self._room_waiters and len(inbox) <= self._room_at:
-            self._make_room()
         return page
 
     def _foreign_append(self) -> bool:
@@ -209,8 +149,3 @@ class SpoolFeed:
             return False
         self._next_check = now + self.poll_interval
         return self.store.last_seq(self.topic) > max(self.last, self.store.last_seq_written_here)
-
-
-def _settle(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)

@@ -4,16 +4,12 @@ every committed record exactly once, in seq order, whichever way it came."""
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-
-import pytest
 
 from umcef.adapters.local import LocalStore, Record
 from umcef.fabric.event import Event
 from umcef.fabric.formats import json_format
-from umcef.fabric.spool_feed import STALLED_SECONDS, Spooled, SpoolFeed
+from umcef.fabric.spool_feed import Spooled, SpoolFeed
 
 TOPIC = "_spool.k"
 
@@ -159,76 +155,4 @@ async def test_caught_up_lately_remembers_a_catch_up_between_two_questions(tmp_p
         assert not feed.caught_up_lately()
         assert await _idle_page(feed) == []
         assert feed.caught_up and feed.caught_up_lately()
-        feed.close()
-
-
-# Ingress pacing: wait_for_room() holds a publisher while more than `above` records wait in memory for a
-# worker that is taking pages, and lets it go when the worker catches up, stalls, or the feed changes state.
-
-
-async def _live_with(store: LocalStore, feed: SpoolFeed, n: int, topic: str = TOPIC) -> None:
-    """The feed live with n records in memory, of which the worker has just taken a page (it is delivering)."""
-    assert await _idle_page(feed) == []
-    await store.append([record(i, topic) for i in range(n)])
-    await feed.next_page()
-
-
-async def test_a_publisher_waits_until_the_worker_has_caught_up(tmp_path: Path) -> None:
-    with LocalStore(tmp_path, sync="normal") as store:
-        feed = SpoolFeed(store, TOPIC, 0, page_size=10, poll_interval=600)
-        await _live_with(store, feed, 40)
-        assert feed.ahead(20) and not feed.ahead(30)
-        waiting = asyncio.ensure_future(feed.wait_for_room(20, time.monotonic() + 60))
-        await asyncio.sleep(0.05)
-        assert not waiting.done()  # 30 wait, 20 allowed
-        await feed.next_page()  # the worker takes 10: 20 left, which is allowed
-        await asyncio.wait_for(waiting, 0.3)  # at once (the stall would release it STALLED_SECONDS after the take)
-        assert not feed.ahead(20)
-        feed.close()
-
-
-async def test_a_stalled_worker_does_not_hold_publishers(tmp_path: Path) -> None:
-    # A destination down or ejected: its worker takes no page. Ingress is not paced to it; the spool absorbs.
-    with LocalStore(tmp_path, sync="normal") as store:
-        feed = SpoolFeed(store, TOPIC, 0, page_size=10, poll_interval=600)
-        await _live_with(store, feed, 40)
-        assert feed.ahead(5)
-        await asyncio.wait_for(feed.wait_for_room(5, time.monotonic() + 60), 5 + STALLED_SECONDS)
-        assert not feed.ahead(5)  # still 30 in memory, but nobody took a page lately
-        feed.close()
-
-
-async def _overflow(store: LocalStore, feed: SpoolFeed) -> None:
-    await store.append([record(i) for i in range(40, 55)])  # 30 + 15 > capacity: the feed reads the store
-
-
-async def _close(store: LocalStore, feed: SpoolFeed) -> None:
-    feed.close()
-
-
-async def _stop_pacing(store: LocalStore, feed: SpoolFeed) -> None:
-    feed.stop_pacing()  # the gateway is closing
-
-
-@pytest.mark.parametrize("release", [_overflow, _close, _stop_pacing])
-async def test_overflow_close_and_stop_pacing_release_publishers(
-        tmp_path: Path, release: Callable[[LocalStore, SpoolFeed], Awaitable[None]]) -> None:
-    with LocalStore(tmp_path, sync="normal") as store:
-        feed = SpoolFeed(store, TOPIC, 0, page_size=10, capacity=40, poll_interval=600)
-        await _live_with(store, feed, 40)
-        waiting = asyncio.ensure_future(feed.wait_for_room(5, time.monotonic() + 60))
-        await asyncio.sleep(0.01)
-        assert not waiting.done()
-        await release(store, feed)
-        await asyncio.wait_for(waiting, 0.2)  # (well before the stall would have released it)
-        assert not feed.ahead(5)
-        feed.close()
-
-
-async def test_a_publisher_waits_no_longer_than_it_was_allowed(tmp_path: Path) -> None:
-    with LocalStore(tmp_path, sync="normal") as store:
-        feed = SpoolFeed(store, TOPIC, 0, page_size=10, poll_interval=600)
-        await _live_with(store, feed, 40)
-        await asyncio.wait_for(feed.wait_for_room(5, time.monotonic() + 0.05), 1)
-        assert feed.ahead(5)  # still behind and not stalled: the deadline let it go
         feed.close()

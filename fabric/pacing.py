@@ -1,0 +1,111 @@
+"""Ingress paced to delivery: a publish whose destination's worker is delivering but far behind what ingress
+accepted for it waits, once durable, before its answer (docs/delivery.md, "Ingress paced to delivery").
+
+The measure is each remote destination's backpressure lane (umcef.fabric.backpressure): what this gateway
+accepted for the destination against what left its spool (acknowledged, moved by failover, dead-lettered).
+It holds whether delivery runs in this process or its own (where what left is known from the child's
+reports), and whether the worker takes its spool from memory or reads it from the store. Only ingress's
+lead counts: what ingress added since the spool was last at its lowest. A backlog found at start, left by an
+outage or moved in by failover drains without holding anybody (it lowers the lowest point as it goes), while
+ingress outrunning a delivering worker by more than `pace_above_events` waits for it.
+
+A worker that made no progress for STALLED_SECONDS is not delivering (its destination fails, hangs or is
+ejected; its process restarts): nobody waits for it, the spool absorbs what arrives up to backpressure's
+watermarks, and the lead counts again from where the spool stands when it progresses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Collection, Mapping
+
+from umcef.fabric.backpressure import Lane
+
+# Longer than a slow but healthy publish: a worker with its pages in flight shows no progress until one is
+# acknowledged (with 0.5 s, a Kafka destination behind a 40 ms latency proxy counted as stalled under load).
+STALLED_SECONDS = 2.0
+# The longest a publish waits: a safety bound (a stalled worker releases its waiters sooner).
+MAX_WAIT_SECONDS = 5.0
+# How often waiting publishes look again. With delivery in its own process what left a spool is known every
+# 50 ms (delivery_process.REPORT_SECONDS) anyway; a paced publish is one that can afford the wait.
+TICK_SECONDS = 0.01
+
+
+class LanePace:
+    """One destination: how far ingress is ahead of its worker."""
+
+    __slots__ = ("above", "floor", "lane", "last_drained", "progressed_at")
+
+    def __init__(self, lane: Lane, above: int, now: float) -> None:
+        self.lane = lane
+        self.above = above
+        self.floor = 0  # the lowest `lane.accepted - lane.drained()` seen while the worker delivers
+        self.last_drained = lane.drained()
+        self.progressed_at = now  # when `drained` was last seen to move (monotonic)
+
+    def lead(self, now: float) -> int:
+        drained = self.lane.drained()
+        net = self.lane.accepted - drained
+        if drained != self.last_drained:
+            self.last_drained, self.progressed_at = drained, now
+        if net < self.floor or now - self.progressed_at >= STALLED_SECONDS:
+            self.floor = net  # draining what ingress did not add now, or stalled: nobody is held for it
+        return net - self.floor
+
+    def ahead(self, now: float) -> bool:
+        return self.lead(now) > self.above
+
+
+class Pacer:
+    """`room_for(names)` is the pipeline's pace hook (Pipeline.pace); `stop()` releases every waiter for good."""
+
+    def __init__(self, lanes: Mapping[str, tuple[Lane, int | None]],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        now = clock()
+        self.paces = {name: LanePace(lane, above, now) for name, (lane, above) in lanes.items() if above is not None}
+        self.clock = clock
+        self.stopped = False
+        self.waiting = 0  # publishes waiting now (for tests and metrics)
+        self._waiters: list[asyncio.Future[None]] = []
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def room_for(self, names: Collection[str]) -> None:
+        """Waits while any of these destinations' workers is delivering but more than its `pace_above_events`
+        behind ingress, for at most MAX_WAIT_SECONDS. Names without a pace (local destinations, the
+        dead-letter pseudo-destination, pacing off) are not waited for."""
+        paces = [pace for name in names if (pace := self.paces.get(name)) is not None]
+        if not paces:
+            return
+        until = self.clock() + MAX_WAIT_SECONDS
+        loop = asyncio.get_running_loop()
+        while not self.stopped:
+            now = self.clock()
+            if now >= until or not any(pace.ahead(now) for pace in paces):
+                return
+            waiter = loop.create_future()
+            self._waiters.append(waiter)
+            if self._timer is None:
+                self._timer = loop.call_later(TICK_SECONDS, self._tick)
+            self.waiting += 1
+            try:
+                await waiter
+            finally:
+                self.waiting -= 1
+                if waiter in self._waiters:  # (cancelled: the client went away)
+                    self._waiters.remove(waiter)
+
+    def stop(self) -> None:
+        """The gateway is closing: waiting publishes answer now (they are durable), and none waits from now on."""
+        self.stopped = True
+        if self._timer is not None:
+            self._timer.cancel()
+        self._tick()
+
+    def _tick(self) -> None:
+        """Every waiter looks again (and waits for the next tick if it must)."""
+        self._timer = None
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
