@@ -129,10 +129,11 @@ class Pipeline:
         self.limits = limits
         self.max_in_flight = max_in_flight
         self.in_flight = 0
+        self.pacing = 0  # events of publishes waiting for delivery to catch up (`pace`), no longer in flight
         self.in_flight_bytes = 0  # request bodies (HTTP) and messages (gRPC) held, against max_in_flight_bytes
         self.closing = False
         # Ingress pacing (set by the gateway): once a publish is durable and counted, its answer waits while its
-        # destinations' workers are delivering but far behind (umcef.fabric.pacing).
+        # destinations' workers are delivering but far behind (umcef.fabric.pacing; see `publish`).
         self.pace: Callable[[Collection[str]], Awaitable[None]] | None = None
 
     async def ingest_http(self, headers: Mapping[str, str], body: bytes, size: int | None = None) -> PublishResult:
@@ -188,11 +189,24 @@ class Pipeline:
         with self.holding(size):
             self.in_flight += len(events)
             try:
-                return await self._publish(events)
+                result, destinations = await self._publish(events)
             finally:
                 self.in_flight -= len(events)
+            # Durable, claimed and counted: nothing is left to undo (a cancelled wait costs the client a retry
+            # that dedup answers). A paced publish no longer counts as in flight, so publishes waiting for a
+            # slow destination cannot refuse those of others; it holds its request bytes, and when as many
+            # events as `max_in_flight` wait already it answers at once (the spool absorbs, as unpaced).
+            if destinations and self.pace is not None and not self.closing \
+                    and self.pacing + len(events) <= self.max_in_flight:
+                self.pacing += len(events)
+                try:
+                    await self.pace(destinations)
+                finally:
+                    self.pacing -= len(events)
+            return result
 
-    async def _publish(self, events: list[Event]) -> PublishResult:
+    async def _publish(self, events: list[Event]) -> tuple[PublishResult, set[str]]:
+        """The answer, and the destinations of the events it spooled (none: nothing new)."""
         unique: list[Event] = []
         keys: list[Key] = []  # of the unique events
         positions: list[int] = []  # of the unique events in the request (error messages name the index)
@@ -219,7 +233,7 @@ class Pipeline:
             why = gauge.reserve(reserved)
             if why is not None:
                 if await self._accepted_before(keys):  # a client's retry of a 202: the same answer, full or not
-                    return PublishResult([e.id for e in events], [*duplicates, *(key[1] for key in keys)])
+                    return PublishResult([e.id for e in events], [*duplicates, *(key[1] for key in keys)]), set()
                 raise Overloaded(why, gauge.retry_after_seconds)
         try:
             try:
@@ -254,14 +268,12 @@ class Pipeline:
             gauge.commit(reserved, written)
         if claimed:
             await self.dedup.commit_batch(claimed)
-        if fresh and self.pace is not None and not self.closing:
-            # Nothing is left to undo: a cancelled wait costs the client a retry that dedup answers.
-            await self.pace(set().union(*(decided[i].destinations for i in fresh)))
         # (shielded: the futures are shared with other publishers, whom a cancelled request must not cancel)
         if waits and not all(await asyncio.gather(*(asyncio.shield(wait) for wait in waits))):
             # The concurrent first publish of one of these failed; this caller must not get a 202 for it.
             raise Overloaded("a concurrent publish of the same event failed; retry", retry_after=0.1)
-        return PublishResult([e.id for e in events], duplicates)
+        paced = set().union(*(decided[i].destinations for i in fresh)) if self.pace is not None else set()
+        return PublishResult([e.id for e in events], duplicates), paced
 
     async def _accepted_before(self, keys: list[Key]) -> bool:
         """Whether every event of a batch the spools refused is already durable: a resend of an accepted

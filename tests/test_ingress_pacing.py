@@ -164,3 +164,19 @@ async def test_a_publish_finishing_while_the_gateway_closes_is_not_paced() -> No
     spool.gate.set()
     assert (await asyncio.wait_for(writing, 5)).ids == ["e1"]
     assert gate.names == []
+
+
+async def test_publishes_waiting_for_delivery_do_not_count_as_in_flight() -> None:
+    """Publishes paced for a slow destination must not refuse other publishes (429, events in flight); once
+    `max_in_flight` events wait, a further publish answers at once instead of waiting too."""
+    spool, gate = MemorySpool(), Gate()
+    pipeline = Pipeline(DedupWindow(600.0), ToDefault(), spool, NO_LIMITS, max_in_flight=2)
+    pipeline.pace = gate
+    first = asyncio.ensure_future(pipeline.publish([event(1), event(2)]))
+    await eventually(lambda: gate.names, 5, "the first publish waiting")
+    assert pipeline.in_flight == 0 and pipeline.pacing == 2
+    second = await asyncio.wait_for(pipeline.publish([event(3), event(4)]), 5)
+    assert second.ids == ["e3", "e4"] and spool.written == ["e1", "e2", "e3", "e4"]
+    assert len(gate.names) == 1 and not first.done()  # the second did not wait: the waiting room was full
+    gate.open.set()
+    assert (await asyncio.wait_for(first, 5)).ids == ["e1", "e2"] and pipeline.pacing == 0

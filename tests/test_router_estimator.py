@@ -183,7 +183,9 @@ async def test_a_slow_delivery_brings_the_next_probe_round_forward() -> None:
     loop.EARLY_FRACTION = 100.0  # (early rounds keep interval / EARLY_FRACTION apart: 0.3 s here)
     est.delivered("d", 0.5)  # ... real traffic notices: an early round, long before the 30 s interval
     await until(lambda: rtt(est) > 100.0)
-    assert rtt(est) == pytest.approx(300.0) and len(rounds) == 2 and rounds[1] - rounds[0] >= 0.3
+    # The spacing counts from the round's start, a loop turn or so before its probe is called (seen: 0.2997 s
+    # between the calls on a loaded machine).
+    assert rtt(est) == pytest.approx(300.0) and len(rounds) == 2 and rounds[1] - rounds[0] >= 0.3 - 0.02
     await loop.stop()
     await asyncio.wait_for(task, 5)
     assert est.probe_soon is None
