@@ -35,20 +35,28 @@ TICK_SECONDS = 0.01
 class LanePace:
     """One destination: how far ingress is ahead of its worker."""
 
-    __slots__ = ("above", "floor", "lane", "last_drained", "progressed_at")
+    __slots__ = ("above", "floor", "idle", "lane", "last_out", "progressed_at")
 
     def __init__(self, lane: Lane, above: int, now: float) -> None:
         self.lane = lane
         self.above = above
-        self.floor = 0  # the lowest `lane.accepted - lane.drained()` seen while the worker delivers
-        self.last_drained = lane.drained()
-        self.progressed_at = now  # when `drained` was last seen to move (monotonic)
+        self.floor = 0  # the lowest `accepted - out` seen while the worker delivers
+        self.last_out = self._out()
+        self.progressed_at = now  # when `out` was last seen to grow (monotonic)
+        self.idle = True  # the last look found nothing undelivered
+
+    def _out(self) -> int:
+        """What the destination's worker took out of its spool (dead letters other workers put into it count
+        as what they are, more to deliver, not as its progress)."""
+        return self.lane.drained() + self.lane.spooled_in()
 
     def lead(self, now: float) -> int:
-        drained = self.lane.drained()
-        net = self.lane.accepted - drained
-        if drained != self.last_drained:
-            self.last_drained, self.progressed_at = drained, now
+        lane = self.lane
+        out = self._out()
+        net = lane.accepted - out
+        if out != self.last_out or self.idle:  # (after an idle spell nothing was expected of it until now)
+            self.last_out, self.progressed_at = out, now
+        self.idle = lane.depth == 0
         if net < self.floor or now - self.progressed_at >= STALLED_SECONDS:
             self.floor = net  # draining what ingress did not add now, or stalled: nobody is held for it
         return net - self.floor
@@ -58,54 +66,70 @@ class LanePace:
 
 
 class Pacer:
-    """`room_for(names)` is the pipeline's pace hook (Pipeline.pace); `stop()` releases every waiter for good."""
+    """`room_for(names)` is the pipeline's pace hook (Pipeline.pace); `stop()` releases every waiter for good.
+
+    Waiters are grouped by the destinations they wait for: a tick looks at each group's lanes once, however
+    many publishes wait (ten thousand single-event publishes may), and wakes only the groups released."""
 
     def __init__(self, lanes: Mapping[str, tuple[Lane, int | None]],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, max_wait: float = MAX_WAIT_SECONDS) -> None:
         now = clock()
+        self.max_wait = max_wait
         self.paces = {name: LanePace(lane, above, now) for name, (lane, above) in lanes.items() if above is not None}
         self.clock = clock
         self.stopped = False
-        self.waiting = 0  # publishes waiting now (for tests and metrics)
-        self._waiters: list[asyncio.Future[None]] = []
+        self.waiting = 0  # publishes waiting now
+        self._groups: dict[tuple[LanePace, ...], set[asyncio.Future[None]]] = {}
         self._timer: asyncio.TimerHandle | None = None
 
     async def room_for(self, names: Collection[str]) -> None:
         """Waits while any of these destinations' workers is delivering but more than its `pace_above_events`
-        behind ingress, for at most MAX_WAIT_SECONDS. Names without a pace (local destinations, the
+        behind ingress, for at most `max_wait` seconds. Names without a pace (local destinations, the
         dead-letter pseudo-destination, pacing off) are not waited for."""
-        paces = [pace for name in names if (pace := self.paces.get(name)) is not None]
-        if not paces:
+        group = tuple(pace for name in sorted(names) if (pace := self.paces.get(name)) is not None)
+        now = self.clock()
+        if self.stopped or not group or not any(pace.ahead(now) for pace in group):
             return
-        until = self.clock() + MAX_WAIT_SECONDS
         loop = asyncio.get_running_loop()
-        while not self.stopped:
-            now = self.clock()
-            if now >= until or not any(pace.ahead(now) for pace in paces):
-                return
-            waiter = loop.create_future()
-            self._waiters.append(waiter)
-            if self._timer is None:
-                self._timer = loop.call_later(TICK_SECONDS, self._tick)
-            self.waiting += 1
-            try:
-                await waiter
-            finally:
-                self.waiting -= 1
-                if waiter in self._waiters:  # (cancelled: the client went away)
-                    self._waiters.remove(waiter)
+        waiter = loop.create_future()
+        self._groups.setdefault(group, set()).add(waiter)
+        if self._timer is None:
+            self._timer = loop.call_later(TICK_SECONDS, self._tick)
+        deadline = loop.call_later(self.max_wait, _settle, waiter)
+        self.waiting += 1
+        try:
+            await waiter
+        finally:
+            self.waiting -= 1
+            deadline.cancel()
+            waiters = self._groups.get(group)
+            if waiters is not None:
+                waiters.discard(waiter)  # (released by the deadline, or cancelled: the client went away)
+                if not waiters:
+                    del self._groups[group]
 
     def stop(self) -> None:
         """The gateway is closing: waiting publishes answer now (they are durable), and none waits from now on."""
         self.stopped = True
         if self._timer is not None:
             self._timer.cancel()
-        self._tick()
+            self._timer = None
+        groups, self._groups = self._groups, {}
+        for waiters in groups.values():
+            for waiter in waiters:
+                _settle(waiter)
 
     def _tick(self) -> None:
-        """Every waiter looks again (and waits for the next tick if it must)."""
+        """Wakes the groups whose destinations have room now; looks again next tick if any still wait."""
         self._timer = None
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        now = self.clock()
+        for group in [g for g in self._groups if not any(pace.ahead(now) for pace in g)]:
+            for waiter in self._groups.pop(group):
+                _settle(waiter)
+        if self._groups:
+            self._timer = asyncio.get_running_loop().call_later(TICK_SECONDS, self._tick)
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

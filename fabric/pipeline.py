@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -118,6 +119,17 @@ class BytesHold:
         self._pipeline.resize_hold(self.size, size)
         self.size = size
 
+    def give_up(self) -> int:
+        """No longer counted in flight (a paced publish counts in the waiting room instead): the bytes it held."""
+        size, self.size = self.size, 0
+        self._pipeline.release_bytes(size)
+        return size
+
+
+# The byte hold of the request being published, wherever its ingress took it (`Pipeline.holding`): a paced
+# publish moves its bytes out of flight into the waiting room. (Each request is served by a task of its own.)
+_REQUEST_HOLD: contextvars.ContextVar[BytesHold | None] = contextvars.ContextVar("request_hold", default=None)
+
 
 class Pipeline:
     def __init__(self, dedup: DedupStore, router: Router, spool: Spool, limits: Limits,
@@ -130,6 +142,7 @@ class Pipeline:
         self.max_in_flight = max_in_flight
         self.in_flight = 0
         self.pacing = 0  # events of publishes waiting for delivery to catch up (`pace`), no longer in flight
+        self.pacing_bytes = 0  # and their request bytes
         self.in_flight_bytes = 0  # request bodies (HTTP) and messages (gRPC) held, against max_in_flight_bytes
         self.closing = False
         # Ingress pacing (set by the gateway): once a publish is durable and counted, its answer waits while its
@@ -161,9 +174,11 @@ class Pipeline:
         ingresses do around reading and publishing a request; `resize` once its real size is known."""
         self.hold_bytes(size)
         hold = BytesHold(self, size)
+        token = _REQUEST_HOLD.set(hold)
         try:
             yield hold
         finally:
+            _REQUEST_HOLD.reset(token)
             self.release_bytes(hold.size)
 
     def resize_hold(self, held: int, size: int) -> None:
@@ -186,24 +201,37 @@ class Pipeline:
         # An idle pipeline takes any batch, so a batch above the limit cannot be refused forever.
         if self.in_flight and self.in_flight + len(events) > self.max_in_flight:
             raise Overloaded(f"{self.in_flight} events in flight, limit {self.max_in_flight}")
-        with self.holding(size):
+        outer = _REQUEST_HOLD.get()  # the ingress's hold of the request's bytes (then `size` is 0)
+        with self.holding(size) as own:
             self.in_flight += len(events)
             try:
                 result, destinations = await self._publish(events)
             finally:
                 self.in_flight -= len(events)
-            # Durable, claimed and counted: nothing is left to undo (a cancelled wait costs the client a retry
-            # that dedup answers). A paced publish no longer counts as in flight, so publishes waiting for a
-            # slow destination cannot refuse those of others; it holds its request bytes, and when as many
-            # events as `max_in_flight` wait already it answers at once (the spool absorbs, as unpaced).
-            if destinations and self.pace is not None and not self.closing \
-                    and self.pacing + len(events) <= self.max_in_flight:
-                self.pacing += len(events)
-                try:
-                    await self.pace(destinations)
-                finally:
-                    self.pacing -= len(events)
+            if destinations and self.pace is not None and not self.closing:
+                await self._paced(destinations, len(events), own if outer is None or size else outer)
             return result
+
+    async def _paced(self, destinations: set[str], events: int, hold: BytesHold) -> None:
+        """Waits for delivery to catch up (`pace`). Durable, claimed and counted, the publish has nothing left to
+        undo (a cancelled wait costs the client a retry that dedup answers), so it leaves the in-flight counts
+        for a waiting room with the same bounds: publishes paced for a slow destination cannot refuse the
+        others' (429), and once the room is full a publish answers at once (its events wait in the spool, as
+        unpaced), so memory stays bounded."""
+        pace = self.pace
+        budget = self.backpressure.max_in_flight_bytes if self.backpressure is not None else None
+        full = (self.pacing + events > self.max_in_flight
+                or (budget is not None and self.pacing_bytes + hold.size > budget))
+        if pace is None or (full and self.pacing):  # (an empty room takes any publish, like the pipeline)
+            return
+        nbytes = hold.give_up()
+        self.pacing += events
+        self.pacing_bytes += nbytes
+        try:
+            await pace(destinations)
+        finally:
+            self.pacing -= events
+            self.pacing_bytes -= nbytes
 
     async def _publish(self, events: list[Event]) -> tuple[PublishResult, set[str]]:
         """The answer, and the destinations of the events it spooled (none: nothing new)."""

@@ -147,6 +147,7 @@ async def test_a_paced_publish_is_durable_and_claimed_before_it_waits() -> None:
     waiting.cancel()  # the client went away: its retry must get the first answer, not a second write
     with pytest.raises(asyncio.CancelledError):
         await waiting
+    assert pipeline.pacing == pipeline.pacing_bytes == pipeline.in_flight == 0
     gate.open.set()
     again = await pipeline.publish([event(1), event(2)])
     assert again.duplicates == ["e1", "e2"] and spool.written == ["e1", "e2"]
@@ -167,16 +168,36 @@ async def test_a_publish_finishing_while_the_gateway_closes_is_not_paced() -> No
 
 
 async def test_publishes_waiting_for_delivery_do_not_count_as_in_flight() -> None:
-    """Publishes paced for a slow destination must not refuse other publishes (429, events in flight); once
-    `max_in_flight` events wait, a further publish answers at once instead of waiting too."""
+    """Publishes paced for a slow destination must not refuse other publishes (429, events or bytes in flight):
+    they wait in a room of their own, as large; once it is full, a further publish answers at once instead."""
     spool, gate = MemorySpool(), Gate()
-    pipeline = Pipeline(DedupWindow(600.0), ToDefault(), spool, NO_LIMITS, max_in_flight=2)
+    pipeline = Pipeline(DedupWindow(600.0), ToDefault(), spool, NO_LIMITS, max_in_flight=4)
     pipeline.pace = gate
-    first = asyncio.ensure_future(pipeline.publish([event(1), event(2)]))
-    await eventually(lambda: gate.names, 5, "the first publish waiting")
-    assert pipeline.in_flight == 0 and pipeline.pacing == 2
-    second = await asyncio.wait_for(pipeline.publish([event(3), event(4)]), 5)
-    assert second.ids == ["e3", "e4"] and spool.written == ["e1", "e2", "e3", "e4"]
-    assert len(gate.names) == 1 and not first.done()  # the second did not wait: the waiting room was full
+    first = asyncio.ensure_future(pipeline.publish([event(1), event(2)], size=100))
+    await eventually(lambda: len(gate.names) == 1, 5, "the first publish waiting")
+    assert (pipeline.in_flight, pipeline.in_flight_bytes, pipeline.pacing, pipeline.pacing_bytes) == (0, 0, 2, 100)
+    second = asyncio.ensure_future(pipeline.publish([event(3), event(4)]))  # fits the room: waits too
+    await eventually(lambda: len(gate.names) == 2, 5, "the second publish waiting")
+    third = await asyncio.wait_for(pipeline.publish([event(5)]), 5)  # the room is full: answered at once
+    assert third.ids == ["e5"] and spool.written == ["e1", "e2", "e3", "e4", "e5"]
+    assert len(gate.names) == 2 and not first.done() and not second.done()
     gate.open.set()
-    assert (await asyncio.wait_for(first, 5)).ids == ["e1", "e2"] and pipeline.pacing == 0
+    assert [r.ids for r in await asyncio.wait_for(asyncio.gather(first, second), 5)] == [["e1", "e2"], ["e3", "e4"]]
+    assert (pipeline.in_flight, pipeline.in_flight_bytes, pipeline.pacing, pipeline.pacing_bytes) == (0, 0, 0, 0)
+
+
+async def test_the_request_bytes_an_ingress_holds_move_to_the_waiting_room() -> None:
+    spool, gate = MemorySpool(), Gate()
+    pipeline = Pipeline(DedupWindow(600.0), ToDefault(), spool, NO_LIMITS)
+    pipeline.pace = gate
+
+    async def as_an_ingress_does() -> Any:
+        with pipeline.holding(300):  # (HTTP and gRPC hold the request's bytes around decoding and publishing)
+            return await pipeline.publish([event(1)])
+
+    waiting = asyncio.ensure_future(as_an_ingress_does())
+    await eventually(lambda: gate.names, 5, "the publish waiting")
+    assert (pipeline.in_flight_bytes, pipeline.pacing_bytes) == (0, 300)
+    gate.open.set()
+    assert (await asyncio.wait_for(waiting, 5)).ids == ["e1"]
+    assert (pipeline.in_flight_bytes, pipeline.pacing_bytes) == (0, 0)

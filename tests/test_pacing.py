@@ -13,11 +13,12 @@ from umcef.fabric.pacing import MAX_WAIT_SECONDS, STALLED_SECONDS, LanePace, Pac
 
 
 class Spool:
-    """A lane and what left it."""
+    """A lane, what its worker took out of it (`out`) and the dead letters other workers put into it (`into`)."""
 
     def __init__(self) -> None:
         self.out = 0
-        self.lane = Lane("d", drained=lambda: self.out)
+        self.into = 0
+        self.lane = Lane("d", drained=lambda: self.out - self.into, spooled_in=lambda: self.into)
 
     def accept(self, n: int) -> None:
         self.lane.add(n)
@@ -72,20 +73,37 @@ def test_a_worker_that_makes_no_progress_holds_nobody_until_it_does() -> None:
     assert pace.lead(5.2) == 80 and pace.ahead(5.2)
 
 
-def test_an_idle_worker_is_not_taken_for_a_stalled_one_once_it_delivers() -> None:
+def test_a_burst_after_an_idle_spell_is_paced_from_its_start() -> None:
+    """Nothing undelivered at the last look: nothing was expected of the worker since, so the stall clock
+    starts now, not at the last delivery (long ago)."""
     spool = Spool()
     pace = LanePace(spool.lane, 50, 0.0)
-    spool.accept(60)  # a burst after a long idle time: no progress seen for long, not paced yet
-    assert pace.lead(100.0) == 0
+    spool.accept(10)
     spool.out = 10
-    spool.accept(100)
-    assert pace.lead(100.1) == 90 and pace.ahead(100.1)
+    assert pace.lead(1.0) == 0  # all delivered: idle
+    spool.accept(100)  # a burst 100 s later
+    assert pace.lead(101.0) == 100 and pace.ahead(101.0)
+    assert pace.lead(101.0 + STALLED_SECONDS) == 0  # and if the worker then takes nothing, it is stalled
 
 
-async def held_publish() -> tuple[Spool, Clock, Pacer, asyncio.Future[None]]:
+def test_dead_letters_put_into_the_spool_are_neither_ingress_nor_progress() -> None:
+    """Another worker dead-lettering into this destination's spool: more to deliver, but not what ingress added,
+    and the worker of a hanging destination still counts as stalled."""
+    spool = Spool()
+    pace = LanePace(spool.lane, 50, 0.0)
+    spool.accept(40)
+    spool.out = 5
+    assert pace.lead(0.1) == 35
+    for step in range(1, 20):
+        spool.into += 5  # dead letters arriving, the worker taking nothing
+        lead = pace.lead(0.1 + step * 0.5)
+        assert lead == (35 if step * 0.5 < STALLED_SECONDS else 0), (step, lead)
+
+
+async def held_publish(max_wait: float = MAX_WAIT_SECONDS) -> tuple[Spool, Clock, Pacer, asyncio.Future[None]]:
     """A publish waiting: ingress is 99 events ahead of a worker that is delivering, 50 are allowed."""
     spool, clock = Spool(), Clock()
-    pacer = Pacer({"d": (spool.lane, 50)}, clock)
+    pacer = Pacer({"d": (spool.lane, 50)}, clock, max_wait)
     spool.accept(100)
     spool.out = 1
     waiting = asyncio.ensure_future(pacer.room_for({"d"}))
@@ -104,21 +122,40 @@ async def test_a_publish_waits_while_ahead_and_goes_once_the_worker_caught_up() 
 
 @pytest.mark.parametrize("release", ["stall", "deadline", "stop"])
 async def test_a_waiting_publish_is_released_by_a_stall_its_deadline_or_stop(release: str) -> None:
-    spool, clock, pacer, waiting = await held_publish()
+    spool, clock, pacer, waiting = await held_publish(max_wait=0.5 if release == "deadline" else MAX_WAIT_SECONDS)
     if release == "stall":
         clock.now += STALLED_SECONDS
     elif release == "deadline":
-        for _ in range(int(MAX_WAIT_SECONDS) - 1):  # the worker progresses, but not enough
-            clock.now += 1.0
+        for _ in range(4):  # the worker progresses, but not enough
+            clock.now += 0.05
             spool.out += 1
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.05)
         assert not waiting.done()
-        clock.now += 1.0
     else:
         pacer.stop()
     await asyncio.wait_for(waiting, 1)
+    assert pacer.waiting == 0 and not pacer._groups
     if release == "stop":  # and nobody waits from now on
         await asyncio.wait_for(pacer.room_for({"d"}), 0.1)
+
+
+async def test_many_publishes_waiting_for_the_same_destinations_are_released_together() -> None:
+    fast, slow, clock = Spool(), Spool(), Clock()
+    pacer = Pacer({"fast": (fast.lane, 50), "slow": (slow.lane, 50)}, clock)
+    fast.accept(100)
+    slow.accept(100)
+    fast.out = slow.out = 1
+    both = [asyncio.ensure_future(pacer.room_for({"fast", "slow"})) for _ in range(500)]
+    one = [asyncio.ensure_future(pacer.room_for({"fast"})) for _ in range(500)]
+    await eventually(lambda: pacer.waiting == 1000, 5, "the publishes waiting")
+    assert len(pacer._groups) == 2
+    fast.out = 60  # room on `fast` only: the publishes that wait for `slow` too keep waiting
+    await asyncio.wait_for(asyncio.gather(*one), 1)
+    await asyncio.sleep(0.05)
+    assert not any(w.done() for w in both)
+    slow.out = 60
+    await asyncio.wait_for(asyncio.gather(*both), 1)
+    assert pacer.waiting == 0 and not pacer._groups
 
 
 async def test_what_has_no_pace_is_not_waited_for_and_a_cancelled_wait_leaves_nothing_behind() -> None:
@@ -132,4 +169,4 @@ async def test_what_has_no_pace_is_not_waited_for_and_a_cancelled_wait_leaves_no
     waiting.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiting
-    assert pacer.waiting == 0 and not pacer._waiters
+    assert pacer.waiting == 0 and not pacer._groups
