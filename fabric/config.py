@@ -118,8 +118,9 @@ class DeliveryLimits:
     dead_letter: str = DEAD_LETTER  # `_deadletter` (local topic) or a configured destination name
     pages_in_flight: int = 4  # pages published at once (pages sharing a partitionkey wait for each other)
     memory_events: int = 20_000  # spooled events handed to the worker in memory before it reads the store
-    # Ingress pacing: with more handed-over events than this waiting for a worker that is delivering, a publish
-    # to its destination waits (once durable) for the worker to catch up; None: never (docs/delivery.md).
+    # Ingress pacing: with ingress more than this many events ahead of a worker that is delivering (accepted for
+    # its destination beyond what left the spool), a publish to it waits (once durable) for the worker to catch
+    # up; None: never (umcef.fabric.pacing, docs/delivery.md).
     pace_above_events: int | None = 5_000
 
 
