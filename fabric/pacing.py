@@ -35,7 +35,7 @@ TICK_SECONDS = 0.01
 class LanePace:
     """One destination: how far ingress is ahead of its worker."""
 
-    __slots__ = ("above", "floor", "idle", "lane", "last_out", "progressed_at")
+    __slots__ = ("above", "floor", "lane", "last_out", "looked_at", "progressed_at")
 
     def __init__(self, lane: Lane, above: int, now: float) -> None:
         self.lane = lane
@@ -43,7 +43,7 @@ class LanePace:
         self.floor = 0  # the lowest `accepted - out` seen while the worker delivers
         self.last_out = self._out()
         self.progressed_at = now  # when `out` was last seen to grow (monotonic)
-        self.idle = True  # the last look found nothing undelivered
+        self.looked_at = now
 
     def _out(self) -> int:
         """What the destination's worker took out of its spool (dead letters other workers put into it count
@@ -51,12 +51,15 @@ class LanePace:
         return self.lane.drained() + self.lane.spooled_in()
 
     def lead(self, now: float) -> int:
-        lane = self.lane
         out = self._out()
-        net = lane.accepted - out
-        if out != self.last_out or self.idle:  # (after an idle spell nothing was expected of it until now)
+        net = self.lane.accepted - out
+        # Progress: `out` grew since the last look. After a long gap between looks (nobody published: the
+        # destination may have been idle) it is not known when the worker last had something to do, so it gets
+        # STALLED_SECONDS from now, as a burst after an idle spell must. (Not "the spool was empty": its depth
+        # is clamped at 0 and reads 0 when a restarted delivery process counted some events twice.)
+        if out != self.last_out or now - self.looked_at >= STALLED_SECONDS:
             self.last_out, self.progressed_at = out, now
-        self.idle = lane.depth == 0
+        self.looked_at = now
         if net < self.floor or now - self.progressed_at >= STALLED_SECONDS:
             self.floor = net  # draining what ingress did not add now, or stalled: nobody is held for it
         return net - self.floor
@@ -88,7 +91,7 @@ class Pacer:
         dead-letter pseudo-destination, pacing off) are not waited for."""
         group = tuple(pace for name in sorted(names) if (pace := self.paces.get(name)) is not None)
         now = self.clock()
-        if self.stopped or not group or not any(pace.ahead(now) for pace in group):
+        if self.stopped or not group or not any_ahead(group, now):
             return
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
@@ -123,11 +126,17 @@ class Pacer:
         """Wakes the groups whose destinations have room now; looks again next tick if any still wait."""
         self._timer = None
         now = self.clock()
-        for group in [g for g in self._groups if not any(pace.ahead(now) for pace in g)]:
+        for group in [g for g in self._groups if not any_ahead(g, now)]:
             for waiter in self._groups.pop(group):
                 _settle(waiter)
         if self._groups:
             self._timer = asyncio.get_running_loop().call_later(TICK_SECONDS, self._tick)
+
+
+def any_ahead(group: tuple[LanePace, ...], now: float) -> bool:
+    """Every lane is looked at (no short cut): a lane not looked at for long would be taken for one that was
+    idle, its stall clock restarted."""
+    return any([pace.ahead(now) for pace in group])
 
 
 def _settle(future: asyncio.Future[None]) -> None:

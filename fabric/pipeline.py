@@ -180,6 +180,7 @@ class Pipeline:
         finally:
             _REQUEST_HOLD.reset(token)
             self.release_bytes(hold.size)
+            hold.size = 0  # (a task started inside the block inherits it: it must find nothing left to give up)
 
     def resize_hold(self, held: int, size: int) -> None:
         """Turn a hold of `held` bytes (what a request announced, or the most it may be) into `size` (what
@@ -202,6 +203,8 @@ class Pipeline:
         if self.in_flight and self.in_flight + len(events) > self.max_in_flight:
             raise Overloaded(f"{self.in_flight} events in flight, limit {self.max_in_flight}")
         outer = _REQUEST_HOLD.get()  # the ingress's hold of the request's bytes (then `size` is 0)
+        if outer is not None and outer._pipeline is not self:
+            outer = None
         with self.holding(size) as own:
             self.in_flight += len(events)
             try:

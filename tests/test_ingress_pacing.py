@@ -24,6 +24,7 @@ from tests.conformance.target_kafka import create_topic
 from tests.conftest import GatewayFactory, http_url
 from tests.conftest_brokers import KafkaFactory
 from tests.test_dedup import MemorySpool, ToDefault, event
+from umcef.fabric.backpressure import SpoolGauge
 from umcef.fabric.dedup import DedupWindow
 from umcef.fabric.gateway import Gateway
 from umcef.fabric.limits import NO_LIMITS
@@ -201,4 +202,39 @@ async def test_the_request_bytes_an_ingress_holds_move_to_the_waiting_room() -> 
     assert (pipeline.in_flight_bytes, pipeline.pacing_bytes) == (0, 300)
     gate.open.set()
     assert (await asyncio.wait_for(waiting, 5)).ids == ["e1"]
+    assert (pipeline.in_flight_bytes, pipeline.pacing_bytes) == (0, 0)
+
+
+async def test_the_waiting_room_holds_as_many_request_bytes_as_flight_does() -> None:
+    spool, gate = MemorySpool(), Gate()
+    pipeline = Pipeline(DedupWindow(600.0), ToDefault(), spool, NO_LIMITS,
+                        backpressure=SpoolGauge(max_in_flight_bytes=500))
+    pipeline.pace = gate
+    first = asyncio.ensure_future(pipeline.publish([event(1)], size=300))
+    await eventually(lambda: gate.names, 5, "the first publish waiting")
+    # 300 more bytes fit in flight (nothing is), not in the waiting room (300 of 500 taken): answered at once
+    second = await asyncio.wait_for(pipeline.publish([event(2)], size=300), 5)
+    assert second.ids == ["e2"] and len(gate.names) == 1 and pipeline.pacing_bytes == 300
+    gate.open.set()
+    await asyncio.wait_for(first, 5)
+    assert (pipeline.in_flight_bytes, pipeline.pacing_bytes) == (0, 0)
+
+
+async def test_a_hold_that_ended_has_nothing_to_give_up() -> None:
+    """A task started inside an ingress's hold inherits it; publishing after the hold ended must not release
+    its bytes a second time (the budget would grow for good)."""
+    spool, gate = MemorySpool(), Gate()
+    gate.open.set()
+    pipeline = Pipeline(DedupWindow(600.0), ToDefault(), spool, NO_LIMITS)
+    pipeline.pace = gate
+    started = asyncio.Event()
+
+    async def later() -> Any:
+        await started.wait()
+        return await pipeline.publish([event(1)])
+
+    with pipeline.holding(200):
+        task = asyncio.ensure_future(later())
+    started.set()
+    assert (await asyncio.wait_for(task, 5)).ids == ["e1"]
     assert (pipeline.in_flight_bytes, pipeline.pacing_bytes) == (0, 0)

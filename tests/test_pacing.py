@@ -9,7 +9,7 @@ import pytest
 
 from tests.brokers import eventually
 from umcef.fabric.backpressure import Lane
-from umcef.fabric.pacing import MAX_WAIT_SECONDS, STALLED_SECONDS, LanePace, Pacer
+from umcef.fabric.pacing import MAX_WAIT_SECONDS, STALLED_SECONDS, LanePace, Pacer, any_ahead
 
 
 class Spool:
@@ -66,24 +66,42 @@ def test_a_worker_that_makes_no_progress_holds_nobody_until_it_does() -> None:
     assert pace.ahead(0.1 + STALLED_SECONDS - 0.01)
     assert pace.lead(0.1 + STALLED_SECONDS) == 0  # stalled: the spool absorbs
     spool.accept(500)
-    assert pace.lead(5.0) == 0
+    assert pace.lead(3.0) == 0 and pace.lead(4.0) == 0
     spool.out = 100  # delivering again: the lead counts from where the spool stood
-    assert pace.lead(5.1) == 0
+    assert pace.lead(4.1) == 0
     spool.accept(80)
-    assert pace.lead(5.2) == 80 and pace.ahead(5.2)
+    assert pace.lead(4.2) == 80 and pace.ahead(4.2)
 
 
 def test_a_burst_after_an_idle_spell_is_paced_from_its_start() -> None:
-    """Nothing undelivered at the last look: nothing was expected of the worker since, so the stall clock
-    starts now, not at the last delivery (long ago)."""
+    """Nobody looked for a while (nobody published): when the worker last had something to do is not known,
+    so the stall clock starts at the burst, not at the last delivery (long ago)."""
     spool = Spool()
     pace = LanePace(spool.lane, 50, 0.0)
     spool.accept(10)
     spool.out = 10
-    assert pace.lead(1.0) == 0  # all delivered: idle
+    assert pace.lead(1.0) == 0
     spool.accept(100)  # a burst 100 s later
     assert pace.lead(101.0) == 100 and pace.ahead(101.0)
+    assert pace.ahead(102.0)  # (a waiting publish looks every TICK_SECONDS)
     assert pace.lead(101.0 + STALLED_SECONDS) == 0  # and if the worker then takes nothing, it is stalled
+
+
+def test_a_lane_not_looked_at_while_others_were_is_not_taken_for_an_idle_one() -> None:
+    """A publish waiting for two destinations looks at both every time: the hanging one stays stalled once
+    the other catches up, instead of getting a fresh stall period."""
+    busy, hung, clock = Spool(), Spool(), Clock()
+    pacer = Pacer({"busy": (busy.lane, 50), "hung": (hung.lane, 50)}, clock)
+    busy.accept(100)
+    hung.accept(100)
+    busy.out = hung.out = 1
+    assert pacer.paces["busy"].ahead(clock.now) and pacer.paces["hung"].ahead(clock.now)
+    for _ in range(30):  # busy delivers (too slowly), hung takes nothing: every look sees both
+        clock.now += 0.5
+        busy.out += 1
+        assert any_ahead((pacer.paces["busy"], pacer.paces["hung"]), clock.now)
+    busy.out = 100
+    assert not any_ahead((pacer.paces["busy"], pacer.paces["hung"]), clock.now + 0.01)
 
 
 def test_dead_letters_put_into_the_spool_are_neither_ingress_nor_progress() -> None:
@@ -124,7 +142,9 @@ async def test_a_publish_waits_while_ahead_and_goes_once_the_worker_caught_up() 
 async def test_a_waiting_publish_is_released_by_a_stall_its_deadline_or_stop(release: str) -> None:
     spool, clock, pacer, waiting = await held_publish(max_wait=0.5 if release == "deadline" else MAX_WAIT_SECONDS)
     if release == "stall":
-        clock.now += STALLED_SECONDS
+        for _ in range(int(STALLED_SECONDS / 0.5)):  # the worker takes nothing (the waiter's ticks look meanwhile)
+            clock.now += 0.5
+            await asyncio.sleep(0.03)
     elif release == "deadline":
         for _ in range(4):  # the worker progresses, but not enough
             clock.now += 0.05
