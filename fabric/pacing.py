@@ -17,10 +17,13 @@ watermarks, and the lead counts again from where the spool stands when it progre
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Collection, Mapping
 
 from umcef.fabric.backpressure import Lane
+
+log = logging.getLogger("umcef.pacing")
 
 # Longer than a slow but healthy publish: a worker with its pages in flight shows no progress until one is
 # acknowledged (with 0.5 s, a Kafka destination behind a 40 ms latency proxy counted as stalled under load).
@@ -30,16 +33,19 @@ MAX_WAIT_SECONDS = 5.0
 # How often waiting publishes look again. With delivery in its own process what left a spool is known every
 # 50 ms (delivery_process.REPORT_SECONDS) anyway; a paced publish is one that can afford the wait.
 TICK_SECONDS = 0.01
+# Pacing is flow control, not a failure, but it means clients outrun a destination: said once a minute at most.
+SAY_EVERY_SECONDS = 60.0
 
 
 class LanePace:
     """One destination: how far ingress is ahead of its worker."""
 
-    __slots__ = ("above", "floor", "lane", "last_out", "looked_at", "progressed_at")
+    __slots__ = ("above", "floor", "lane", "last_out", "looked_at", "progressed_at", "said_at")
 
     def __init__(self, lane: Lane, above: int, now: float) -> None:
         self.lane = lane
         self.above = above
+        self.said_at = -SAY_EVERY_SECONDS
         self.floor = 0  # the lowest `accepted - out` seen while the worker delivers
         self.last_out = self._out()
         self.progressed_at = now  # when `out` was last seen to grow (monotonic)
@@ -65,7 +71,15 @@ class LanePace:
         return net - self.floor
 
     def ahead(self, now: float) -> bool:
-        return self.lead(now) > self.above
+        lead = self.lead(now)
+        if lead <= self.above:
+            return False
+        if now - self.said_at >= SAY_EVERY_SECONDS:
+            self.said_at = now
+            log.warning("ingress paced to destination %r: %d events ahead of its delivery (pace_above_events %d); "
+                        "publishes to it wait for delivery to catch up (said at most every %g s)",
+                        self.lane.name, lead, self.above, SAY_EVERY_SECONDS)
+        return True
 
 
 class Pacer:

@@ -4,6 +4,7 @@ clock the test sets). End to end against a slow real Kafka: tests/test_ingress_p
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
@@ -190,3 +191,18 @@ async def test_what_has_no_pace_is_not_waited_for_and_a_cancelled_wait_leaves_no
     with pytest.raises(asyncio.CancelledError):
         await waiting
     assert pacer.waiting == 0 and not pacer._groups
+
+
+def test_pacing_is_said_in_the_log_at_most_once_a_minute(caplog: pytest.LogCaptureFixture) -> None:
+    spool = Spool()
+    pace = LanePace(spool.lane, 50, 0.0)
+    spool.accept(100)
+    spool.out = 1
+    with caplog.at_level(logging.WARNING, logger="umcef.pacing"):
+        for step in range(10):  # the worker delivering, too slowly: ahead at every look, for 50 s
+            spool.out += 1
+            assert pace.ahead(step * 5.0)
+        spool.out += 1
+        assert pace.ahead(61.0)
+    said = [r.getMessage() for r in caplog.records if r.name == "umcef.pacing"]
+    assert len(said) == 2 and "destination 'd': 98 events ahead" in said[0], said
