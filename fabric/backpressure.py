@@ -89,6 +89,11 @@ class Lane:
         known = self.added - base_added + self.spooled_in() + self.reserved
         self.foreign = max(0, appended - base_appended - known)
 
+    def taken_out(self) -> int:
+        """What this spool's own worker took out of it in this run (`drained` counts the dead letters other
+        workers put into it against that: they are more to deliver, not its progress)."""
+        return self.drained() + self.spooled_in()
+
     @property
     def depth(self) -> int:
         # Clamped: a delivery process that died counts again what it delivered without moving the cursor.

@@ -47,17 +47,12 @@ class LanePace:
         self.above = above
         self.said_at = -SAY_EVERY_SECONDS
         self.floor = 0  # the lowest `accepted - out` seen while the worker delivers
-        self.last_out = self._out()
+        self.last_out = lane.taken_out()
         self.progressed_at = now  # when `out` was last seen to grow (monotonic)
         self.looked_at = now
 
-    def _out(self) -> int:
-        """What the destination's worker took out of its spool (dead letters other workers put into it count
-        as what they are, more to deliver, not as its progress)."""
-        return self.lane.drained() + self.lane.spooled_in()
-
     def lead(self, now: float) -> int:
-        out = self._out()
+        out = self.lane.taken_out()
         net = self.lane.accepted - out
         # Progress: `out` grew since the last look. After a long gap between looks (nobody published: the
         # destination may have been idle) it is not known when the worker last had something to do, so it gets
@@ -95,9 +90,13 @@ class Pacer:
         self.paces = {name: LanePace(lane, above, now) for name, (lane, above) in lanes.items() if above is not None}
         self.clock = clock
         self.stopped = False
-        self.waiting = 0  # publishes waiting now
         self._groups: dict[tuple[LanePace, ...], set[asyncio.Future[None]]] = {}
         self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def waiting(self) -> int:
+        """Publishes waiting now."""
+        return sum(len(waiters) for waiters in self._groups.values())
 
     async def room_for(self, names: Collection[str]) -> None:
         """Waits while any of these destinations' workers is delivering but more than its `pace_above_events`
@@ -113,11 +112,9 @@ class Pacer:
         if self._timer is None:
             self._timer = loop.call_later(TICK_SECONDS, self._tick)
         deadline = loop.call_later(self.max_wait, _settle, waiter)
-        self.waiting += 1
         try:
             await waiter
         finally:
-            self.waiting -= 1
             deadline.cancel()
             waiters = self._groups.get(group)
             if waiters is not None:

@@ -202,30 +202,33 @@ class Pipeline:
         # An idle pipeline takes any batch, so a batch above the limit cannot be refused forever.
         if self.in_flight and self.in_flight + len(events) > self.max_in_flight:
             raise Overloaded(f"{self.in_flight} events in flight, limit {self.max_in_flight}")
-        outer = _REQUEST_HOLD.get()  # the ingress's hold of the request's bytes (then `size` is 0)
-        if outer is not None and outer._pipeline is not self:
-            outer = None
+        ingress_hold = self._ingress_hold() if not size else None  # (read before `holding` replaces it)
         with self.holding(size) as own:
             self.in_flight += len(events)
             try:
                 result, destinations = await self._publish(events)
             finally:
                 self.in_flight -= len(events)
-            if destinations and self.pace is not None and not self.closing:
-                await self._paced(destinations, len(events), own if outer is None or size else outer)
+            if destinations and (pace := self.pace) is not None and not self.closing:
+                await self._paced(pace, destinations, len(events), ingress_hold or own)
             return result
 
-    async def _paced(self, destinations: set[str], events: int, hold: BytesHold) -> None:
+    def _ingress_hold(self) -> BytesHold | None:
+        """The hold an ingress took on this pipeline for the request being published, if any."""
+        hold = _REQUEST_HOLD.get()
+        return hold if hold is not None and hold._pipeline is self else None
+
+    async def _paced(self, pace: Callable[[Collection[str]], Awaitable[None]], destinations: set[str], events: int,
+                     hold: BytesHold) -> None:
         """Waits for delivery to catch up (`pace`). Durable, claimed and counted, the publish has nothing left to
         undo (a cancelled wait costs the client a retry that dedup answers), so it leaves the in-flight counts
         for a waiting room with the same bounds: publishes paced for a slow destination cannot refuse the
         others' (429), and once the room is full a publish answers at once (its events wait in the spool, as
         unpaced), so memory stays bounded."""
-        pace = self.pace
         budget = self.backpressure.max_in_flight_bytes if self.backpressure is not None else None
         full = (self.pacing + events > self.max_in_flight
                 or (budget is not None and self.pacing_bytes + hold.size > budget))
-        if pace is None or (full and self.pacing):  # (an empty room takes any publish, like the pipeline)
+        if full and self.pacing:  # (an empty room takes any publish, like the pipeline)
             return
         nbytes = hold.give_up()
         self.pacing += events

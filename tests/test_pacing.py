@@ -9,6 +9,7 @@ import logging
 import pytest
 
 from tests.brokers import eventually
+from tests.test_dedup import Clock
 from umcef.fabric.backpressure import Lane
 from umcef.fabric.pacing import MAX_WAIT_SECONDS, STALLED_SECONDS, LanePace, Pacer, any_ahead
 
@@ -24,14 +25,6 @@ class Spool:
     def accept(self, n: int) -> None:
         self.lane.add(n)
         self.lane.accepted += n
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_the_lead_is_what_ingress_added_beyond_what_left() -> None:
