@@ -35,7 +35,7 @@ __all__ = ["DB_FILENAME", "Committed", "CursorMove", "CursorMoved", "LocalStore"
 log = logging.getLogger(__name__)
 
 DB_FILENAME: Final = "events.db"
-_SCHEMA_VERSION: Final = 2
+_SCHEMA_VERSION: Final = 3
 # The oldest code (by the schema version it writes) that can use a file of this schema, stored in the file
 # (`counters`, 'compatible_from'): code opens a newer file when that row says it can. A migration leaves it
 # alone only if older code may ignore what it adds (an index; a column or table nothing keeps up to date on
@@ -67,6 +67,14 @@ MAX_FSYNC_INTERVAL: Final = 1.0
 SyncPolicy = Literal["full", "normal", "interval"]
 _SYNC_POLICIES: Final = ("full", "normal", "interval")
 
+# Delivery attempts a record has had so far (kept only for records that failed at least once), so a retry limit
+# holds across restarts; deleted with the records they count (trimming).
+_ATTEMPTS_TABLE: Final = """CREATE TABLE IF NOT EXISTS attempts (
+    topic TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    PRIMARY KEY (topic, seq)
+) WITHOUT ROWID;"""
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY,
@@ -90,7 +98,7 @@ CREATE TABLE IF NOT EXISTS cursors (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 INSERT OR IGNORE INTO counters (name, value) VALUES ('last_seq', 0);
-"""
+""" + _ATTEMPTS_TABLE
 # Statements that bring a store file of schema version N (the key) to N + 1.
 class _Migration(NamedTuple):
     """Brings a file from schema N to N + 1: the column it adds (table, column, definition), not added again
@@ -105,7 +113,12 @@ _MIGRATIONS: Final[dict[int, _Migration]] = {
     # v2: a per-topic appended counter (backpressure counts other processes' appends with it). Counting
     # starts from the records stored: only differences of it are ever used (so a recount is harmless).
     1: _Migration(("topics", "appended", "INTEGER NOT NULL DEFAULT 0"), ("UPDATE topics SET appended = count",)),
+    # v3: delivery attempts per record. Older code may ignore the table: its rows only count attempts of records
+    # above a cursor, and seqs are never reused, so rows it leaves behind are never read (compatible_from stays).
+    2: _Migration(None, (_ATTEMPTS_TABLE,)),
 }
+_NOTE_ATTEMPTS: Final = ("INSERT INTO attempts (topic, seq, count) VALUES (?, ?, ?) "
+                         "ON CONFLICT (topic, seq) DO UPDATE SET count = excluded.count")
 # The commit's per-topic upsert: the stored count and the appended counter in the one statement it already ran.
 _COUNT_APPENDS: Final = (
     "INSERT INTO topics (topic, count, appended) VALUES (?1, ?2, ?2) "
@@ -244,6 +257,14 @@ class _Cursor:
 
 
 @dataclass(slots=True)
+class _Attempts:
+    topic: str
+    counts: list[tuple[int, int]]  # (seq, attempts so far)
+    future: concurrent.futures.Future[None]
+    lazy: bool = True  # nobody waits for it (as `_Cursor.lazy`)
+
+
+@dataclass(slots=True)
 class _Retain:
     now: float | None
     future: concurrent.futures.Future[int]
@@ -264,12 +285,12 @@ class _FsyncFailed(BaseException):
 
 
 _STOP: Final = _Stop()
-_Op = _Append | _Cursor | _Retain | _Stop
+_Op = _Append | _Cursor | _Attempts | _Retain | _Stop
 
 
 # One group commit not fsynced yet (sync="full" or "interval"): its futures wait for the fsync. (appends, their
 # seqs, cursor moves): _acknowledge's arguments.
-_Unsynced = tuple[list[_Append], list[list[int]], list[_Cursor]]
+_Unsynced = tuple[list[_Append], list[list[int]], list[_Cursor | _Attempts]]
 
 
 def _fsync_file(fd: int) -> None:
@@ -388,7 +409,7 @@ class _WalSyncer:
 
 def _fail_groups(groups: list[_Unsynced], exc: BaseException) -> None:
     for appends, _, cursors in groups:
-        failed: list[_Append | _Cursor] = [*appends, *cursors]
+        failed: list[_Append | _Cursor | _Attempts] = [*appends, *cursors]
         for op in failed:
             op.future.set_exception(exc)
 
@@ -483,6 +504,7 @@ class LocalStore:
         self._rlock = threading.Lock()  # sqlite3 connections are not safe to use from two threads at once
         # A read-only store may look at a file of schema v1 (no appended counter: its count stands in).
         self._appended_column = "appended" if self._schema_version >= 2 else "count"
+        self._has_attempts = self._schema_version >= 3  # a read-only look at an older file: none noted there
         if not read_only:
             if sync != "normal":
                 interval = self.fsync_interval if sync == "interval" else 0.0
@@ -591,7 +613,7 @@ class LocalStore:
 
     # -- writing ---------------------------------------------------------------------------------------------
 
-    def _submit(self, op: _Append | _Cursor | _Retain) -> None:
+    def _submit(self, op: _Append | _Cursor | _Attempts | _Retain) -> None:
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"local store {self.path} is closed")
@@ -658,6 +680,14 @@ class LocalStore:
         means redelivery after a crash, so delivery need not pay an fsync round trip per page). With a
         `cursor_delay` it waits up to that long for an append to share the commit (and its fsync)."""
         return self._cursor_future(consumer, topic, seq, lazy=True)
+
+    def note_attempts_later(self, topic: str, counts: Sequence[tuple[int, int]]) -> concurrent.futures.Future[None]:
+        """Queues (seq, attempts so far) of `topic`'s records into a later group commit, as `commit_cursor_later`
+        does a cursor move (a lost note only means fewer attempts counted after a crash). Kept until trimming
+        deletes the records; `attempts` reads them back."""
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._submit(_Attempts(topic, [(int(seq), int(n)) for seq, n in counts], future))
+        return future
 
     def listen(self, topic: str, callback: CommitListener) -> Callable[[], None]:
         """Calls `callback` on the calling event loop with every record this store commits to `topic`, once
@@ -808,7 +838,7 @@ class LocalStore:
         next append's commit takes them along, so they cost no transaction and no fsync of their own (and a
         store shared with the delivery process takes a few per second, not one per page, each holding the
         write lock through an fsync). Anything else takes the held moves along, first (they are older)."""
-        if self.cursor_delay and ops and all(isinstance(op, _Cursor) and op.lazy for op in ops):
+        if self.cursor_delay and ops and all(isinstance(op, _Cursor | _Attempts) and op.lazy for op in ops):
             if not self._held:
                 self._held_until = time.monotonic() + self.cursor_delay
             self._held += ops
@@ -843,7 +873,7 @@ class LocalStore:
         failure = RuntimeError(f"local store writer failed: {exc!r}")
         # Already taken (this turn's retention requests): running, so failed here unless done. (Commits waiting
         # for their fsync are the syncer's: committed, they are acknowledged if it succeeds.)
-        started: list[_Append | _Cursor | _Retain] = [op for op in self._turn if isinstance(op, _Retain)]
+        started: list[_Append | _Cursor | _Attempts | _Retain] = [op for op in self._turn if isinstance(op, _Retain)]
         for running in started:
             if not running.future.done():
                 running.future.set_exception(failure)
@@ -873,14 +903,18 @@ class LocalStore:
     def _commit_writes(self, ops: list[_Op]) -> None:
         appends: list[_Append] = []
         cursors: list[_Cursor] = []
+        notes: list[_Attempts] = []
         for op in ops:
             # A caller cancelled before we got here: its records are not written (it never got a 202).
             if isinstance(op, _Append) and op.future.set_running_or_notify_cancel():
                 appends.append(op)
             elif isinstance(op, _Cursor) and op.future.set_running_or_notify_cancel():
                 cursors.append(op)
-        if not appends and not cursors:
+            elif isinstance(op, _Attempts) and op.future.set_running_or_notify_cancel():
+                notes.append(op)
+        if not appends and not cursors and not notes:
             return
+        marks: list[_Cursor | _Attempts] = [*cursors, *notes]
         results: list[list[int]] = []
         try:
             with self._transaction() as conn:
@@ -910,11 +944,13 @@ class LocalStore:
                         "ON CONFLICT (consumer, topic) DO UPDATE SET seq = excluded.seq",
                         moves,
                     )
+                if notes:
+                    conn.executemany(_NOTE_ATTEMPTS, [(n.topic, seq, count) for n in notes for seq, count in n.counts])
         except _FsyncFailed as exc:  # the syncer's fsync failed: not committed, and the writer stops
-            _fail_groups([(appends, [], cursors)], exc.cause)
+            _fail_groups([(appends, [], marks)], exc.cause)
             raise
         except Exception as exc:
-            _fail_groups([(appends, [], cursors)], exc)
+            _fail_groups([(appends, [], marks)], exc)
             return
         self._commits += 1
         # A commit of cursor moves alone neither moves `_last_written` nor reports a gap: the next commit with
@@ -934,9 +970,9 @@ class LocalStore:
                 self._notify()
         finally:  # whatever happens, the commit's callers get their answer
             if self._syncer is None:  # sync="normal"
-                self._acknowledge(appends, results, cursors)
+                self._acknowledge(appends, results, marks)
             else:
-                self._syncer.submit((appends, results, cursors))
+                self._syncer.submit((appends, results, marks))
 
     def _where_expected(self, conn: sqlite3.Connection, appends: list[_Append]) -> list[_Append]:
         """The appends whose conditional cursor moves hold (read under the write lock); the others fail."""
@@ -969,7 +1005,7 @@ class LocalStore:
         return moves
 
     @staticmethod
-    def _acknowledge(appends: list[_Append], results: list[list[int]], cursors: list[_Cursor]) -> None:
+    def _acknowledge(appends: list[_Append], results: list[list[int]], cursors: list[_Cursor | _Attempts]) -> None:
         """A group commit as durable as the sync policy asks: its callers get their seqs."""
         for a, seqs in zip(appends, results, strict=True):
             a.future.set_result(seqs)
@@ -1099,9 +1135,11 @@ class LocalStore:
         if limit <= 0:  # (SQLite reads a negative OFFSET as 0: one record would go)
             return 0
         nth = conn.execute(_NTH_OLDEST, (topic, up_to, limit - 1)).fetchone()
-        n = conn.execute(_DELETE_UP_TO, (topic, up_to if nth is None else nth[0])).rowcount
+        last = up_to if nth is None else nth[0]
+        n = conn.execute(_DELETE_UP_TO, (topic, last)).rowcount
         if n:  # an emptied topic keeps its row (count 0): its `appended` counter must never go back
             conn.execute("UPDATE topics SET count = count - ? WHERE topic = ?", (n, topic))
+            conn.execute("DELETE FROM attempts WHERE topic = ? AND seq <= ?", (topic, last))
         return n
 
     @staticmethod
@@ -1187,6 +1225,14 @@ class LocalStore:
         with self._reader() as conn:
             column = self._appended_column
             return dict(conn.execute(f"SELECT topic, {column} FROM topics ORDER BY topic").fetchall())
+
+    def attempts(self, topic: str, after: int = 0) -> dict[int, int]:
+        """Seq -> delivery attempts noted (`note_attempts_later`) for `topic`'s records with seq > after."""
+        if not self._has_attempts:
+            return {}
+        with self._reader() as conn:
+            return dict(conn.execute("SELECT seq, count FROM attempts WHERE topic = ? AND seq > ?",
+                                     (topic, after)).fetchall())
 
     def cursor(self, consumer: str, topic: str) -> int:
         """Last committed seq of this consumer on this topic, 0 if none."""

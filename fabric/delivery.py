@@ -209,6 +209,8 @@ def _order_key(event: Event) -> str | None:
 class _Pending:
     event: Event
     expires_at: float  # unix seconds
+    seq: int  # its spool record's
+    attempts: int = 0  # failed publishes so far, earlier runs' included (noted in the store)
     waiting: str | None = None  # why no allowed destination is healthy (failover found nowhere to go)
 
 
@@ -238,6 +240,7 @@ class DeliveryWorker:
         self.delivered = 0
         self.moved = 0  # events that left this spool by failover to other destinations
         self._stopping = asyncio.Event()
+        self._noted: dict[int, int] = {}  # seq -> attempts an earlier run noted, for records not read yet
 
     @property
     def drained(self) -> int:
@@ -245,8 +248,9 @@ class DeliveryWorker:
         return self.delivered + self.moved
 
     async def run(self) -> None:
-        feed = SpoolFeed(self.store, self.topic, self.store.cursor(CURSOR_GROUP, self.topic),
-                         page_size=self.page_size, capacity=self.memory_capacity)
+        after = self.store.cursor(CURSOR_GROUP, self.topic)
+        self._noted = self.store.attempts(self.topic, after)  # only records that failed: usually none
+        feed = SpoolFeed(self.store, self.topic, after, page_size=self.page_size, capacity=self.memory_capacity)
         self.feed = feed
         stopping = asyncio.ensure_future(self._stopping.wait())
         flights = self._flights = deque()
@@ -373,6 +377,7 @@ class DeliveryWorker:
         """The page's events with their expiry; a record that does not decode is dead-lettered raw."""
         pending: list[_Pending] = []
         expires_at = self.policy.expires_at
+        noted = self._noted
         for spooled in page:
             event = spooled.event
             if event is None:
@@ -381,16 +386,17 @@ class DeliveryWorker:
                 except EventError as exc:  # cannot happen for spooled events; never block the spool on one
                     await self.dead_letters.put_raw(spooled.payload, None, f"undecodable spool record: {exc}")
                     continue
-            pending.append(_Pending(event, expires_at(spooled.stored_at)))
+            pending.append(_Pending(event, expires_at(spooled.stored_at), spooled.seq,
+                                    noted.pop(spooled.seq, 0) if noted else 0))
         return pending
 
     async def _deliver(self, pending: list[_Pending], flight: _Flight) -> bool:
         """True once every event of the page is acknowledged, moved elsewhere or dead-lettered."""
-        attempt = 0
+        failed = False  # a publish of this page failed in this run
         waits = 0
         last: AdapterError | None = None
         while pending:
-            pending = await self._expire(pending, attempt, last)
+            pending = await self._expire(pending, last)
             if not pending:
                 return True
             if self.failover is not None:
@@ -412,7 +418,7 @@ class DeliveryWorker:
             if blockers:
                 await asyncio.wait(blockers)
                 continue  # time passed: look at ages, ejection and what to wait for again
-            if self._stopping.is_set() and attempt:
+            if self._stopping.is_set() and failed:
                 # stop() came while this page waited to retry: it stays in the spool. A first attempt that only
                 # waited for earlier pages of its keys still goes: giving it up would also hold the cursor
                 # before every later page that was delivered, and the next start would send them again.
@@ -422,30 +428,33 @@ class DeliveryWorker:
             outcomes = await self._publish(flight, pending)
             retry: list[_Pending] = []
             floor = 0.0
+            limit = self.policy.max_attempts
             for p, outcome in zip(pending, outcomes, strict=True):
                 error = outcome.error
                 if error is None:
                     self.delivered += 1
                 elif not error.retryable:
-                    await self._dead_letter(p.event, f"{type(error).__name__}: {error}", attempt + 1)
+                    await self._dead_letter(p.event, f"{type(error).__name__}: {error}", p.attempts + 1)
                 else:
-                    retry.append(p)
+                    p.attempts += 1
                     last = error
                     if isinstance(error, Throttled):
                         floor = max(floor, error.retry_after)
+                    if limit is not None and p.attempts >= limit:
+                        await self._dead_letter(p.event, _describe(error), p.attempts)
+                    else:
+                        retry.append(p)
             if not retry:
                 return True
-            attempt += 1
-            if self.policy.max_attempts is not None and attempt >= self.policy.max_attempts:
-                for p in retry:
-                    await self._dead_letter(p.event, _describe(last), attempt)
-                return True
+            failed = True
+            self._note_attempts(retry)
             pending = retry
             if self.failover is not None and self.failover.ejected() is not None:
                 continue  # this failure ejected the destination: fail over now rather than after a backoff
-            delay = self.policy.backoff(attempt, floor)
+            attempts = max(p.attempts for p in retry)
+            delay = self.policy.backoff(attempts, floor)
             log.warning("%s: %d events failed (%s); retry %d in %.2fs", self.destination, len(retry), last,
-                        attempt, delay)
+                        attempts, delay)
             if await self._pause(self._until_expiry(pending, delay)):
                 return False
         return True
@@ -502,7 +511,13 @@ class DeliveryWorker:
         first = min(p.expires_at for p in pending)
         return min(delay, max(first - self.clock(), 0.0) + 0.01)
 
-    async def _expire(self, pending: list[_Pending], attempts: int, last: AdapterError | None) -> list[_Pending]:
+    def _note_attempts(self, retry: list[_Pending]) -> None:
+        """Counts survive a restart (as SQS's receive count does): one row per failed event, in a later commit
+        (a commit per failed round, not per event; lost in a crash, fewer attempts are counted, never more)."""
+        with contextlib.suppress(RuntimeError):  # the store is closing: the next run counts from what was noted
+            self.store.note_attempts_later(self.topic, [(p.seq, p.attempts) for p in retry])
+
+    async def _expire(self, pending: list[_Pending], last: AdapterError | None) -> list[_Pending]:
         """Dead-letter the events older than the maximum age; the rest stay pending."""
         if self.policy.max_age_seconds is None:
             return pending
@@ -512,11 +527,11 @@ class DeliveryWorker:
             if now < p.expires_at:
                 keep.append(p)
             elif p.waiting is not None:
-                await self._dead_letter(p.event, NO_HEALTHY + p.waiting, attempts)
+                await self._dead_letter(p.event, NO_HEALTHY + p.waiting, p.attempts)
             else:
-                why = f"maximum age {self.policy.max_age_seconds:g} s exceeded after {attempts} attempts"
+                why = f"maximum age {self.policy.max_age_seconds:g} s exceeded after {p.attempts} attempts"
                 await self._dead_letter(p.event, why if last is None else f"{why}; last error: {_describe(last)}",
-                                        attempts)
+                                        p.attempts)
         return keep
 
     async def _fail_over(self, pending: list[_Pending]) -> list[_Pending]:

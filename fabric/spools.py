@@ -110,10 +110,11 @@ class Moved:
 def dead_letter(store: LocalStore, destination: str, reason: str, remote: Collection[str],
                 chunk: int = CHUNK, now: Callable[[], float] = time.time) -> Moved:
     """Moves the undelivered events of `destination`'s spool to `_deadletter`, each with `fabricdest`,
-    `fabricreason` and `fabricattempts` 0 (an event that already is a dead letter, in the spool of a remote
-    dead-letter destination, keeps its own). Refuses a destination `remote` still has, and a spool a running
-    gateway marked as delivered within ALIVE_TIMEOUT (whatever `remote` says: the operator may have edited the
-    file before restarting it); each chunk moves only if the delivery cursor is still where it was read."""
+    `fabricreason` and `fabricattempts` (the delivery attempts the store noted for it, else 0; an event that
+    already is a dead letter, in the spool of a remote dead-letter destination, keeps its own). Refuses a
+    destination `remote` still has, and a spool a running gateway marked as delivered within ALIVE_TIMEOUT
+    (whatever `remote` says: the operator may have edited the file before restarting it); each chunk moves
+    only if the delivery cursor is still where it was read."""
     topic = spool_topic(destination)
     if destination in remote:
         raise SpoolError(f"destination {destination!r} is configured: its delivery worker delivers {topic}; "
@@ -122,12 +123,14 @@ def dead_letter(store: LocalStore, destination: str, reason: str, remote: Collec
         spools = ", ".join(t for t in store.appended() if t.startswith(SPOOL_PREFIX)) or "none"
         raise SpoolError(f"no spool {topic} in {store.path} (spools: {spools})")
     cursor = store.cursor(CURSOR_GROUP, topic)
+    attempts = store.attempts(topic, cursor)
     moved = undecodable = 0
     while page := store.read(topic, cursor, chunk):
         _refuse_if_delivered(store, destination, now())
         records: list[Record] = []
         for stored in page:
-            payload, event_id = _dead_letter_payload(stored.payload, destination, reason)
+            payload, event_id = _dead_letter_payload(stored.payload, destination, reason,
+                                                     attempts.get(stored.seq, 0))
             records.append(Record(DEAD_LETTER_TOPIC, payload, event_id or stored.key))
             undecodable += event_id is None
         try:
@@ -148,7 +151,7 @@ def _refuse_if_delivered(store: LocalStore, destination: str, now: float) -> Non
                          f"{destination!r}, then run this again")
 
 
-def _dead_letter_payload(payload: bytes, destination: str, reason: str) -> tuple[bytes, str | None]:
+def _dead_letter_payload(payload: bytes, destination: str, reason: str, attempts: int) -> tuple[bytes, str | None]:
     """The spooled event (structured JSON) with the dead-letter extensions, and its id; an undecodable record
     as it is, and None (`umcef dlq list` shows it as undecodable)."""
     try:
@@ -160,7 +163,7 @@ def _dead_letter_payload(payload: bytes, destination: str, reason: str) -> tuple
     event_id = str(event.get("id", ""))
     if "fabricreason" in event:  # a dead letter already (from another destination): its details stay
         return payload, event_id
-    return orjson.dumps(with_reason(event, destination, reason, 0)), event_id
+    return orjson.dumps(with_reason(event, destination, reason, attempts)), event_id
 
 
 def age(seconds: float) -> str:

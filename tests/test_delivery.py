@@ -175,6 +175,34 @@ async def test_attempt_limit_dead_letters_with_the_last_reason(store: LocalStore
     assert dead["fabricattempts"] == 3 and dead["fabricreason"] == "Transient: down"
 
 
+async def test_the_attempt_limit_counts_the_attempts_of_earlier_runs(store: LocalStore) -> None:
+    # A restart must not grant a failing event a fresh set of attempts (as SQS's receive count survives its
+    # consumers): the first worker fails e0 and e1 and is stopped mid-retry; the second, with a limit one above
+    # what was noted, makes one more attempt and dead-letters them with the total.
+    first = ScriptedAdapter({"e0": [Transient("down")] * 1000, "e1": [Transient("down")] * 1000})
+    worker = DeliveryWorker("d", first, store, DeadLetterQueue(store), policy=RetryPolicy(0.01, 0.02))
+    task = asyncio.create_task(worker.run())
+    await spool(store, "d", [event(0), event(1), event(2)])
+    await eventually(lambda: first.calls >= 3)
+    await worker.stop()
+    await asyncio.wait_for(task, 5)
+    store.trim_consumed()  # returns once the writer committed what was queued before it (the lazy notes)
+    noted = store.attempts(spool_topic("d"))
+    assert sorted(noted) == [1, 2] and noted[1] == noted[2] >= 2, noted  # e2 went through: nothing noted
+    limit = noted[1] + 1
+    second = ScriptedAdapter({"e0": [Transient("still down")] * 1000, "e1": [Transient("still down")] * 1000})
+    dlq = DeadLetterQueue(store)
+    worker = DeliveryWorker("d", second, store, dlq, policy=RetryPolicy(0.01, 0.02, max_attempts=limit))
+    task = asyncio.create_task(worker.run())
+    await eventually(lambda: dlq.count == 2)
+    await worker.stop()
+    await asyncio.wait_for(task, 5)
+    assert second.calls == 1  # one attempt in this run, not `limit`
+    dead = [orjson.loads(e.payload) for e in store.read("_deadletter")]
+    assert [(d["id"], d["fabricattempts"], d["fabricreason"]) for d in dead] == [
+        ("e0", limit, "Transient: still down"), ("e1", limit, "Transient: still down")]
+
+
 async def test_stopping_mid_retry_leaves_the_page_for_the_next_worker(store: LocalStore) -> None:
     adapter = ScriptedAdapter({"e0": [Transient("down")] * 1000})
     worker = DeliveryWorker("d", adapter, store, DeadLetterQueue(store), policy=RetryPolicy(0.2, 0.2))

@@ -197,6 +197,24 @@ PRAGMA user_version = 1;
 """
 
 
+def test_noted_attempts_are_read_back_after_a_reopen_and_trimmed_with_their_records(tmp_path: Path) -> None:
+    topic = "_spool.a"
+    with spool_store(tmp_path) as s:
+        a = s.append_sync(records(topic, 3))
+        s.append_sync(records("_spool.b", 1))
+        s.note_attempts_later(topic, [(a[0], 1), (a[1], 1)]).result()
+        s.note_attempts_later(topic, [(a[0], 2)]).result()  # a later count replaces the earlier one
+        assert s.attempts(topic) == {a[0]: 2, a[1]: 1}
+        assert s.attempts(topic, after=a[0]) == {a[1]: 1} and s.attempts("_spool.b") == {}
+    with spool_store(tmp_path) as s:  # durable: what a restarted worker reads
+        assert s.attempts(topic) == {a[0]: 2, a[1]: 1}
+        s.commit_cursor(CURSOR_GROUP, topic, a[0])
+        assert s.trim_consumed() == 1
+        assert s.attempts(topic) == {a[1]: 1}  # gone with its record
+    with LocalStore(tmp_path, read_only=True) as ro:
+        assert ro.attempts(topic) == {a[1]: 1}
+
+
 def test_a_store_file_of_schema_v1_opens_and_gets_the_appended_counter(tmp_path: Path) -> None:
     conn = sqlite3.connect(tmp_path / "events.db")
     conn.executescript(V1_SCHEMA)
@@ -209,8 +227,9 @@ def test_a_store_file_of_schema_v1_opens_and_gets_the_appended_counter(tmp_path:
         assert s.topics() == s.appended() == {"a": 5, "b": 1}
     conn = sqlite3.connect(tmp_path / "events.db")
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
         assert conn.execute("SELECT value FROM counters WHERE name = 'compatible_from'").fetchone() == (2,)
+        assert conn.execute("SELECT count(*) FROM attempts").fetchone() == (0,)  # v3's table, created
     finally:
         conn.close()
     with LocalStore(tmp_path, read_only=True) as ro:
@@ -243,23 +262,23 @@ def test_a_newer_store_file_opens_when_it_says_this_code_can_use_it(tmp_path: Pa
         finally:
             conn.close()
 
-    assert header() == (2, 2)
-    set_header(3, 2)
+    assert header() == (3, 2)
+    set_header(4, 3)
     with spool_store(tmp_path) as s:
         assert s.append_sync(records("a", 1)) == [3] and seqs(s, "a") == [1, 2, 3]
     with LocalStore(tmp_path, read_only=True) as ro:
         assert ro.appended() == {"a": 3}
-    assert header() == (3, 2)  # left as the newer code wrote it
-    set_header(3, 3)
-    with pytest.raises(ValueError, match=r"store schema v3 is newer than this code \(v2\) and needs code of schema "
-                                         r"v3 or later"):
+    assert header() == (4, 3)  # left as the newer code wrote it
+    set_header(4, 4)
+    with pytest.raises(ValueError, match=r"store schema v4 is newer than this code \(v3\) and needs code of schema "
+                                         r"v4 or later"):
         spool_store(tmp_path)
-    set_header(4, None)
-    with pytest.raises(ValueError, match=r"schema v4 is newer than this code \(v2\) and needs code of schema v4"):
+    set_header(5, None)
+    with pytest.raises(ValueError, match=r"schema v5 is newer than this code \(v3\) and needs code of schema v5"):
         LocalStore(tmp_path, read_only=True)
-    set_header(2, None)  # a file of this schema written before the row existed gets it
+    set_header(3, None)  # a file of this schema written before the row existed gets it
     spool_store(tmp_path).close()
-    assert header() == (2, 2)
+    assert header() == (3, 2)
 
 
 def test_a_file_taken_back_to_schema_v1_by_hand_migrates_forward_again(tmp_path: Path) -> None:
