@@ -113,8 +113,9 @@ _MIGRATIONS: Final[dict[int, _Migration]] = {
     # v2: a per-topic appended counter (backpressure counts other processes' appends with it). Counting
     # starts from the records stored: only differences of it are ever used (so a recount is harmless).
     1: _Migration(("topics", "appended", "INTEGER NOT NULL DEFAULT 0"), ("UPDATE topics SET appended = count",)),
-    # v3: delivery attempts per record. Older code may ignore the table: its rows only count attempts of records
-    # above a cursor, and seqs are never reused, so rows it leaves behind are never read (compatible_from stays).
+    # v3: delivery attempts per record. Older code may ignore the table: it neither notes attempts nor deletes rows
+    # when it trims, and seqs are never reused, so what it leaves is either never read again (trimmed records) or
+    # read back as an undercount (compatible_from stays).
     2: _Migration(None, (_ATTEMPTS_TABLE,)),
 }
 _NOTE_ATTEMPTS: Final = ("INSERT INTO attempts (topic, seq, count) VALUES (?, ?, ?) "
@@ -598,6 +599,8 @@ class LocalStore:
                         conn.execute(statement)
             if version < _SCHEMA_VERSION:
                 conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+            elif version == _SCHEMA_VERSION:  # a user_version set by hand: a note must not fail a group commit
+                conn.execute(_ATTEMPTS_TABLE)
             if version <= _SCHEMA_VERSION:  # (also files of this schema made before the row existed)
                 # The WHERE: an open that finds the row right writes nothing (no page, no WAL frame).
                 conn.execute("INSERT INTO counters (name, value) VALUES ('compatible_from', ?) ON CONFLICT (name) "

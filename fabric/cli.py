@@ -68,6 +68,7 @@ def serve(config: Path | None, host: str | None, port: int | None, grpc_port: in
 
     async def run() -> None:
         gateway = Gateway(cfg)
+        signalled = gateway.signalled()
         endpoints = await gateway.start()
         tune_interpreter()
         grpc = f", gRPC on {cfg.server.host}:{endpoints.grpc_port}" if endpoints.grpc_port else ""
@@ -75,7 +76,7 @@ def serve(config: Path | None, host: str | None, port: int | None, grpc_port: in
             err.print(f"umcef: delivery in process {gateway.delivery_process.pid}", highlight=False)
         err.print(f"umcef: HTTP on http://{cfg.server.host}:{endpoints.http_port}{grpc}; "
                   f"store {cfg.data_dir}", highlight=False)
-        await gateway.run_until_signalled()
+        await gateway.run_until(signalled)
 
     asyncio.run(run())
 
@@ -378,7 +379,8 @@ _SPOOL_CONFIG = click.option("--config", "-c", "config", type=click.Path(path_ty
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
 def spool_list(config: Path | None, data_dir: Path | None, as_json: bool) -> None:
     """Each spool: destination, configured or not (with --config), undelivered events, the oldest one's age,
-    records stored (delivered ones not trimmed yet included)."""
+    records stored (delivered ones not trimmed yet included), undelivered events that failed at least once
+    and the most attempts one of them had."""
     from umcef.fabric import spools
 
     cfg = _load_config(config, data_dir=data_dir)
@@ -396,7 +398,8 @@ def spool_list(config: Path | None, data_dir: Path | None, as_json: bool) -> Non
         status = {None: "-", True: "configured", False: "NOT CONFIGURED"}[state.configured]
         oldest = row["oldest_undelivered_age_s"]
         click.echo(f"{state.topic}\t{state.destination}\t{status}\tundelivered={state.undelivered}\t"
-                   f"oldest={'-' if oldest is None else spools.age(oldest)}\tstored={state.stored}")
+                   f"oldest={'-' if oldest is None else spools.age(oldest)}\tstored={state.stored}\t"
+                   f"failing={state.failing}\tmost_attempts={state.most_attempts}")
     orphans = [s for s in found if s.orphaned]
     for state in orphans:
         dead_letter, replay = spools.redrive_commands(state.destination, config)

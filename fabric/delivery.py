@@ -374,10 +374,12 @@ class DeliveryWorker:
         self._stopping.set()
 
     async def _pending(self, page: Sequence[Spooled]) -> list[_Pending]:
-        """The page's events with their expiry; a record that does not decode is dead-lettered raw."""
+        """The page's events with their expiry and the attempts earlier runs noted; a record that does not decode
+        is dead-lettered raw, and so is one whose noted attempts already reach `max_attempts` (a lowered limit)."""
         pending: list[_Pending] = []
         expires_at = self.policy.expires_at
         noted = self._noted
+        limit = self.policy.max_attempts
         for spooled in page:
             event = spooled.event
             if event is None:
@@ -386,8 +388,11 @@ class DeliveryWorker:
                 except EventError as exc:  # cannot happen for spooled events; never block the spool on one
                     await self.dead_letters.put_raw(spooled.payload, None, f"undecodable spool record: {exc}")
                     continue
-            pending.append(_Pending(event, expires_at(spooled.stored_at), spooled.seq,
-                                    noted.pop(spooled.seq, 0) if noted else 0))
+            attempts = noted.pop(spooled.seq, 0) if noted else 0
+            if limit is not None and attempts >= limit:
+                await self._dead_letter(event, f"attempt limit {limit} reached in an earlier run", attempts)
+                continue
+            pending.append(_Pending(event, expires_at(spooled.stored_at), spooled.seq, attempts))
         return pending
 
     async def _deliver(self, pending: list[_Pending], flight: _Flight) -> bool:
@@ -451,7 +456,7 @@ class DeliveryWorker:
             pending = retry
             if self.failover is not None and self.failover.ejected() is not None:
                 continue  # this failure ejected the destination: fail over now rather than after a backoff
-            attempts = max(p.attempts for p in retry)
+            attempts = min(p.attempts for p in retry)  # events new to failing back off as such
             delay = self.policy.backoff(attempts, floor)
             log.warning("%s: %d events failed (%s); retry %d in %.2fs", self.destination, len(retry), last,
                         attempts, delay)

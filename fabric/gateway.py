@@ -278,11 +278,18 @@ class Gateway:
         await self.pipeline.dedup.close()
         self.store.close()
 
-    async def run_until_signalled(self) -> None:
+    @staticmethod
+    def signalled() -> asyncio.Event:
+        """Set by SIGINT or SIGTERM from now on. Installed before the gateway starts and says it listens: a
+        supervisor may signal as soon as it sees the banner, and a signal before the handler would kill the
+        process without its graceful stop."""
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        return stop
+
+    async def run_until(self, stop: asyncio.Event) -> None:
         try:
             await stop.wait()
         finally:

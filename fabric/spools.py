@@ -44,6 +44,8 @@ class SpoolState:
     undelivered: int  # after the delivery cursor
     cursor: int
     oldest_undelivered_at: float | None  # `stored_at` of the first undelivered record
+    failing: int = 0  # undelivered events whose delivery failed at least once (noted attempts)
+    most_attempts: int = 0  # the most attempts any of them has had
 
     @property
     def topic(self) -> str:
@@ -57,7 +59,8 @@ class SpoolState:
         oldest = self.oldest_undelivered_at
         return {"destination": self.destination, "topic": self.topic, "configured": self.configured,
                 "undelivered": self.undelivered, "stored": self.stored, "cursor": self.cursor,
-                "oldest_undelivered_age_s": None if oldest is None else round(max(0.0, now - oldest), 3)}
+                "oldest_undelivered_age_s": None if oldest is None else round(max(0.0, now - oldest), 3),
+                "failing": self.failing, "most_attempts": self.most_attempts}
 
 
 def remote_destinations(config: Config) -> set[str]:
@@ -87,8 +90,9 @@ def _state(store: LocalStore, name: str, configured: bool | None, stored: int) -
     topic = spool_topic(name)
     cursor = store.cursor(CURSOR_GROUP, topic)
     first = store.read(topic, cursor, 1)
+    attempts = store.attempts(topic, cursor)  # a row per failed event still undelivered: few
     return SpoolState(name, configured, stored, store.count(topic, cursor), cursor,
-                      first[0].stored_at if first else None)
+                      first[0].stored_at if first else None, len(attempts), max(attempts.values(), default=0))
 
 
 def redrive_commands(destination: str, config: object) -> tuple[str, str]:

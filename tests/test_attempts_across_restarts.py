@@ -15,17 +15,11 @@ from tests.brokers import eventually_sync
 from tests.chaos._gateway import ChaosGateway
 from tests.chaos.test_gateway_sigkill import wait_gone
 from tests.test_dlq_cli import NEVER_EJECT, order, post, read, unreachable_kafka
-from umcef.adapters.local import LocalStore
+from tests.test_spool_cli import noted
 from umcef.fabric.deadletter import DEAD_LETTER_TOPIC
-from umcef.fabric.delivery import spool_topic
 
 EVENTS = 5
 RETRY = "events failed"  # the worker's warning before each retry wait
-
-
-def noted(data_dir: Path) -> dict[int, int]:
-    with LocalStore(data_dir, read_only=True) as store:
-        return store.attempts(spool_topic("flaky"))
 
 
 def write_config(path: Path, data_dir: Path, max_attempts: int, process: bool) -> Path:
@@ -47,13 +41,14 @@ def test_a_restarted_gateway_counts_the_attempts_made_before_it_was_killed(tmp_p
     try:
         # One request, one partition key: one page, so every event has had the same attempts.
         post(gateway, [order(f"o{i}", partitionkey="k") for i in range(EVENTS)])
-        eventually_sync(lambda: min(noted(data_dir).values(), default=0) >= 2, 60, "two attempts noted", poll=0.1)
+        eventually_sync(lambda: min(noted(data_dir, "flaky").values(), default=0) >= 2, 60, "two attempts noted",
+                        poll=0.1)
         eventually_sync(lambda: RETRY in gateway.tail(), 10, "the retry warning")  # what run 2 must not say
     finally:
         gateway.kill()
     if gateway.delivery_pid is not None:  # its child notices and exits by itself: count what it noted too
         asyncio.run(wait_gone(gateway.delivery_pid, 15))
-    counts = noted(data_dir)
+    counts = noted(data_dir, "flaky")
     assert len(counts) == EVENTS and len(set(counts.values())) == 1, counts
     made = next(iter(counts.values()))
     assert read(data_dir, DEAD_LETTER_TOPIC) == []
@@ -68,5 +63,5 @@ def test_a_restarted_gateway_counts_the_attempts_made_before_it_was_killed(tmp_p
         assert {(d["fabricdest"], d["fabricattempts"]) for d in letters} == {("flaky", made + 1)}, letters
         assert all(str(d["fabricreason"]).startswith("Transient: ") for d in letters), letters
     finally:
-        assert gateway.stop() == 0
+        assert gateway.stop() == 0, gateway.tail()
     assert RETRY not in gateway.tail(), gateway.tail()  # no retry in this run: the one attempt was the last

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import orjson
 import pytest
 
 from tests.gateway_process import GatewayProcess
+from tests.test_dlq_cli import unreachable_kafka
 
 
 def umcef(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -93,3 +96,28 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
                    "--no-follow")
     types = {orjson.loads(line)["type"] for line in counts.stdout.splitlines()}
     assert {"com.example.order.placed", "com.example.order.shipped"} <= types
+
+
+def test_a_signal_during_start_up_still_stops_the_gateway_gracefully(tmp_path: Path) -> None:
+    # A supervisor may signal a gateway at any moment, also while it starts or just after it said it listens:
+    # the handler must be in place before either, or SIGTERM kills the process (-15) without its graceful stop.
+    # Deterministic: delivery in its own process makes start-up wait for a spawned child interpreter, and the
+    # signal comes while it does.
+    config = tmp_path / "gw.yaml"
+    config.write_text(f"data_dir: {tmp_path / 'gw'}\ndestinations:\n  flaky: {unreachable_kafka('t')}}}\n"
+                      "default: flaky\ndelivery: {process: true}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "umcef.fabric.cli", "serve", "--config", str(config), "--port",
+                             "0", "--grpc-port", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+        deadline = time.monotonic() + 30
+        while not children.read_text().split():
+            assert time.monotonic() < deadline and proc.poll() is None, "the delivery process was never started"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    assert "umcef: HTTP on http://" in stderr, stderr  # it finished starting, then stopped

@@ -203,6 +203,23 @@ async def test_the_attempt_limit_counts_the_attempts_of_earlier_runs(store: Loca
         ("e0", limit, "Transient: still down"), ("e1", limit, "Transient: still down")]
 
 
+async def test_an_event_whose_noted_attempts_reach_a_lowered_limit_is_dead_lettered_unpublished(
+        store: LocalStore) -> None:
+    await spool(store, "d", [event(0), event(1)])
+    store.note_attempts_later(spool_topic("d"), [(1, 5)]).result()  # e0: five attempts under an earlier limit
+    adapter = ScriptedAdapter({})
+    dlq = DeadLetterQueue(store)
+    worker = DeliveryWorker("d", adapter, store, dlq, policy=RetryPolicy(0.01, 0.02, max_attempts=3))
+    task = asyncio.create_task(worker.run())
+    await eventually(lambda: worker.delivered == 1 and dlq.count == 1)
+    await worker.stop()
+    await asyncio.wait_for(task, 5)
+    assert adapter.accepted == ["e1"]
+    (dead,) = [orjson.loads(e.payload) for e in store.read("_deadletter")]
+    assert (dead["id"], dead["fabricattempts"], dead["fabricreason"]) == (
+        "e0", 5, "attempt limit 3 reached in an earlier run")
+
+
 async def test_stopping_mid_retry_leaves_the_page_for_the_next_worker(store: LocalStore) -> None:
     adapter = ScriptedAdapter({"e0": [Transient("down")] * 1000})
     worker = DeliveryWorker("d", adapter, store, DeadLetterQueue(store), policy=RetryPolicy(0.2, 0.2))

@@ -35,6 +35,11 @@ def spool_rows(*args: str) -> dict[str, dict[str, object]]:
     return {str(row["destination"]): row for row in map(orjson.loads, result.stdout.splitlines())}
 
 
+def noted(data_dir: Path, destination: str) -> dict[int, int]:
+    with LocalStore(data_dir, read_only=True) as store:
+        return store.attempts(spool_topic(destination))
+
+
 @pytest.mark.parametrize("process", [False, True], ids=["inline", "delivery-process"])
 def test_a_removed_destinations_spool_is_listed_dead_lettered_and_redriven_to_kafka(
         tmp_path: Path, kafka_broker: KafkaBroker, process: bool) -> None:
@@ -56,6 +61,7 @@ def test_a_removed_destinations_spool_is_listed_dead_lettered_and_redriven_to_ka
         # dead-lettering them now would deliver them twice once `old` comes back. Refused, nothing moved.
         eventually_sync(lambda: alive(data_dir, "old") > 0, 30, "the worker's mark",
                         poll=0.05)  # as test_dlq_cli: each probe opens the store or runs the CLI
+        eventually_sync(lambda: len(noted(data_dir, "old")) == 5, 30, "a failed attempt noted", poll=0.05)
         early = umcef("spool", "dead-letter", "old", "--config", str(after))
         assert early.returncode == 2
         assert early.stderr.startswith("error: a running gateway delivers _spool.old (its worker for 'old' said so "), \
@@ -73,10 +79,14 @@ def test_a_removed_destinations_spool_is_listed_dead_lettered_and_redriven_to_ka
         rows = spool_rows("--config", str(after))
         assert set(rows) == {"old", "new"}
         assert (rows["old"]["configured"], rows["old"]["undelivered"], rows["old"]["stored"]) == (False, 5, 5)
-        assert (rows["new"]["configured"], rows["new"]["undelivered"]) == (True, 0)
+        assert (rows["new"]["configured"], rows["new"]["undelivered"], rows["new"]["failing"]) == (True, 0, 0)
+        # `old`'s worker failed every event at least once (its broker never answered): noted in the store.
+        most = rows["old"]["most_attempts"]
+        assert rows["old"]["failing"] == 5 and isinstance(most, int) and most >= 1, rows["old"]
         text = umcef("spool", "list", "--config", str(after))
         assert text.returncode == 0, text.stderr
         assert any(line.startswith("_spool.old\told\tNOT CONFIGURED\tundelivered=5\toldest=")
+                   and line.endswith(f"\tstored=5\tfailing=5\tmost_attempts={most}")
                    for line in text.stdout.splitlines()), text.stdout
         assert f"umcef spool dead-letter old --config {after}, then umcef dlq replay --destination old" in text.stderr
 
@@ -92,8 +102,9 @@ def test_a_removed_destinations_spool_is_listed_dead_lettered_and_redriven_to_ka
         letters = listed(data_dir, "--config", str(after))
         assert sorted(str(r["id"]) for r in letters) == [f"o{i}" for i in range(5)]
         assert {(r["destination"], r["reason"]) for r in letters} == {("old", default_reason("old"))}
-        # The attempts `old`'s worker made (in either process) were noted in the store and are carried over.
-        assert all(int(r["attempts"]) >= 1 for r in letters), letters
+        # The attempts `old`'s worker made (in either process) are carried over.
+        assert max(int(str(r["attempts"])) for r in letters) == most and all(int(str(r["attempts"])) >= 1
+                                                                              for r in letters), letters
         assert spool_rows("--config", str(after)).get("old", {"undelivered": 0})["undelivered"] == 0
         again = umcef("spool", "dead-letter", "old", "--config", str(after))  # nothing left: nothing twice
         assert again.returncode == 0 and "dead-lettered 0 events" in again.stderr, again.stderr
