@@ -17,11 +17,21 @@ BACKENDS = {"local": "local_adapter", "kafka": "kafka", "sqs": "sqs", "pubsub": 
 
 def open_adapter(url: str, **options: Any) -> Adapter:
     """An adapter for `url`; each backend module exposes `from_url(url, **options)`."""
+    adapter: Adapter = _backend(url).from_url(url, **options)
+    return adapter
+
+
+def check_url(url: str, **options: Any) -> None:
+    """Raises the ValueError or TypeError `open_adapter` would for this URL and these options, opening nothing:
+    so a configuration is refused when it is loaded (and by `umcef config check`), not when the gateway starts.
+    Each backend module exposes `check_url(url, **options)`."""
+    _backend(url).check_url(url, **options)
+
+
+def _backend(url: str) -> Any:
     scheme = urlsplit(url).scheme.lower()
     module_name = BACKENDS.get(scheme)
     if module_name is None:
         raise ValueError(f"unknown destination scheme in {url!r}; expected one of "
                          + ", ".join(s + "://" for s in BACKENDS))
-    module = importlib.import_module(f"umcef.adapters.{module_name}")
-    adapter: Adapter = module.from_url(url, **options)
-    return adapter
+    return importlib.import_module(f"umcef.adapters.{module_name}")

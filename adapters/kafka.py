@@ -1227,6 +1227,17 @@ _OPTION_NAMES = frozenset(f.name for f in fields(KafkaOptions))
 
 def from_url(url: str, **options: Any) -> KafkaAdapter:
     """`kafka://HOST:PORT[,HOST:PORT...]/TOPIC?group=G&mode=binary|structured` plus keyword options."""
+    bootstrap, topic, query, opts = _parse(url, options)
+    return KafkaAdapter(url, bootstrap, topic, group=query.get("group", DEFAULT_GROUP),
+                        structured=query.get("mode", "binary").lower() == "structured", options=opts)
+
+
+def check_url(url: str, **options: Any) -> None:
+    """Raises what `from_url` would for this URL and these options, opening nothing (configuration checks)."""
+    _parse(url, options)
+
+
+def _parse(url: str, options: dict[str, Any]) -> tuple[list[str], str, dict[str, str], KafkaOptions]:
     parts = urlsplit(url)
     if parts.scheme.lower() != "kafka":
         raise ValueError(f"expected a kafka:// URL, got {url!r}")
@@ -1248,8 +1259,7 @@ def from_url(url: str, **options: Any) -> KafkaAdapter:
         raise TypeError(f"unknown Kafka adapter options {sorted(unknown)}; known: {sorted(_OPTION_NAMES)}")
     opts = KafkaOptions(**options)
     _check(opts)
-    return KafkaAdapter(url, bootstrap, topic, group=query.get("group", DEFAULT_GROUP),
-                        structured=mode == "structured", options=opts)
+    return bootstrap, topic, query, opts
 
 
 def _check(opts: KafkaOptions) -> None:
@@ -1286,4 +1296,4 @@ def _host_port(text: str) -> str:
     return f"{host}:{port}"
 
 
-__all__ = ["KafkaAdapter", "KafkaDelivery", "KafkaOptions", "classify", "from_url"]
+__all__ = ["KafkaAdapter", "KafkaDelivery", "KafkaOptions", "check_url", "classify", "from_url"]

@@ -29,8 +29,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final, Literal, NamedTuple
 
-__all__ = ["DB_FILENAME", "Committed", "CursorMove", "CursorMoved", "LocalStore", "Record", "Retention", "StoredEvent",
-           "SyncPolicy", "TrimConsumed"]
+__all__ = ["DB_FILENAME", "Committed", "CursorMove", "CursorMoved", "LocalStore", "Record", "Retention",
+           "StoreFileError", "StoredEvent", "SyncPolicy", "TrimConsumed"]
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +236,11 @@ class CursorMove(NamedTuple):
     expected: int | None = None
 
 
+class StoreFileError(ValueError):
+    """The store's file is not one this code can use (not SQLite, another application's, a newer schema): the
+    message starts with the file's path."""
+
+
 class CursorMoved(Exception):
     """An append's `CursorMove.expected` did not hold: another writer moved that cursor first."""
 
@@ -419,7 +424,7 @@ def _open_error(db: Path, exc: sqlite3.Error) -> Exception:
     code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
     if code in _OS_ERROR_CODES:
         return OSError(errno.EIO, f"cannot open local store: {exc}", str(db))
-    return ValueError(f"{db}: not a usable UMCEF local store: {exc}")
+    return StoreFileError(f"{db}: not a usable UMCEF local store: {exc}")
 
 
 class LocalStore:
@@ -549,19 +554,19 @@ class LocalStore:
         app_id = conn.execute("PRAGMA application_id").fetchone()[0]
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if app_id not in (0, _APPLICATION_ID):
-            raise ValueError(f"{db}: SQLite file of another application (application_id={app_id:#x})")
+            raise StoreFileError(f"{db}: SQLite file of another application (application_id={app_id:#x})")
         if version > _SCHEMA_VERSION:
             # (Only a file of ours has the row: another application's file is refused as newer, as before.)
             row = conn.execute("SELECT value FROM counters WHERE name = 'compatible_from'").fetchone() \
                 if app_id == _APPLICATION_ID else None
             if row is None or row[0] > _SCHEMA_VERSION:
-                raise ValueError(f"{db}: store schema v{version} is newer than this code (v{_SCHEMA_VERSION}) and "
+                raise StoreFileError(f"{db}: store schema v{version} is newer than this code (v{_SCHEMA_VERSION}) and "
                                  f"needs code of schema v{version if row is None else row[0]} or later")
         if app_id == 0 and version == 0:
             if self.read_only:
-                raise ValueError(f"{db}: not initialised as a UMCEF local store")
+                raise StoreFileError(f"{db}: not initialised as a UMCEF local store")
             if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
-                raise ValueError(f"{db}: SQLite file of another application (it has tables, none ours)")
+                raise StoreFileError(f"{db}: SQLite file of another application (it has tables, none ours)")
         return int(version)
 
     def _prepare(self, conn: sqlite3.Connection, db: Path) -> None:

@@ -201,16 +201,25 @@ class LocalAdapter:
 
 
 def from_url(url: str, *, store: LocalStore | None = None, **_: Any) -> LocalAdapter:
-    parts = urlsplit(url)
-    topic = (parts.netloc + parts.path).strip("/")
-    if not topic or "/" in topic:
-        raise ValueError(f"expected local://TOPIC, got {url!r}")
-    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    topic, query = _parse(url)
     group = query.get("group", "default")
     if store is not None:
         return LocalAdapter(url, topic, store, group=group)
     directory = Path(query.get("dir", "umcef-data"))
     return _open_dir(url, topic, directory, group)
+
+
+def check_url(url: str, **_: Any) -> None:
+    """Raises what `from_url` would for this URL, opening nothing (configuration checks)."""
+    _parse(url)
+
+
+def _parse(url: str) -> tuple[str, dict[str, str]]:
+    parts = urlsplit(url)
+    topic = (parts.netloc + parts.path).strip("/")
+    if not topic or "/" in topic:
+        raise ValueError(f"expected local://TOPIC, got {url!r}")
+    return topic, {k: v[-1] for k, v in parse_qs(parts.query).items()}
 
 
 def _open_dir(url: str, topic: str, directory: Path, group: str) -> LocalAdapter:

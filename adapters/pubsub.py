@@ -833,12 +833,22 @@ def _ignore_result(done: asyncio.Future[None]) -> None:
 
 
 def from_url(url: str, **options: Any) -> PubsubAdapter:
+    settings = _settings(options)
+    return PubsubAdapter(url, parse_url(url, settings), settings)
+
+
+def check_url(url: str, **options: Any) -> None:
+    """Raises what `from_url` would for this URL and these options, opening nothing (configuration checks)."""
+    parse_url(url, _settings(options))
+
+
+def _settings(options: dict[str, Any]) -> PubsubOptions:
     known = {f.name for f in fields(PubsubOptions)}
     unknown = set(options) - known
     if unknown:
         raise TypeError(f"unknown pubsub option(s) {sorted(unknown)}; expected some of {sorted(known)}")
-    settings = PubsubOptions(**options)
-    return PubsubAdapter(url, parse_url(url, settings), settings)
+    return PubsubOptions(**options)
 
 
-__all__ = ["PubsubAdapter", "PubsubDelivery", "PubsubLocation", "PubsubOptions", "classify", "from_url", "parse_url"]
+__all__ = ["PubsubAdapter", "PubsubDelivery", "PubsubLocation", "PubsubOptions", "check_url", "classify", "from_url",
+           "parse_url"]

@@ -1053,6 +1053,28 @@ _BOOL_OPTIONS = ("sessions", "duplicate_detection")
 
 def from_url(url: str, **options: Any) -> ServiceBusAdapter:
     """`servicebus://NAMESPACE/QUEUE_OR_TOPIC[/SUBSCRIPTION]`; see the module docstring for options."""
+    namespace, segments, settings = _parse(url, options)
+    connection_string = options.get("connection_string")
+    credential = options.get("credential")
+    owns_credential = False
+    if connection_string is None and credential is None:
+        connection_string = os.environ.get(namespace_env_var(namespace)) or os.environ.get(ENV_CONNECTION_STRING)
+        if not connection_string:
+            connection_string = None
+            credential = _default_credential()
+            owns_credential = credential is not None
+    return ServiceBusAdapter(url, namespace, segments[0], segments[1] if len(segments) == 2 else None,
+                             connection_string=connection_string, credential=credential,
+                             owns_credential=owns_credential, **settings)
+
+
+def check_url(url: str, **options: Any) -> None:
+    """Raises what `from_url` would for this URL and these options, opening nothing and looking up no
+    credential (configuration checks)."""
+    _parse(url, options)
+
+
+def _parse(url: str, options: dict[str, Any]) -> tuple[str, list[str], dict[str, Any]]:
     parts = urlsplit(url)
     if parts.scheme.lower() != "servicebus":
         raise ValueError(f"expected servicebus://NAMESPACE/ENTITY[/SUBSCRIPTION], got {url!r}")
@@ -1068,23 +1090,15 @@ def from_url(url: str, **options: Any) -> ServiceBusAdapter:
         value = query.get(key, options.get(key))
         if value is None:
             continue
-        if key in _INT_OPTIONS:
-            settings[key] = int(value)
-        elif key in _FLOAT_OPTIONS:
-            settings[key] = float(value)
+        if key in _INT_OPTIONS + _FLOAT_OPTIONS:
+            kind = int if key in _INT_OPTIONS else float
+            try:
+                settings[key] = kind(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{key} must be {'an integer' if kind is int else 'a number'}, got {value!r}") \
+                    from None
         elif key in _BOOL_OPTIONS:
             settings[key] = value if isinstance(value, bool) else str(value).lower() in _BOOL_TRUE
         else:
             settings[key] = str(value)
-    connection_string = options.get("connection_string")
-    credential = options.get("credential")
-    owns_credential = False
-    if connection_string is None and credential is None:
-        connection_string = os.environ.get(namespace_env_var(namespace)) or os.environ.get(ENV_CONNECTION_STRING)
-        if not connection_string:
-            connection_string = None
-            credential = _default_credential()
-            owns_credential = credential is not None
-    return ServiceBusAdapter(url, namespace, segments[0], segments[1] if len(segments) == 2 else None,
-                             connection_string=connection_string, credential=credential,
-                             owns_credential=owns_credential, **settings)
+    return namespace, segments, settings

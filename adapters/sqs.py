@@ -722,6 +722,16 @@ async def _first(*waits: Awaitable[Any]) -> None:
 
 def from_url(url: str, **options: Any) -> SqsAdapter:
     """`sqs://QUEUE?region=R&endpoint=URL&owner=ACCOUNT`; see the module docstring for options."""
+    queue, settings = _parse(url, options)
+    return SqsAdapter(url, queue, **settings)
+
+
+def check_url(url: str, **options: Any) -> None:
+    """Raises what `from_url` would for this URL and these options, opening nothing (configuration checks)."""
+    _parse(url, options)
+
+
+def _parse(url: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     parts = urlsplit(url)
     queue = (parts.netloc + parts.path).strip("/")
     name = queue[:-5] if queue.endswith(".fifo") else queue
@@ -733,22 +743,24 @@ def from_url(url: str, **options: Any) -> SqsAdapter:
     credentials = {key: str(options[key]) for key in ("aws_access_key_id", "aws_secret_access_key",
                                                        "aws_session_token") if options.get(key)}
 
-    def tunable(key: str, default: Any) -> Any:  # the URL's query (one entity) wins over options (adapter-wide)
-        return query.get(key, options.get(key, default))
+    def tunable(key: str, default: Any, kind: type[int] | type[float] = int) -> Any:
+        value = query.get(key, options.get(key, default))  # the URL's query (one entity) wins over options
+        try:
+            return None if value is None else kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key} must be {'an integer' if kind is int else 'a number'}, got {value!r}") from None
 
-    visibility = tunable("visibility_timeout", None)
-    return SqsAdapter(
-        url, queue,
-        region=query.get("region") or options.get("region_name"),
-        endpoint=query.get("endpoint") or options.get("endpoint_url"),
-        owner=query.get("owner"),
-        credentials=credentials,
-        max_event_bytes=int(tunable("max_event_bytes", DEFAULT_MAX_EVENT_BYTES)),
-        visibility_timeout=None if visibility is None else int(visibility),
-        wait_seconds=int(tunable("wait_seconds", DEFAULT_WAIT_SECONDS)),
-        connect_timeout=float(tunable("connect_timeout", 5.0)),
-        read_timeout=float(tunable("read_timeout", 30.0)),
-        undecodable_requeue_seconds=int(tunable("undecodable_requeue_seconds", 300)),
-        receivers=int(tunable("receivers", 2)),
-        send_concurrency=int(tunable("send_concurrency", SEND_CONCURRENCY)),
-    )
+    return queue, {
+        "region": query.get("region") or options.get("region_name"),
+        "endpoint": query.get("endpoint") or options.get("endpoint_url"),
+        "owner": query.get("owner"),
+        "credentials": credentials,
+        "max_event_bytes": tunable("max_event_bytes", DEFAULT_MAX_EVENT_BYTES),
+        "visibility_timeout": tunable("visibility_timeout", None),
+        "wait_seconds": tunable("wait_seconds", DEFAULT_WAIT_SECONDS),
+        "connect_timeout": tunable("connect_timeout", 5.0, float),
+        "read_timeout": tunable("read_timeout", 30.0, float),
+        "undecodable_requeue_seconds": tunable("undecodable_requeue_seconds", 300),
+        "receivers": tunable("receivers", 2),
+        "send_concurrency": tunable("send_concurrency", SEND_CONCURRENCY),
+    }

@@ -13,7 +13,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import click
 import orjson
@@ -59,6 +59,7 @@ def _load_config(path: Path | None, **overrides: Any) -> config_mod.Config:
 def serve(config: Path | None, host: str | None, port: int | None, grpc_port: int | None,
           data_dir: Path | None) -> None:
     """Run the gateway (the embedded local store when no destinations are configured)."""
+    from umcef.adapters.local import StoreFileError
     from umcef.fabric.gateway import Gateway
     from umcef.fabric.runtime import tune_interpreter
 
@@ -67,15 +68,20 @@ def serve(config: Path | None, host: str | None, port: int | None, grpc_port: in
     _use_uvloop()
 
     async def run() -> None:
-        gateway = Gateway(cfg)
+        try:
+            gateway = Gateway(cfg)  # opens the store first
+        except StoreFileError as exc:
+            raise CliError(str(exc)) from None
         signalled = gateway.signalled()
         endpoints = await gateway.start()
         tune_interpreter()
         grpc = f", gRPC on {cfg.server.host}:{endpoints.grpc_port}" if endpoints.grpc_port else ""
         if gateway.delivery_process is not None:
-            err.print(f"umcef: delivery in process {gateway.delivery_process.pid}", highlight=False)
+            err.print(f"umcef: delivery in process {gateway.delivery_process.pid}", highlight=False,
+                      markup=False, soft_wrap=True)
+        # One line however long (not wrapped at 80 columns when stderr is no terminal): logs are grepped for it.
         err.print(f"umcef: HTTP on http://{cfg.server.host}:{endpoints.http_port}{grpc}; "
-                  f"store {cfg.data_dir}", highlight=False)
+                  f"store {cfg.data_dir}", highlight=False, markup=False, soft_wrap=True)
         await gateway.run_until(signalled)
 
     asyncio.run(run())
@@ -101,19 +107,42 @@ def publish(event_type: str | None, source: str | None, event_id: str | None, su
 
     events = list(_events_from_file(file)) if file else [_event_from_flags(
         event_type, source, event_id, subject, data, content_type, list(ext))]
-    grpc = url.startswith("grpc://")
-    with Publisher(url=url, transport="grpc" if grpc else "http", timeout=timeout) as publisher:
+    if not events:
+        raise CliError(f"{file} holds no events (expected a JSON array of events or one event per line)")
+    try:
+        publisher = Publisher(url=url, transport=_transport_for(url), timeout=timeout)
+    except ValueError as exc:  # the SDK's check of its arguments: a URL without host:port, a timeout of 0
+        raise CliError(str(exc)) from None
+    with publisher:
         ids = publisher.publish_batch(events) if len(events) > 1 else [publisher.publish(events[0])]
     for event_id_ in ids:
         click.echo(event_id_)
+
+
+def _transport_for(url: str) -> Literal["http", "grpc"]:
+    scheme, sep, _ = url.partition("://")
+    if sep and scheme.lower() == "grpc":
+        return "grpc"
+    if sep and scheme.lower() in ("http", "https"):
+        return "http"
+    raise CliError(f"--url {url!r}: expected a gateway URL of http://, https:// or grpc:// (as grpc://HOST:PORT)")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CliError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
 
 
 def _event_from_flags(event_type: str | None, source: str | None, event_id: str | None, subject: str | None,
                       data: str | None, content_type: str | None, ext: list[str]) -> dict[str, Any]:
     if not event_type or not source:
         raise CliError("publish needs --type and --source (or --file)")
+    if event_id == "":
+        raise CliError("--id must not be empty: a CloudEvent id is a non-empty string (omit --id for a UUID)")
     event: dict[str, Any] = {"type": event_type, "source": source}
-    if event_id:
+    if event_id is not None:
         event["id"] = event_id
     if subject:
         event["subject"] = subject
@@ -123,7 +152,7 @@ def _event_from_flags(event_type: str | None, source: str | None, event_id: str 
             raise CliError(f"--ext {item!r}: expected NAME=VALUE")
         event[name] = value
     if data is not None:
-        text = Path(data[1:]).read_text(encoding="utf-8") if data.startswith("@") else data
+        text = _read_text(Path(data[1:])) if data.startswith("@") else data
         try:
             event["data"] = orjson.loads(text)
             event["datacontenttype"] = content_type or "application/json"
@@ -134,7 +163,7 @@ def _event_from_flags(event_type: str | None, source: str | None, event_id: str 
 
 
 def _events_from_file(path: Path) -> Iterator[dict[str, Any]]:
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     stripped = text.lstrip()
     try:
         if stripped.startswith("["):
@@ -160,11 +189,7 @@ def _events_from_file(path: Path) -> Iterator[dict[str, Any]]:
 @click.option("--follow/--no-follow", default=True, show_default=True, help="keep waiting for new events")
 def tail(data_dir: Path, topic: str | None, from_beginning: bool, as_json: bool, follow: bool) -> None:
     """Print events from the embedded store, oldest first, then follow new ones."""
-    from umcef.adapters.local import DB_FILENAME, LocalStore
-
-    if not (data_dir / DB_FILENAME).exists():
-        raise CliError(f"no UMCEF store in {data_dir} (start the gateway with --data-dir {data_dir})")
-    store = LocalStore(data_dir, read_only=True)  # read-only: never runs retention or writes
+    store = _open_store(data_dir, write=False)  # read-only: never runs retention or writes
     out = Console(highlight=False)
     try:
         after = 0 if from_beginning else store.last_seq(topic)
@@ -447,11 +472,14 @@ def spool_dead_letter(destination: str, config: Path | None, data_dir: Path | No
 
 
 def _open_store(data_dir: Path, *, write: bool) -> LocalStore:
+    from umcef.adapters.local import StoreFileError
     from umcef.fabric import dlq
 
     try:
         return dlq.open_store(data_dir, write=write)
     except dlq.DlqError as exc:
+        raise CliError(str(exc)) from None
+    except StoreFileError as exc:  # the file is no store of ours (another application's, not SQLite, too new)
         raise CliError(str(exc)) from None
 
 

@@ -494,9 +494,21 @@ class _Parser:
             if not isinstance(url, str):
                 raise self.fail(path, "expected a URL string or a mapping with a 'url' key")
             options = self.options(spec.get("options") if isinstance(spec, dict) else None, f"{path}.options")
-            out[str(name)] = self.destination(str(name), url, path + (".url" if isinstance(spec, dict) else ""),
-                                              options)
+            out[str(name)] = dest = self.destination(str(name), url,
+                                                     path + (".url" if isinstance(spec, dict) else ""), options)
+            if not dest.is_local:
+                self.adapter(url, options, path)
         return out
+
+    def adapter(self, url: str, options: dict[str, Any], path: str) -> None:
+        """What the adapter itself would refuse when the gateway opens it (a malformed broker URL, an option's
+        value), refused now with the key path, not as a traceback at start-up."""
+        from umcef.adapters import check_url
+
+        try:
+            check_url(url, **options)
+        except (ValueError, TypeError) as exc:
+            raise self.fail(path, str(exc)) from None
 
     def options(self, raw: Any, path: str) -> dict[str, Any]:
         if raw is None:
@@ -539,8 +551,9 @@ class _Parser:
                 if key not in ("name", "url", "options", "max_in_flight"):
                     raise self.fail(f"{path}.{key}", "unknown key; expected one of name, url, options, max_in_flight")
             self.url(item["url"], f"{path}.url")
-            out.append(SourceConfig(str(item.get("name", f"source{i}")), item["url"],
-                                    self.options(item.get("options"), f"{path}.options"),
+            options = self.options(item.get("options"), f"{path}.options")
+            self.adapter(item["url"], options, path)
+            out.append(SourceConfig(str(item.get("name", f"source{i}")), item["url"], options,
                                     self.integer(item, "max_in_flight", path, 64, 1)))
         return tuple(out)
 
@@ -551,6 +564,8 @@ class _Parser:
             if dest.url == default:
                 return name
         dest = self.destination("default", default, "default")
+        if not dest.is_local:
+            self.adapter(default, {}, "default")
         destinations.setdefault("default", dest)
         return "default"
 

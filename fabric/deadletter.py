@@ -31,6 +31,13 @@ class DeadLetterQueue:
         self.count = 0
 
     async def put(self, event: Event, reason: str, *, destination: str, attempts: int) -> None:
+        """`event` with the dead-letter extensions. An event that already is a dead letter (its remote dead-letter
+        destination could not take it either) keeps its own: where it came from and why is what an operator
+        needs, and what sends a replay back there; this hop's reason is in the log line."""
+        if "fabricreason" in event.attributes:
+            reason = f"{reason} (a dead letter of {event.attributes.get('fabricdest')!s} already, kept as it was)"
+            await self.put_raw(json_format.encode(event), event.id, reason)
+            return
         attrs = with_reason(event.attributes, destination, reason, attempts)
         await self.put_raw(json_format.encode(Event(attrs, event.data)), event.id, reason)
 

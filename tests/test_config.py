@@ -56,6 +56,23 @@ def test_good_file_and_env_overrides(tmp_path: Path) -> None:
         ("a: [", {}, "umcef.yaml: line 1, column 5: not valid YAML"),
         ("- 1", {}, "expected a mapping at the top level, got a list"),
         ("{}", {"UMCEF_SERVER__PORT": "x"}, "server.port: expected an integer"),
+        # What the adapters refuse when they open, refused when the file is read (before: `config check` said ok
+        # and `serve` died with a traceback at start).
+        ("destinations: {a: {url: 'kafka://127.0.0.1:1/t', options: {acks: maybe}}}", {},
+         "destinations.a: acks must be 0, 1, -1 or 'all', got 'maybe'"),
+        ("destinations: {a: 'kafka://localhost:abc/t'}", {},
+         "destinations.a: invalid port in Kafka bootstrap address 'localhost:abc'"),
+        ("destinations: {a: 'kafka://127.0.0.1:1'}", {}, "destinations.a: expected kafka://HOST:PORT/TOPIC"),
+        ("destinations: {a: 'kafka://h:1/t?bogus=1'}", {}, "destinations.a: unknown kafka:// URL parameters ['bogus']"),
+        ("destinations: {a: {url: 'kafka://h:1/t', options: {nope: 1}}}", {},
+         "destinations.a: unknown Kafka adapter options ['nope']"),
+        ("destinations: {a: 'pubsub://'}", {}, "destinations.a: expected pubsub://PROJECT/TOPIC"),
+        ("destinations: {a: {url: 'sqs://q', options: {wait_seconds: x}}}", {},
+         "destinations.a: wait_seconds must be an integer, got 'x'"),
+        ("destinations: {a: 'servicebus://ns/q?max_batch=z'}", {}, "destinations.a: max_batch must be an integer"),
+        ("destinations: {a: 'servicebus://ns'}", {}, "destinations.a: expected servicebus://NAMESPACE/QUEUE_OR_TOPIC"),
+        ("default: 'kafka://h:1'", {}, "default: expected kafka://HOST:PORT/TOPIC"),
+        ("sources: [{url: 'kafka://h:1/t', options: {acks: 7}}]", {}, "sources[0]: acks must be 0, 1, -1 or 'all'"),
     ],
 )
 def test_mistakes_are_reported_exactly(tmp_path: Path, text: str, env: dict[str, str], message: str) -> None:

@@ -162,6 +162,25 @@ async def test_transient_failures_are_retried_and_rejected_ones_dead_lettered(st
     assert dead["fabricreason"] == "Rejected: too large: 2 MiB > 1 MiB"
 
 
+async def test_a_dead_letter_its_remote_dead_letter_destination_refuses_keeps_where_it_came_from(
+        store: LocalStore) -> None:
+    # `down` dead-lettered e0 into the spool of `dlqk` (a remote dead-letter destination), which cannot take it
+    # either: the entry in `_deadletter` must still say `down` and why, so a replay sends it back there.
+    letter = Event({**event(0).attributes, "fabricdest": "down", "fabricreason": "Transient: refused",
+                    "fabricattempts": 2}, {"n": 0})
+    await spool(store, "dlqk", [letter])
+    adapter = ScriptedAdapter({"e0": [Rejected("no such topic")]})
+    dlq = DeadLetterQueue(store)
+    worker = DeliveryWorker("dlqk", adapter, store, dlq, policy=FAST)
+    task = asyncio.create_task(worker.run())
+    await eventually(lambda: dlq.count == 1)
+    await worker.stop()
+    await asyncio.wait_for(task, 5)
+    (dead,) = [orjson.loads(e.payload) for e in store.read("_deadletter")]
+    assert (dead["id"], dead["fabricdest"], dead["fabricreason"], dead["fabricattempts"]) == (
+        "e0", "down", "Transient: refused", 2)
+
+
 async def test_attempt_limit_dead_letters_with_the_last_reason(store: LocalStore) -> None:
     adapter = ScriptedAdapter({"e0": [Transient("down")] * 10})
     dlq = DeadLetterQueue(store)
