@@ -44,10 +44,12 @@ class CliError(Exception):
 
 def _load_config(path: Path | None, **overrides: Any) -> config_mod.Config:
     env = dict(os.environ)
+    labels: dict[str, str] = {}  # a flag's value goes in as an override: a mistake in it names the flag
     for key, value in overrides.items():
         if value is not None:
             env["UMCEF_" + key.upper()] = str(value)
-    return config_mod.load(path, env)
+            labels["UMCEF_" + key.upper()] = "--" + key.split("__")[-1].replace("_", "-")
+    return config_mod.load(path, env, labels)
 
 
 @app.command()
@@ -61,10 +63,11 @@ def serve(config: Path | None, host: str | None, port: int | None, grpc_port: in
     """Run the gateway (the embedded local store when no destinations are configured)."""
     from umcef.adapters.local import StoreFileError
     from umcef.fabric.gateway import Gateway
-    from umcef.fabric.runtime import tune_interpreter
+    from umcef.fabric.runtime import configure_logging, tune_interpreter
 
     cfg = _load_config(config, server__host=host, server__port=port, server__grpc_port=grpc_port,
                        data_dir=data_dir)
+    configure_logging()
     _use_uvloop()
 
     async def run() -> None:

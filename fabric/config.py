@@ -175,8 +175,10 @@ class Config:
     delivery: DeliveryConfig = DeliveryConfig()
 
 
-def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
-    """Read the YAML file (if any), apply environment overrides, validate everything."""
+def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
+         labels: Mapping[str, str] | None = None) -> Config:
+    """Read the YAML file (if any), apply environment overrides, validate everything. A mistake in an overridden
+    value is blamed on its variable, or on what `labels` calls that variable (the CLI: its flag)."""
     env = os.environ if env is None else env
     source = str(path) if path is not None else DEFAULTS_SOURCE
     raw: Any = {}
@@ -193,8 +195,9 @@ def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | No
             raise ConfigError(source, "", f"{where}not valid YAML ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(source, "", f"expected a mapping at the top level, got {_kind(raw)}")
-    _apply_env(raw, env)
-    return from_mapping(raw, source)
+    overridden = _apply_env(raw, env)
+    return _Parser(source, {path: (labels or {}).get(key, f"environment {key}")
+                            for path, key in overridden.items()}).config(raw)
 
 
 def from_mapping(raw: dict[str, Any], source: str = "(inline)") -> Config:
@@ -202,7 +205,9 @@ def from_mapping(raw: dict[str, Any], source: str = "(inline)") -> Config:
     return _Parser(source).config(raw)
 
 
-def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
+def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, str]:
+    """Applies the overrides to `raw`; returns the key path of each overridden value -> its variable."""
+    overridden: dict[str, str] = {}
     for key, value in env.items():
         if not key.startswith(ENV_PREFIX):
             continue
@@ -224,6 +229,8 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
             node[parts[-1]] = yaml.safe_load(value) if value else value
         except yaml.YAMLError:
             node[parts[-1]] = value
+        overridden[".".join(parts)] = key
+    return overridden
 
 
 def _meant_override(parts: list[str]) -> str | None:
@@ -245,11 +252,14 @@ def _meant_override(parts: list[str]) -> str | None:
 class _Parser:
     """Walks the raw mapping; every mistake names the file, key path and what was expected."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, overridden: Mapping[str, str] | None = None) -> None:
         self.source = source
+        self.overridden = overridden or {}  # key path -> where its value came from instead of the file
 
     def fail(self, path: str, reason: str) -> ConfigError:
-        return ConfigError(self.source, path, reason)
+        origin = next((label for key, label in self.overridden.items()
+                       if path == key or path.startswith((key + ".", key + "["))), self.source)
+        return ConfigError(origin, path, reason)
 
     def section(self, raw: Mapping[str, Any], key: str, allowed: tuple[str, ...], path: str = "") -> dict[str, Any]:
         where = f"{path}.{key}" if path else key

@@ -39,7 +39,7 @@ from umcef.fabric.commit_relay import CommitReceiver, CommitSender
 from umcef.fabric.config import Config
 from umcef.fabric.delivery import spool_topic
 from umcef.fabric.delivery_host import DeliveryHost
-from umcef.fabric.runtime import tune_interpreter
+from umcef.fabric.runtime import configure_logging, tune_interpreter
 from umcef.router.estimator import Estimator
 
 log = logging.getLogger("umcef.delivery")
@@ -243,6 +243,7 @@ def child_main(config: Config, conn: multiprocessing.connection.Connection,
                relay: multiprocessing.connection.Connection) -> None:
     # Ctrl-C reaches the whole process group; the parent drives this process's shutdown.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    configure_logging()
     try:
         asyncio.run(_serve(config, conn, relay))
     except Exception as exc:  # reported to the parent, which fails its start or logs the exit

@@ -81,6 +81,19 @@ def test_mistakes_are_reported_exactly(tmp_path: Path, text: str, env: dict[str,
     assert message in str(info.value)
 
 
+def test_a_mistake_in_an_override_names_the_variable_or_the_flag_not_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "server: {port: 8080}")
+    with pytest.raises(ConfigError) as info:
+        load(path, env={"UMCEF_SERVER__PORT": "abc"})
+    assert str(info.value) == "environment UMCEF_SERVER__PORT: server.port: expected an integer, got a string 'abc'"
+    with pytest.raises(ConfigError) as info:  # `umcef serve --port 99999` hands its flags in as overrides
+        load(path, env={"UMCEF_SERVER__PORT": "99999"}, labels={"UMCEF_SERVER__PORT": "--port"})
+    assert str(info.value).startswith("--port: server.port: expected an integer between 0 and 65535")
+    with pytest.raises(ConfigError) as info:  # the file's own mistake is still the file's
+        load(write(tmp_path, "server: {port: abc}"), env={"UMCEF_SERVER__HOST": "0.0.0.0"})
+    assert str(info.value).startswith(f"{tmp_path / 'umcef.yaml'}: server.port: expected an integer")
+
+
 def test_other_umcef_variables_are_not_overrides(tmp_path: Path) -> None:
     """The Service Bus adapter's credentials, the native switch and the test harness's settings share the
     prefix; a gateway started beside them must not refuse them as unknown keys."""
