@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from umcef.adapters.contract import Adapter, AdapterError, PublishOutcome, Throttled, Transient
+from umcef.adapters.contract import Adapter, AdapterError, PublishOutcome, Rejected, Throttled, Transient
 from umcef.adapters.local import LocalStore, Record
 from umcef.fabric.deadletter import DeadLetterQueue
 from umcef.fabric.errors import EventError
@@ -203,6 +203,9 @@ class _Gathering:
 def _order_key(event: Event) -> str | None:
     key = event.attributes.get("partitionkey")
     return None if key is None else str(key)
+
+
+_Letter = tuple[Event, str, int]  # a dead letter to be: the event, the reason, its attempts
 
 
 @dataclass(slots=True)
@@ -377,6 +380,7 @@ class DeliveryWorker:
         """The page's events with their expiry and the attempts earlier runs noted; a record that does not decode
         is dead-lettered raw, and so is one whose noted attempts already reach `max_attempts` (a lowered limit)."""
         pending: list[_Pending] = []
+        spent: list[_Letter] = []
         expires_at = self.policy.expires_at
         noted = self._noted
         limit = self.policy.max_attempts
@@ -390,9 +394,10 @@ class DeliveryWorker:
                     continue
             attempts = noted.pop(spooled.seq, 0) if noted else 0
             if limit is not None and attempts >= limit:
-                await self._dead_letter(event, f"attempt limit {limit} reached in an earlier run", attempts)
+                spent.append((event, f"attempt limit {limit} reached in an earlier run", attempts))
                 continue
             pending.append(_Pending(event, expires_at(spooled.stored_at), spooled.seq, attempts))
+        await self._dead_letter(spent)
         return pending
 
     async def _deliver(self, pending: list[_Pending], flight: _Flight) -> bool:
@@ -432,23 +437,25 @@ class DeliveryWorker:
                 p.waiting = None
             outcomes = await self._publish(flight, pending)
             retry: list[_Pending] = []
+            letters: list[_Letter] = []
             floor = 0.0
             limit = self.policy.max_attempts
             for p, outcome in zip(pending, outcomes, strict=True):
                 error = outcome.error
                 if error is None:
                     self.delivered += 1
-                elif not error.retryable:
-                    await self._dead_letter(p.event, f"{type(error).__name__}: {error}", p.attempts + 1)
+                elif isinstance(error, Rejected):  # this event can never go there: the rest are the destination's
+                    letters.append((p.event, f"{type(error).__name__}: {error}", p.attempts + 1))
                 else:
                     p.attempts += 1
                     last = error
                     if isinstance(error, Throttled):
                         floor = max(floor, error.retry_after)
                     if limit is not None and p.attempts >= limit:
-                        await self._dead_letter(p.event, _describe(error), p.attempts)
+                        letters.append((p.event, _describe(error), p.attempts))
                     else:
                         retry.append(p)
+            await self._dead_letter(letters)
             if not retry:
                 return True
             failed = True
@@ -482,7 +489,7 @@ class DeliveryWorker:
             log.exception("%s: publish raised", self.destination)
             failed = Transient(f"publish raised {type(exc).__name__}: {exc}")
             outcomes = [PublishOutcome(p.event.id, failed) for p in pending]
-        if any(o.error is not None and o.error.retryable for o in outcomes):
+        if any(o.error is not None and not isinstance(o.error, Rejected) for o in outcomes):
             flight.clean = False
             self._cool(flight)
         elif since == self._failures:
@@ -528,15 +535,17 @@ class DeliveryWorker:
             return pending
         now = self.clock()
         keep: list[_Pending] = []
+        expired: list[_Letter] = []
         for p in pending:
             if now < p.expires_at:
                 keep.append(p)
             elif p.waiting is not None:
-                await self._dead_letter(p.event, NO_HEALTHY + p.waiting, p.attempts)
+                expired.append((p.event, NO_HEALTHY + p.waiting, p.attempts))
             else:
                 why = f"maximum age {self.policy.max_age_seconds:g} s exceeded after {p.attempts} attempts"
-                await self._dead_letter(p.event, why if last is None else f"{why}; last error: {_describe(last)}",
-                                        p.attempts)
+                expired.append((p.event, why if last is None else f"{why}; last error: {_describe(last)}",
+                                p.attempts))
+        await self._dead_letter(expired)
         return keep
 
     async def _fail_over(self, pending: list[_Pending]) -> list[_Pending]:
@@ -560,8 +569,10 @@ class DeliveryWorker:
             self.moved += len(moves)
         return keep
 
-    async def _dead_letter(self, event: Event, reason: str, attempts: int) -> None:
-        await self.dead_letters.put(event, reason, destination=self.destination, attempts=attempts)
+    async def _dead_letter(self, letters: list[_Letter]) -> None:
+        """One durable append for a page's dead letters (nothing when there are none)."""
+        if letters:
+            await self.dead_letters.put_many(letters, destination=self.destination)
 
 
 def _describe(error: AdapterError | None) -> str:

@@ -27,8 +27,10 @@ process logs beside its parent). Without a handler Python printed the bare messa
 
 
 def configure_logging() -> None:
-    """Warnings and errors to stderr, each line with its time, level, logger and process id."""
+    """Warnings and errors to stderr, each line with its time, level, logger and process id; and the router's
+    sampled decisions (INFO), which `router.explain_sample_every` turns on and nothing else writes."""
     logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT, stream=sys.stderr)
+    logging.getLogger("umcef.router.decisions").setLevel(logging.INFO)
 
 
 def tune_interpreter() -> None:

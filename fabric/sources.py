@@ -1,15 +1,26 @@
 """Sources: a broker topic, queue or subscription feeding the pipeline exactly like HTTP ingress does.
 
 Each consumed event is acknowledged to its broker only after the pipeline made it durable
-(at-least-once); under backpressure it is handed back with a delay rather than dropped.
+(at-least-once); under backpressure it is handed back with a delay rather than dropped. A consume that
+fails (the broker down when the gateway starts, the topic not created yet, credentials refused) is started
+again with backoff until the gateway stops, as a delivery worker retries its broker.
 """
 
 from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
 
 from umcef.adapters.contract import Adapter, Delivery
 from umcef.fabric.deadletter import DeadLetterQueue
 from umcef.fabric.errors import EventError
 from umcef.fabric.pipeline import Overloaded, Pipeline, ShuttingDown
+
+log = logging.getLogger("umcef.sources")
+RESTART_BASE_SECONDS = 0.5  # the first wait before consuming again; doubling, jittered, up to the cap
+RESTART_CAP_SECONDS = 30.0
 
 
 class SourceRunner:
@@ -21,6 +32,8 @@ class SourceRunner:
         self.pipeline = pipeline
         self.max_in_flight = max_in_flight
         self.accepted = 0
+        self.restarts = 0  # consumes started again after a failure
+        self._stopping = asyncio.Event()
 
     async def handle(self, delivery: Delivery) -> None:
         try:
@@ -41,7 +54,26 @@ class SourceRunner:
         await delivery.ack()
 
     async def run(self) -> None:
-        await self.adapter.consume(self.handle, max_in_flight=self.max_in_flight)
+        failures = 0
+        loop = asyncio.get_running_loop()
+        while not self._stopping.is_set():
+            started = loop.time()
+            try:
+                await self.adapter.consume(self.handle, max_in_flight=self.max_in_flight)
+                why = "consuming ended"
+            except Exception as exc:  # any failure: the source must outlive its broker's, like delivery does
+                why = f"{type(exc).__name__}: {exc}"
+            if self._stopping.is_set():
+                return
+            if loop.time() - started > RESTART_CAP_SECONDS:
+                failures = 0  # it had been consuming: a new failure, not the same one again
+            failures += 1
+            delay = min(RESTART_CAP_SECONDS, RESTART_BASE_SECONDS * 2 ** min(failures - 1, 16)) * random.uniform(0.5, 1)
+            log.warning("source %s: %s; consuming again in %.1f s", self.name, why, delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+            self.restarts += 1
 
     async def stop(self) -> None:
+        self._stopping.set()
         await self.adapter.stop_consuming()

@@ -165,7 +165,9 @@ class Router:
         try:
             if self.sample_every and self._count % self.sample_every == 0:
                 decision = self.decide(event, explain=True)
-                decisions_log.info("%s", orjson.dumps(explain_object(decision)).decode())
+                record = {"id": event.attributes.get("id"), "source": event.attributes.get("source"),
+                          **explain_object(decision)}  # which event: a sample is read on its own
+                decisions_log.info("%s", orjson.dumps(record).decode())
                 return decision
             return self.decide(event)
         except Exception as exc:

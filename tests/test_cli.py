@@ -14,6 +14,8 @@ from pathlib import Path
 import orjson
 import pytest
 
+from tests.brokers import eventually_sync
+from tests.chaos._gateway import ChaosGateway
 from tests.gateway_process import GatewayProcess
 from tests.test_dlq_cli import unreachable_kafka
 
@@ -184,3 +186,17 @@ def test_a_signal_during_start_up_still_stops_the_gateway_gracefully(tmp_path: P
             proc.kill()
     assert proc.returncode == 0, stderr
     assert "umcef: HTTP on http://" in stderr, stderr  # it finished starting, then stopped
+
+
+def test_sampled_router_decisions_reach_the_log_of_umcef_serve(tmp_path: Path) -> None:
+    # They are INFO records and the gateway logs warnings and up: before, explain_sample_every wrote nothing.
+    config = tmp_path / "gw.yaml"
+    config.write_text(f"data_dir: {tmp_path / 'gw'}\nrouter: {{explain_sample_every: 1}}\n")
+    gateway = ChaosGateway(tmp_path / "gw", config)
+    try:
+        result = umcef("publish", "--url", gateway.url, "--type", "t", "--source", "/s", "--id", "sampled-1")
+        assert result.returncode == 0, result.stderr
+        eventually_sync(lambda: '"id":"sampled-1"' in gateway.tail(), 15, "the decision record", poll=0.05)
+        assert "INFO umcef.router.decisions[" in gateway.tail(), gateway.tail()
+    finally:
+        assert gateway.stop() == 0

@@ -11,6 +11,7 @@ import orjson
 import pytest
 
 from tests.brokers import eventually
+from umcef.adapters import contract
 from umcef.adapters.contract import AdapterError, Capabilities, Handler, PublishOutcome, Rejected, Transient
 from umcef.adapters.local import LocalStore, Record
 from umcef.adapters.local_adapter import LocalAdapter
@@ -179,6 +180,49 @@ async def test_a_dead_letter_its_remote_dead_letter_destination_refuses_keeps_wh
     (dead,) = [orjson.loads(e.payload) for e in store.read("_deadletter")]
     assert (dead["id"], dead["fabricdest"], dead["fabricreason"], dead["fabricattempts"]) == (
         "e0", "down", "Transient: refused", 2)
+
+
+async def test_a_page_refused_at_once_is_dead_lettered_in_one_append_and_one_log_line(
+        store: LocalStore, caplog: pytest.LogCaptureFixture) -> None:
+    # A mass refusal or expiry must not cost a durable append (its group commit and fsync) and an ERROR line per
+    # event: 3,930 expiring events wrote 3,930 lines before.
+    refused = [Rejected("too large")]
+    adapter = ScriptedAdapter({f"e{i}": list(refused) for i in range(7)})
+    dlq = DeadLetterQueue(store)
+    appends = 0
+    append = store.append
+
+    async def counting(records: Sequence[Record]) -> list[int]:
+        nonlocal appends
+        appends += 1
+        return await append(records)
+
+    await spool(store, "d", [event(i) for i in range(7)])
+    store.append = counting  # type: ignore[method-assign]  # from here on: the worker's appends
+    worker = DeliveryWorker("d", adapter, store, dlq, policy=FAST)
+    with caplog.at_level("ERROR", logger="umcef.deadletter"):
+        task = asyncio.create_task(worker.run())
+        await eventually(lambda: dlq.count == 7)
+        await worker.stop()
+        await asyncio.wait_for(task, 5)
+    assert appends == 1 and len(store.read("_deadletter")) == 7
+    assert [r.getMessage() for r in caplog.records if r.name == "umcef.deadletter"] == [
+        "dead-lettered 7 events (e0, e1, e2, e3, e4 and 2 more): Rejected: too large"]
+
+
+async def test_a_missing_topic_or_credentials_are_retried_not_dead_lettered(store: LocalStore) -> None:
+    # The destination's condition, fixed by an operator (the topic created, the credentials rotated): the events
+    # wait and go through once it is fixed, instead of all being dead-lettered at the first publish.
+    adapter = ScriptedAdapter({"e0": [contract.NotFound("topic 'orders' does not exist")] * 2,
+                               "e1": [contract.Unauthorized("access denied")]})
+    dlq = DeadLetterQueue(store)
+    worker = DeliveryWorker("d", adapter, store, dlq, policy=FAST)
+    task = asyncio.create_task(worker.run())
+    await spool(store, "d", [event(0), event(1)])
+    await eventually(lambda: worker.delivered == 2)
+    await worker.stop()
+    await asyncio.wait_for(task, 5)
+    assert sorted(adapter.accepted) == ["e0", "e1"] and dlq.count == 0 and store.read("_deadletter") == []
 
 
 async def test_attempt_limit_dead_letters_with_the_last_reason(store: LocalStore) -> None:
