@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import click
 import orjson
 from rich.console import Console
+from rich.markup import escape
 
 from umcef.fabric import config as config_mod
 
@@ -102,9 +103,11 @@ def serve(config: Path | None, host: str | None, port: int | None, grpc_port: in
 @click.option("--url", default="http://127.0.0.1:8080", show_default=True,
               help="gateway URL (grpc://host:port for gRPC)")
 @click.option("--timeout", default=10.0, show_default=True, help="seconds per attempt")
+@click.option("--batch-size", "batch_size", default=500, show_default=True, type=click.IntRange(min=1),
+              help="events per request with --file (the gateway takes at most limits.max_batch, 1000 by default)")
 def publish(event_type: str | None, source: str | None, event_id: str | None, subject: str | None,
             data: str | None, content_type: str | None, ext: tuple[str, ...], file: Path | None, url: str,
-            timeout: float) -> None:
+            timeout: float, batch_size: int) -> None:
     """Publish one event from flags, or every event of a file, and print the accepted ids."""
     from umcef.fabric.sdk import Publisher
 
@@ -117,18 +120,24 @@ def publish(event_type: str | None, source: str | None, event_id: str | None, su
     except ValueError as exc:  # the SDK's check of its arguments: a URL without host:port, a timeout of 0
         raise CliError(str(exc)) from None
     with publisher:
-        ids = publisher.publish_batch(events) if len(events) > 1 else [publisher.publish(events[0])]
-    for event_id_ in ids:
-        click.echo(event_id_)
+        if len(events) == 1:
+            click.echo(publisher.publish(events[0]))
+            return
+        # Each request's ids as soon as it is accepted: if a later one fails, what went through is on stdout
+        # (publishing the file again is safe: the gateway deduplicates on source and id).
+        for start in range(0, len(events), batch_size):
+            for event_id_ in publisher.publish_batch(events[start:start + batch_size]):
+                click.echo(event_id_)
 
 
 def _transport_for(url: str) -> Literal["http", "grpc"]:
     scheme, sep, _ = url.partition("://")
-    if sep and scheme.lower() == "grpc":
+    if sep and scheme.lower() in ("grpc", "grpcs"):
         return "grpc"
     if sep and scheme.lower() in ("http", "https"):
         return "http"
-    raise CliError(f"--url {url!r}: expected a gateway URL of http://, https:// or grpc:// (as grpc://HOST:PORT)")
+    raise CliError(f"--url {url!r}: expected a gateway URL of http://, https://, grpc:// or grpcs:// "
+                   f"(as grpc://HOST:PORT)")
 
 
 def _read_text(path: Path) -> str:
@@ -205,8 +214,10 @@ def tail(data_dir: Path, topic: str | None, from_beginning: bool, as_json: bool,
                 else:
                     event = orjson.loads(stored.payload)
                     stamp = time.strftime("%H:%M:%S", time.localtime(stored.stored_at))
-                    out.print(f"[dim]{stamp} #{stored.seq}[/] [cyan]{stored.topic}[/] {event.get('type')} "
-                              f"id={event.get('id')} key={stored.key}")
+                    # One line however long (grep); the event's own text is never read as markup.
+                    out.print(f"[dim]{stamp} #{stored.seq}[/] [cyan]{escape(stored.topic)}[/] "
+                              f"{escape(str(event.get('type')))} id={escape(str(event.get('id')))} "
+                              f"key={escape(str(stored.key))}", soft_wrap=True)
             sys.stdout.flush()
             if not batch:
                 if not follow:

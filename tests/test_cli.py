@@ -54,6 +54,27 @@ def test_publish_from_jsonl_file(served: GatewayProcess, tmp_path: Path) -> None
     assert result.stdout.split() == [f"f-{i}" for i in range(5)]
 
 
+def test_a_file_larger_than_the_gateways_batch_limit_is_published_in_batches(served: GatewayProcess,
+                                                                            tmp_path: Path) -> None:
+    # One request for the whole file was refused with 413 past limits.max_batch (1000 by default).
+    path = tmp_path / "big.json"
+    path.write_bytes(orjson.dumps([{"type": "t.big", "source": "/big", "id": f"b-{i}"} for i in range(2500)]))
+    result = umcef("publish", "--url", served.url, "--file", str(path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [f"b-{i}" for i in range(2500)]
+
+
+def test_tail_prints_one_line_per_event_and_the_events_text_as_it_is(served: GatewayProcess) -> None:
+    # Piped, rich wrapped at 80 columns and read "[...]" in an event's own text as markup.
+    event_type = "com.example." + "very-long-type-name." * 6 + "[bold]x[/bold]"
+    result = umcef("publish", "--url", served.url, "--type", event_type, "--source", "/tail", "--id", "t[1]")
+    assert result.returncode == 0, result.stderr
+    tail = umcef("tail", "--data-dir", str(served.data_dir), "--from-beginning", "--no-follow")
+    assert tail.returncode == 0, tail.stderr
+    (line,) = [line for line in tail.stdout.splitlines() if "id=t[1]" in line]
+    assert f" {event_type} id=t[1] key=t[1]" in line, tail.stdout
+
+
 @pytest.fixture
 def bad_inputs(tmp_path: Path) -> Path:
     """Files a user may hand the CLI by mistake, in tmp_path (the parameters below say {tmp} for it)."""
