@@ -504,10 +504,8 @@ class _Parser:
             if not isinstance(url, str):
                 raise self.fail(path, "expected a URL string or a mapping with a 'url' key")
             options = self.options(spec.get("options") if isinstance(spec, dict) else None, f"{path}.options")
-            out[str(name)] = dest = self.destination(str(name), url,
-                                                     path + (".url" if isinstance(spec, dict) else ""), options)
-            if not dest.is_local:
-                self.adapter(url, options, path)
+            out[str(name)] = self.destination(str(name), url, path + (".url" if isinstance(spec, dict) else ""),
+                                              options, adapter_path=path)
         return out
 
     def adapter(self, url: str, options: dict[str, Any], path: str) -> None:
@@ -534,11 +532,14 @@ class _Parser:
                                   + ", ".join(s + "://" for s in KNOWN_SCHEMES))
         return scheme
 
-    def destination(self, name: str, url: str, path: str, options: dict[str, Any] | None = None) -> DestinationConfig:
+    def destination(self, name: str, url: str, path: str, options: dict[str, Any] | None = None, *,
+                    adapter_path: str | None = None) -> DestinationConfig:
+        """`adapter_path`: the key path an adapter's refusal names (the destination's, not its `url` key's)."""
         scheme = self.url(url, path)
         if scheme != "local":
             from umcef.fabric.delivery import spool_topic
 
+            self.adapter(url, options or {}, adapter_path or path)
             return DestinationConfig(name, url, scheme, spool_topic(name), options or {})
         parts = urlsplit(url)
         topic = (parts.netloc + parts.path).strip("/")
@@ -574,8 +575,6 @@ class _Parser:
             if dest.url == default:
                 return name
         dest = self.destination("default", default, "default")
-        if not dest.is_local:
-            self.adapter(default, {}, "default")
         destinations.setdefault("default", dest)
         return "default"
 

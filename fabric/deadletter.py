@@ -7,7 +7,7 @@ The reason, the destination and the attempt count travel as extensions (`fabricr
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from umcef.adapters.local import LocalStore, Record
@@ -18,6 +18,12 @@ log = logging.getLogger("umcef.deadletter")
 DEAD_LETTER_TOPIC = "_deadletter"
 MAX_REASON_CHARS = 1024
 IDS_LOGGED = 5  # per log line of a batch of dead letters: the first ids, then how many more
+
+
+def is_dead_letter(attributes: Mapping[str, Any]) -> bool:
+    """Whether an event already carries the dead-letter extensions (then it keeps them when dead-lettered again:
+    where it came from and why is what an operator needs, and what sends a replay back there)."""
+    return "fabricreason" in attributes
 
 
 def with_reason(attributes: dict[str, Any], destination: str, reason: str, attempts: int) -> dict[str, Any]:
@@ -37,17 +43,15 @@ class DeadLetterQueue:
 
     async def put_many(self, letters: Sequence[tuple[Event, str, int]], *, destination: str) -> None:
         """Each (event, reason, attempts) with the dead-letter extensions, in one durable append (a page that
-        expires or is refused at once is one commit, not one per event) and one log line per reason.
-
-        An event that already is a dead letter (its remote dead-letter destination could not take it either)
-        keeps its own extensions: where it came from and why is what an operator needs, and what sends a replay
-        back there; this hop's reason is in the log line."""
+        expires or is refused at once is one commit, not one per event) and one log line per reason. An event
+        that already is a dead letter (its remote dead-letter destination could not take it either) keeps its
+        own extensions (`is_dead_letter`); this hop's reason is in the log line."""
         if not letters:
             return
         records: list[Record] = []
         by_reason: dict[str, list[str]] = {}
         for event, reason, attempts in letters:
-            if "fabricreason" in event.attributes:
+            if is_dead_letter(event.attributes):
                 reason = f"{reason} (a dead letter of {event.attributes.get('fabricdest')!s} already, kept as it was)"
                 payload = json_format.encode(event)
             else:

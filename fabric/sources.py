@@ -11,16 +11,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 
 from umcef.adapters.contract import Adapter, Delivery
 from umcef.fabric.deadletter import DeadLetterQueue
+from umcef.fabric.delivery import RetryPolicy
 from umcef.fabric.errors import EventError
 from umcef.fabric.pipeline import Overloaded, Pipeline, ShuttingDown
 
 log = logging.getLogger("umcef.sources")
-RESTART_BASE_SECONDS = 0.5  # the first wait before consuming again; doubling, jittered, up to the cap
-RESTART_CAP_SECONDS = 30.0
+# Waits before consuming again: the delivery workers' full-jitter backoff, from 0.5 s doubling up to 30 s.
+RESTART = RetryPolicy(base_seconds=0.5, cap_seconds=30.0)
 
 
 class SourceRunner:
@@ -65,10 +65,10 @@ class SourceRunner:
                 why = f"{type(exc).__name__}: {exc}"
             if self._stopping.is_set():
                 return
-            if loop.time() - started > RESTART_CAP_SECONDS:
+            if loop.time() - started > RESTART.cap_seconds:
                 failures = 0  # it had been consuming: a new failure, not the same one again
+            delay = RESTART.backoff(failures)
             failures += 1
-            delay = min(RESTART_CAP_SECONDS, RESTART_BASE_SECONDS * 2 ** min(failures - 1, 16)) * random.uniform(0.5, 1)
             log.warning("source %s: %s; consuming again in %.1f s", self.name, why, delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)

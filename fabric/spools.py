@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from umcef.adapters.local import CursorMove, CursorMoved, LocalStore, Record
-from umcef.fabric.deadletter import DEAD_LETTER_TOPIC, with_reason
+from umcef.fabric.deadletter import DEAD_LETTER_TOPIC, is_dead_letter, with_reason
 from umcef.fabric.delivery import ALIVE_GROUP, ALIVE_TIMEOUT, CURSOR_GROUP, SPOOL_PREFIX, spool_topic
 
 if TYPE_CHECKING:
@@ -165,7 +165,7 @@ def _dead_letter_payload(payload: bytes, destination: str, reason: str, attempts
     if not isinstance(event, dict):
         return payload, None
     event_id = str(event.get("id", ""))
-    if "fabricreason" in event:  # a dead letter already (from another destination): its details stay
+    if is_dead_letter(event):  # a dead letter already (from another destination): its details stay
         return payload, event_id
     return orjson.dumps(with_reason(event, destination, reason, attempts)), event_id
 
