@@ -137,7 +137,9 @@ class Pacer:
         """Wakes the groups whose destinations have room now; looks again next tick if any still wait."""
         self._timer = None
         now = self.clock()
-        for group in [g for g in self._groups if not any_ahead(g, now)]:
+        # Each lane looked at once a tick, however many groups share it (every lane is looked at: see any_ahead).
+        ahead = {pace: pace.ahead(now) for group in self._groups for pace in group}
+        for group in [g for g in self._groups if not any(ahead[pace] for pace in g)]:
             for waiter in self._groups.pop(group):
                 _settle(waiter)
         if self._groups:

@@ -306,7 +306,8 @@ class Pipeline:
         if waits and not all(await asyncio.gather(*(asyncio.shield(wait) for wait in waits))):
             # The concurrent first publish of one of these failed; this caller must not get a 202 for it.
             raise Overloaded("a concurrent publish of the same event failed; retry", retry_after=0.1)
-        paced = set().union(*(decided[i].destinations for i in fresh)) if self.pace is not None else set()
+        paced = (set().union(*(decided[i].destinations for i in fresh))
+                 if fresh and self.pace is not None and not self.closing else set())  # (only what `publish` paces)
         return PublishResult([e.id for e in events], duplicates), paced
 
     async def _accepted_before(self, keys: list[Key]) -> bool:
